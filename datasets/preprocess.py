@@ -1,0 +1,166 @@
+"""From a SimpleITK image to a (C, D, H, W) float32 array in [0, 1] on a fixed grid.
+
+Steps, in order: canonical orientation, anti-aliasing, resampling (linear) to the target grid,
+intensity windowing. Every setting lives in `PreprocessConfig`, which travels inside caches and
+checkpoints so that prediction repeats exactly what training saw.
+"""
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from datasets.orientation import image_to_array, to_canonical
+from datasets.reading import MODALITY_KEY, VolumeReadError, read_image
+
+RESAMPLE_MODES = ("fit", "stretch", "spacing")
+MODALITIES = ("auto", "ct", "mr")
+CT_BACKGROUND_HU = -1024.0
+# CT windows in use in the field (REFERENCE.md §3), selectable by name.
+CT_WINDOWS = {
+    "wide": (-1000.0, 1000.0),
+    "tangerine": (-1200.0, 800.0),
+    "ctfm": (-1024.0, 2048.0),
+    "lung": (-1350.0, 150.0),
+    "abdomen": (-175.0, 250.0),
+}
+# Below this minimum an image is taken for CT: air is about -1000 HU, MR has no negative tissue.
+CT_DETECTION_MIN = -500.0
+PERCENTILE_SAMPLE = 2_000_000
+
+
+@dataclass
+class PreprocessConfig:
+    size: tuple[int, int, int] = (256, 256, 256)  # D, H, W
+    resample: str = "fit"
+    spacing: tuple[float, float, float] | None = None  # D, H, W in mm, for resample="spacing"
+    modality: str = "auto"
+    ct_window: tuple[float, float] = CT_WINDOWS["wide"]
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    version: int = field(default=1)
+
+    def __post_init__(self):
+        self.size = tuple(int(s) for s in self.size)
+        if len(self.size) != 3 or min(self.size) < 1:
+            raise ValueError(f"size must be three positive ints (D, H, W), got {self.size}")
+        if self.resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
+        if self.resample == "spacing" and self.spacing is None:
+            raise ValueError("resample='spacing' needs a spacing in mm")
+        if self.spacing is not None:
+            self.spacing = tuple(float(s) for s in self.spacing)
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        self.ct_window = tuple(float(v) for v in self.ct_window)
+        self.mr_percentiles = tuple(float(v) for v in self.mr_percentiles)
+        if self.ct_window[0] >= self.ct_window[1]:
+            raise ValueError(f"ct_window must be (low, high) with low < high, got {self.ct_window}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PreprocessConfig":
+        return cls(**values)
+
+
+def detect_modality(image: sitk.Image, array: np.ndarray) -> str:
+    """DICOM's Modality tag when present, else CT when the image holds air-like HU values."""
+    if image.HasMetaDataKey(MODALITY_KEY):
+        return "ct" if image.GetMetaData(MODALITY_KEY).upper() == "CT" else "mr"
+    return "ct" if float(array.min()) < CT_DETECTION_MIN else "mr"
+
+
+def output_spacing(image: sitk.Image, config: PreprocessConfig) -> np.ndarray:
+    """Target spacing in SimpleITK's (x, y, z) order."""
+    grid = np.array(config.size[::-1], dtype=np.float64)
+    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    if config.resample == "stretch":
+        return extent / grid
+    if config.resample == "fit":
+        return np.full(3, (extent / grid).max())
+    return np.array(config.spacing[::-1], dtype=np.float64)
+
+
+def anti_alias(image: sitk.Image, new_spacing: np.ndarray) -> sitk.Image:
+    """Gaussian smoothing along each axis that is downsampled, sigma = (factor - 1) / 2 voxels."""
+    for axis, (old, new, size) in enumerate(zip(image.GetSpacing(), new_spacing, image.GetSize())):
+        factor = new / old
+        if factor <= 1.0 or size < 4:
+            continue
+        smoother = sitk.RecursiveGaussianImageFilter()
+        smoother.SetDirection(axis)
+        smoother.SetSigma((factor - 1.0) / 2.0 * old)
+        image = smoother.Execute(image)
+    return image
+
+
+def resample_to_grid(image: sitk.Image, config: PreprocessConfig, pad_value: float) -> sitk.Image:
+    """Linear resampling onto `config.size`, centred on the image, direction kept, padding `pad_value`."""
+    spacing = output_spacing(image, config)
+    size = np.array(config.size[::-1])
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint(
+        [(s - 1) / 2.0 for s in image.GetSize()]))
+    origin = centre - direction @ ((size - 1) / 2.0 * spacing)
+    smoothed = anti_alias(sitk.Cast(image, sitk.sitkFloat32), spacing)
+    return sitk.Resample(smoothed, [int(s) for s in size], sitk.Transform(), sitk.sitkLinear,
+                         origin.tolist(), spacing.tolist(), direction.ravel().tolist(),
+                         float(pad_value), sitk.sitkFloat32)
+
+
+def intensity_range(array: np.ndarray, modality: str, config: PreprocessConfig) -> tuple[float, float]:
+    """The raw intensities mapped to 0 and 1: a CT window in HU, or MR percentiles of this image."""
+    if modality == "ct":
+        return config.ct_window
+    flat = array.reshape(-1)
+    if flat.size > PERCENTILE_SAMPLE:
+        flat = flat[:: flat.size // PERCENTILE_SAMPLE]
+    low, high = np.percentile(flat, config.mr_percentiles)
+    if high <= low:
+        low, high = float(flat.min()), float(flat.max())
+    return float(low), float(high)
+
+
+def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> np.ndarray:
+    """(1, D, H, W) float32 in [0, 1], in the canonical orientation, on `config.size`."""
+    image = to_canonical(image)
+    raw = sitk.GetArrayViewFromImage(image)
+    low_value, high_value = float(raw.min()), float(raw.max())
+    if low_value == high_value:
+        raise VolumeReadError(f"all voxels have the same value ({low_value:g})")
+    modality = detect_modality(image, raw) if config.modality == "auto" else config.modality
+    low, high = intensity_range(raw, modality, config)
+    pad_value = CT_BACKGROUND_HU if modality == "ct" else low_value
+    array = image_to_array(resample_to_grid(image, config, pad_value))
+    return np.clip((array - low) / (high - low), 0.0, 1.0)
+
+
+def load_volume(source: str, config: PreprocessConfig) -> np.ndarray:
+    """Read and preprocess one source (file or DICOM folder)."""
+    return preprocess_image(read_image(source), config)
+
+
+def add_preprocess_args(parser) -> None:
+    """The volume preprocessing flags, shared by the cache builder and the on-the-fly loader."""
+    group = parser.add_argument_group("volume preprocessing")
+    group.add_argument("--resample", choices=RESAMPLE_MODES, default="fit",
+                       help="fit: isotropic, largest extent fits, rest padded (default); "
+                            "stretch: each axis to the grid; spacing: given mm, centre crop/pad")
+    group.add_argument("--spacing", default=None, help="mm per voxel (D,H,W or one value) for --resample spacing")
+    group.add_argument("--modality", choices=MODALITIES, default="auto",
+                       help="ct: HU window; mr: percentiles; auto: DICOM tag, else CT if air-like HU values")
+    group.add_argument("--ct_window", default="wide",
+                       help=f"CT window: a preset ({', '.join(CT_WINDOWS)}) or LOW,HIGH in HU (default wide = -1000,1000)")
+
+
+def preprocess_config_from_args(args, size: tuple[int, int, int]) -> PreprocessConfig:
+    if args.ct_window in CT_WINDOWS:
+        window = CT_WINDOWS[args.ct_window]
+    else:
+        window = tuple(float(v) for v in args.ct_window.split(","))
+    spacing = None
+    if args.spacing is not None:
+        values = tuple(float(v) for v in args.spacing.split(","))
+        spacing = values * 3 if len(values) == 1 else values
+    return PreprocessConfig(size=size, resample=args.resample, spacing=spacing,
+                            modality=args.modality, ct_window=window)

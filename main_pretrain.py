@@ -1,0 +1,177 @@
+"""Pretrain a 3D masked autoencoder ViT on a corpus of CT/MR volumes.
+
+    python main_pretrain.py --data_path /data/ct --model mae_vit_base_patch16 --input_size 256
+    torchrun --nproc_per_node=4 main_pretrain.py --data_path /data/ct ...
+
+Without --data_path it writes a small corpus of synthetic CT phantoms and trains on it.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+import models
+from datasets.phantoms import write_phantom_corpus
+from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
+from datasets.reading import probe
+from datasets.sources import SourceListError, list_sources
+from datasets.volume_dataset import VolumeFileDataset
+from engine_pretrain import NonFiniteLossError, Pretrainer, resolve_precision
+from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
+from util.cli import grid, int_tuple
+from util.dist import barrier, init_distributed, shutdown
+from util.lr_sched import effective_lr
+from util.run_log import RunLog
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="mae_vit_large_patch16", choices=models.list_models("mae_"))
+    model.add_argument("--input_size", type=int_tuple, default=(256,), help="N or D,H,W voxels (default 256)")
+    model.add_argument("--patch_size", type=int_tuple, default=(16,), help="N or D,H,W voxels (default 16)")
+    model.add_argument("--mask_ratio", type=float, default=0.75, help=f"share of patches removed, 0..{MAX_MASK_RATIO}")
+    model.add_argument("--mask_type", choices=MASK_TYPES, default="random",
+                       help="random patches, or tube: the same in-plane mask on every depth slab")
+    model.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch (MAE's best setting)")
+    model.add_argument("--decoder_embed_dim", type=int, default=None, help="default: the model's (see README)")
+    model.add_argument("--decoder_depth", type=int, default=None)
+    model.add_argument("--decoder_num_heads", type=int, default=None)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch_size", type=int, default=4, help="volumes per rank per micro-batch")
+    optim.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--epochs", type=int, default=400)
+    optim.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps "
+                       "(the schedule then spans them)")
+    optim.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
+    optim.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    optim.add_argument("--min_lr", type=float, default=0.0)
+    optim.add_argument("--warmup_epochs", type=float, default=40)
+    optim.add_argument("--weight_decay", type=float, default=0.05)
+    optim.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
+    optim.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                       help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+    optim.add_argument("--max_bad_steps", type=int, default=20,
+                       help="stop after this many skipped (non-finite) steps in a row")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_path", default=None,
+                      help="folder of volumes, .txt of paths or .csv with a 'path' column; "
+                           "default: synthetic CT phantoms written to OUTPUT_DIR/phantoms")
+    data.add_argument("--num_phantoms", type=int, default=24, help="size of the built-in phantom corpus")
+    data.add_argument("--num_workers", type=int, default=4)
+    add_preprocess_args(parser)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default="./output_pretrain")
+    run.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
+    run.add_argument("--resume", default="auto",
+                     help="auto: OUTPUT_DIR/checkpoint-last.pth when present; a path; or 'none'")
+    run.add_argument("--save_every", type=int, default=1, help="epochs between checkpoint-last.pth writes")
+    run.add_argument("--keep_every", type=int, default=20, help="epochs between kept checkpoint-{epoch}.pth (0: never)")
+    run.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
+    run.add_argument("--vis_every", type=int, default=200, help="steps between reconstruction images (0: only at the end)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser
+
+
+def resolve_sources(args, is_main: bool) -> list[str]:
+    """The corpus' readable sources; the built-in phantoms when no --data_path is given."""
+    if args.data_path is None:
+        phantom_dir = Path(args.output_dir) / "phantoms"
+        if is_main:
+            write_phantom_corpus(phantom_dir, count=args.num_phantoms, seed=args.seed)
+        barrier()
+        args.data_path = str(phantom_dir)
+    try:
+        sources = list_sources(args.data_path)
+    except SourceListError as err:
+        raise SystemExit(f"error: {err}") from None
+    readable = []
+    for source in sources:
+        reason = probe(source)
+        if reason is None:
+            readable.append(source)
+        elif is_main:
+            logging.warning("skipping %s: %s", source, reason)
+    if not readable:
+        raise SystemExit(f"error: none of the {len(sources)} sources under {args.data_path} is readable")
+    return readable
+
+
+def resolve_checkpoint(args) -> Path | None:
+    if args.resume in ("none", ""):
+        return None
+    if args.resume == "auto":
+        last = Path(args.output_dir) / "checkpoint-last.pth"
+        return last if last.exists() else None
+    path = Path(args.resume)
+    if not path.exists():
+        raise SystemExit(f"error: --resume {path}: no such file")
+    return path
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dist_info = init_distributed(args.device)
+    say = print if dist_info.is_main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed + dist_info.rank)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    input_size = grid(args.input_size)
+
+    sources = resolve_sources(args, dist_info.is_main)
+    config = preprocess_config_from_args(args, input_size)
+    dataset = VolumeFileDataset(sources, config)
+
+    overrides = {"img_size": input_size, "patch_size": grid(args.patch_size),
+                 "norm_pix_loss": args.norm_pix_loss}
+    for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    try:
+        core = models.create_model(args.model, **overrides)
+        core.num_visible(args.mask_ratio, args.mask_type)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    effective_batch = args.batch_size * args.accum_iter * dist_info.world_size
+    args.lr = effective_lr(args.blr, args.lr, effective_batch)
+    extra_state = {"model_name": args.model, "model_config": core.config, "preprocess": config.to_dict()}
+    trainer = Pretrainer(args, core, dataset, dist_info, extra_state)
+    checkpoint = resolve_checkpoint(args)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        say(f"resumed from {checkpoint} at step {trainer.step}")
+
+    n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    say(f"model {args.model}: {n_params / 1e6:.1f}M trainable parameters, grid {core.grid_size}, "
+        f"{core.num_visible(args.mask_ratio, args.mask_type)}/{core.num_patches} patches visible")
+    say(f"data: {len(dataset)} volumes from {args.data_path} -> {input_size} ({config.resample}); "
+        f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
+    say(f"{dist_info.world_size} rank(s) on {dist_info.device}, precision {resolve_precision(args.precision, dist_info.device)}; "
+        f"effective batch {effective_batch}, lr {args.lr:.3e}")
+
+    run_log = RunLog(output_dir, args.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
+    try:
+        trainer.train(run_log)
+    except NonFiniteLossError as err:
+        run_log.close()
+        shutdown()
+        raise SystemExit(f"error: {err}") from None
+    run_log.close()
+    failed = trainer.all_failed_sources()
+    if failed:
+        say(f"warning: {len(failed)} volume(s) could not be loaded during training and were skipped")
+    say(f"done: {output_dir / 'checkpoint-last.pth'}, {output_dir / 'encoder.pth'}, "
+        f"{output_dir / 'log.txt'}, {output_dir / 'reconstruction.png'}, tensorboard in "
+        f"{args.log_dir or output_dir / 'tensorboard'}")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args(sys.argv[1:]))

@@ -1,0 +1,239 @@
+"""Masked Autoencoder ViT for 3D volumes and 2D images, one code path for both.
+
+State-dict keys follow the TANGERINE 3D-MAE reference (`decoder_pred.0.*` included), so its
+checkpoints load strictly when the decoder is built as theirs (512 wide, 8 deep, 16 heads).
+The prediction head has no output activation: targets may be normalised (`norm_pix_loss`).
+"""
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+from models.patch_embed import PatchEmbed, to_tuple
+from models.pos_embed import sincos_pos_embed
+from models.registry import register_model
+
+MAX_MASK_RATIO = 0.95
+MASK_TYPES = ("random", "tube")
+
+# Chosen from benchmarks/bench_model.py (see README, "Choice of the default decoder").
+DEFAULT_DECODER = {"decoder_embed_dim": 384, "decoder_depth": 4, "decoder_num_heads": 6}
+REFERENCE_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, img_size: int | Sequence[int] = 256, patch_size: int | Sequence[int] = 16,
+                 in_chans: int = 1, spatial_dims: int | None = None, embed_dim: int = 1024,
+                 depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 384,
+                 decoder_depth: int = 4, decoder_num_heads: int = 6, mlp_ratio: float = 4.0,
+                 norm_pix_loss: bool = False):
+        super().__init__()
+        if spatial_dims is None:
+            spatial_dims = 3 if isinstance(img_size, int) else len(img_size)
+        self.spatial_dims = spatial_dims
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+        self.config = {
+            "img_size": list(to_tuple(img_size, spatial_dims, "img_size")),
+            "patch_size": list(to_tuple(patch_size, spatial_dims, "patch_size")),
+            "in_chans": in_chans, "spatial_dims": spatial_dims, "embed_dim": embed_dim,
+            "depth": depth, "num_heads": num_heads, "decoder_embed_dim": decoder_embed_dim,
+            "decoder_depth": decoder_depth, "decoder_num_heads": decoder_num_heads,
+            "mlp_ratio": mlp_ratio, "norm_pix_loss": norm_pix_loss,
+        }
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, spatial_dims)
+        self.grid_size = self.patch_embed.grid_size
+        self.patch_size = self.patch_embed.patch_size
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        patch_volume = math.prod(self.patch_size) * in_chans
+        self.decoder_pred = nn.Sequential(nn.Linear(decoder_embed_dim, patch_volume))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, cls_token=True))
+        self.decoder_pos_embed.data.copy_(
+            sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, cls_token=True))
+        proj = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(_init_linear_and_norm)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[N, C, *grid*patch] -> [N, L, prod(patch)*C], patch voxels first, channel last."""
+        n, c = imgs.shape[:2]
+        d = self.spatial_dims
+        split = [n, c]
+        for g, p in zip(self.grid_size, self.patch_size):
+            split += [g, p]
+        x = imgs.reshape(split)
+        grid_axes = [2 + 2 * i for i in range(d)]
+        patch_axes = [3 + 2 * i for i in range(d)]
+        x = x.permute(0, *grid_axes, *patch_axes, 1)
+        return x.reshape(n, self.num_patches, -1)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of `patchify`."""
+        n = x.shape[0]
+        d = self.spatial_dims
+        x = x.reshape(n, *self.grid_size, *self.patch_size, self.in_chans)
+        order = [0, 2 * d + 1]
+        for i in range(d):
+            order += [1 + i, 1 + d + i]
+        x = x.permute(order)
+        return x.reshape(n, self.in_chans, *(g * p for g, p in zip(self.grid_size, self.patch_size)))
+
+    def masking_noise(self, n: int, mask_type: str, device: torch.device,
+                      generator: torch.Generator | None) -> torch.Tensor:
+        """[N, L] noise whose argsort gives the keep order; tube noise is shared along depth."""
+        if mask_type == "random":
+            return torch.rand(n, self.num_patches, device=device, generator=generator)
+        if mask_type == "tube":
+            if self.spatial_dims != 3:
+                raise ValueError("tube masking needs a 3D model")
+            plane = torch.rand(n, 1, math.prod(self.grid_size[1:]), device=device, generator=generator)
+            return plane.expand(n, self.grid_size[0], -1).reshape(n, self.num_patches)
+        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+
+    def num_visible(self, mask_ratio: float, mask_type: str) -> int:
+        """Tokens kept per sample: int(L*(1-ratio)); for tubes, whole depth columns of that share."""
+        if not 0.0 <= mask_ratio <= MAX_MASK_RATIO:
+            raise ValueError(f"mask_ratio must be in [0, {MAX_MASK_RATIO}], got {mask_ratio}")
+        if mask_type == "tube":
+            plane = math.prod(self.grid_size[1:])
+            keep = self.grid_size[0] * int(plane * (1 - mask_ratio))
+        else:
+            keep = int(self.num_patches * (1 - mask_ratio))
+        if keep < 1:
+            raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch on grid {self.grid_size}")
+        return keep
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, mask_type: str = "random",
+                       noise: torch.Tensor | None = None):
+        """Keep a per-sample random subset of tokens. Returns kept tokens, mask (1 = removed), restore ids.
+
+        `noise` ([N, L], from `masking_noise`) fixes the draw; by default it comes from the global RNG.
+        """
+        n, length, dim = x.shape
+        keep = self.num_visible(mask_ratio, mask_type)
+        if noise is None:
+            noise = self.masking_noise(n, mask_type, x.device, None)
+        ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        mask = torch.ones(n, length, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_kept, mask, ids_restore
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, mask_type: str = "random",
+                        noise: torch.Tensor | None = None):
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, mask_type, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        n, kept_plus_cls, dim = x.shape
+        mask_tokens = self.mask_token.expand(n, ids_restore.shape[1] + 1 - kept_plus_cls, -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def patch_targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        target = self.patchify(imgs.float())
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over masked patches (over all when none is masked)."""
+        per_patch = ((pred.float() - self.patch_targets(imgs)) ** 2).mean(dim=-1)
+        weights = mask if mask.sum() > 0 else torch.ones_like(mask)
+        return (per_patch * weights).sum() / weights.sum()
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, mask_type: str = "random",
+                noise: torch.Tensor | None = None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, mask_type, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a classifier reuses: everything but the decoder and the mask token."""
+        decoder_prefixes = ("decoder_", "mask_token")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(decoder_prefixes)}
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _mae(variant: dict, overrides: dict) -> MaskedAutoencoderViT:
+    """Reference encoder defaults (256^3, 1 channel, patch 16), our default decoder, then overrides."""
+    return MaskedAutoencoderViT(**{"img_size": 256, "patch_size": 16, "in_chans": 1, **DEFAULT_DECODER,
+                                   **variant, **overrides})
+
+
+@register_model
+def mae_vit_tiny_patch16(**overrides) -> MaskedAutoencoderViT:
+    return _mae({"embed_dim": 192, "depth": 12, "num_heads": 3}, overrides)
+
+
+@register_model
+def mae_vit_small_patch16(**overrides) -> MaskedAutoencoderViT:
+    return _mae({"embed_dim": 384, "depth": 12, "num_heads": 6}, overrides)
+
+
+@register_model
+def mae_vit_base_patch16(**overrides) -> MaskedAutoencoderViT:
+    return _mae({"embed_dim": 768, "depth": 12, "num_heads": 12}, overrides)
+
+
+@register_model
+def mae_vit_large_patch16(**overrides) -> MaskedAutoencoderViT:
+    return _mae({"embed_dim": 1024, "depth": 24, "num_heads": 16}, overrides)
+
+
+@register_model
+def mae_vit_huge_patch16(**overrides) -> MaskedAutoencoderViT:
+    return _mae({"embed_dim": 1280, "depth": 32, "num_heads": 16}, overrides)

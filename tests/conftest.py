@@ -1,0 +1,40 @@
+"""Shared test helpers: where the real data is, and running the entry points as users do."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VOLMAE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under the shared real data; the test is skipped when that data is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set VOLMAE_SHARED_DATA to the shared data folder)")
+    return path
+
+
+def run_cli(args: list[str], timeout: float = 600, check: bool = True, env: dict | None = None,
+            ) -> subprocess.CompletedProcess:
+    """Run `python ARGS` (or `python -m torch.distributed.run ...`) from the repo root."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+                             f"\n--- stderr\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """Eight small synthetic CT phantoms as NIfTI files."""
+    from datasets.phantoms import write_phantom_corpus
+
+    folder = tmp_path_factory.mktemp("phantoms")
+    write_phantom_corpus(folder, count=8, seed=0, size_range=(24, 40), progress=False)
+    return folder

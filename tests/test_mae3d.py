@@ -1,0 +1,176 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.mae3d import REFERENCE_DECODER
+from models.pos_embed import sincos_1d, split_embed_dim
+
+
+def tiny(**overrides):
+    defaults = {"img_size": (16, 24, 32), "patch_size": (4, 8, 8), "embed_dim": 48, "depth": 2, "num_heads": 3,
+                "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}
+    return models.create_model("mae_vit_tiny_patch16", **{**defaults, **overrides})
+
+
+def patchify_by_loops(imgs: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """Plain reference: visit patches in row-major grid order, flatten each voxels-first, channel last."""
+    n, c, *size = imgs.shape
+    grid = [s // p for s, p in zip(size, patch)]
+    rows = []
+    for index in np.ndindex(*grid):
+        slices = tuple(slice(i * p, (i + 1) * p) for i, p in zip(index, patch))
+        block = imgs[(slice(None), slice(None), *slices)]  # n, c, *patch
+        rows.append(block.movedim(1, -1).reshape(n, -1))
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("img_size,patch", [((16, 24, 32), (4, 8, 8)), ((12, 20), (4, 5))])
+def test_patchify_matches_plain_loops_and_unpatchify_inverts_it(img_size, patch):
+    model = tiny(img_size=img_size, patch_size=patch, in_chans=2)
+    imgs = torch.randn(3, 2, *img_size)
+    patches = model.patchify(imgs)
+    assert patches.shape == (3, math.prod(s // p for s, p in zip(img_size, patch)), math.prod(patch) * 2)
+    assert torch.equal(patches, patchify_by_loops(imgs, patch))
+    assert torch.equal(model.unpatchify(patches), imgs)
+
+
+def test_non_cubic_grid_with_int_patch_size():
+    model = models.create_model("mae_vit_tiny_patch16", img_size=(160, 192, 128), depth=1, decoder_depth=1)
+    assert model.grid_size == (10, 12, 8)
+    loss, pred, mask = model(torch.rand(1, 1, 160, 192, 128), mask_ratio=0.9)
+    assert pred.shape == (1, 960, 16 ** 3) and torch.isfinite(loss)
+
+
+def test_indivisible_grid_is_refused():
+    with pytest.raises(ValueError, match="not divisible"):
+        tiny(img_size=(18, 24, 32))
+
+
+def test_pos_embed_encodes_each_axis_with_its_own_coordinate():
+    model = tiny()
+    grid = model.grid_size  # (4, 3, 4): non-cubic
+    table = model.pos_embed[0, 1:].detach().numpy().reshape(*grid, -1)
+    dims = split_embed_dim(48, 3)
+    bounds = np.cumsum([0] + dims)
+    for axis in range(3):
+        block = table[..., bounds[axis]:bounds[axis + 1]]
+        expected_1d = sincos_1d(dims[axis], np.arange(grid[axis]))
+        for index in np.ndindex(*grid):
+            np.testing.assert_allclose(block[index], expected_1d[index[axis]], atol=1e-6)
+    assert np.all(model.pos_embed[0, 0].detach().numpy() == 0)
+
+
+def test_embed_dims_not_divisible_by_six_are_split_evenly():
+    assert split_embed_dim(1024, 3) == [342, 342, 340]
+    assert sum(split_embed_dim(1280, 3)) == 1280
+
+
+def test_masking_keeps_exact_count_and_differs_per_sample():
+    model = tiny()
+    x = torch.randn(6, model.num_patches, 48)
+    for ratio in (0.0, 0.5, 0.75, 0.9, 0.95):
+        kept, mask, ids_restore = model.random_masking(x, ratio)
+        keep = int(model.num_patches * (1 - ratio))
+        assert kept.shape == (6, keep, 48)
+        assert torch.all(mask.sum(dim=1) == model.num_patches - keep)
+    _, mask, _ = model.random_masking(x, 0.75)
+    assert len({tuple(row.tolist()) for row in mask}) == 6
+
+
+def test_kept_tokens_are_the_unmasked_ones():
+    model = tiny()
+    x = torch.randn(2, model.num_patches, 48)
+    kept, mask, _ = model.random_masking(x, 0.75)
+    for n in range(2):
+        visible = x[n][mask[n] == 0]
+        assert torch.equal(torch.sort(visible, dim=0).values, torch.sort(kept[n], dim=0).values)
+
+
+def test_tube_mask_is_constant_along_depth():
+    model = tiny()
+    _, mask, _ = model.random_masking(torch.randn(4, model.num_patches, 48), 0.75, "tube")
+    tubes = mask.reshape(4, *model.grid_size)
+    assert torch.all(tubes == tubes[:, :1])
+    plane = model.grid_size[1] * model.grid_size[2]
+    assert torch.all(mask.sum(dim=1) == model.num_patches - model.grid_size[0] * int(plane * 0.25))
+
+
+def test_mask_ratio_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        tiny()(torch.rand(1, 1, 16, 24, 32), mask_ratio=0.96)
+
+
+def test_loss_counts_masked_patches_only():
+    model = tiny()
+    imgs = torch.rand(2, 1, 16, 24, 32)
+    _, pred, mask = model(imgs, 0.75)
+    base = model.forward_loss(imgs, pred, mask)
+    changed_visible = pred + 5.0 * (1 - mask).unsqueeze(-1)
+    assert torch.allclose(model.forward_loss(imgs, changed_visible, mask), base)
+    changed_masked = pred + 5.0 * mask.unsqueeze(-1)
+    assert model.forward_loss(imgs, changed_masked, mask) > base + 1.0
+    per_patch = ((pred - model.patchify(imgs)) ** 2).mean(-1)
+    assert torch.allclose(base, per_patch[mask.bool()].mean())
+
+
+def test_norm_pix_loss_normalises_each_target_patch():
+    model = tiny(norm_pix_loss=True)
+    target = model.patch_targets(torch.rand(2, 1, 16, 24, 32) * 7 + 3)
+    assert torch.allclose(target.mean(-1), torch.zeros(2, model.num_patches), atol=1e-4)
+    assert torch.allclose(target.var(-1), torch.ones(2, model.num_patches), atol=1e-3)
+
+
+def test_2d_model_trains_one_step():
+    model = tiny(img_size=(28, 28), patch_size=4, in_chans=3)
+    loss, pred, _ = model(torch.rand(2, 3, 28, 28), 0.75)
+    loss.backward()
+    assert pred.shape == (2, 49, 48) and model.patch_embed.proj.weight.grad is not None
+
+
+def reference_state_dict_shapes(depth=24, dim=1024, dec_depth=8, dec_dim=512, tokens=4097, patch=16) -> dict:
+    """The TANGERINE mae_vit_large_patch16 layout, written out from REFERENCE.md §1."""
+    def blocks(prefix, n, d):
+        shapes = {}
+        for i in range(n):
+            p = f"{prefix}.{i}."
+            shapes.update({p + "norm1.weight": [d], p + "norm1.bias": [d],
+                           p + "attn.qkv.weight": [3 * d, d], p + "attn.qkv.bias": [3 * d],
+                           p + "attn.proj.weight": [d, d], p + "attn.proj.bias": [d],
+                           p + "norm2.weight": [d], p + "norm2.bias": [d],
+                           p + "mlp.fc1.weight": [4 * d, d], p + "mlp.fc1.bias": [4 * d],
+                           p + "mlp.fc2.weight": [d, 4 * d], p + "mlp.fc2.bias": [d]})
+        return shapes
+
+    return {
+        "cls_token": [1, 1, dim], "pos_embed": [1, tokens, dim],
+        "patch_embed.proj.weight": [dim, 1, patch, patch, patch], "patch_embed.proj.bias": [dim],
+        **blocks("blocks", depth, dim), "norm.weight": [dim], "norm.bias": [dim],
+        "mask_token": [1, 1, dec_dim], "decoder_pos_embed": [1, tokens, dec_dim],
+        "decoder_embed.weight": [dec_dim, dim], "decoder_embed.bias": [dec_dim],
+        **blocks("decoder_blocks", dec_depth, dec_dim), "decoder_norm.weight": [dec_dim],
+        "decoder_norm.bias": [dec_dim], "decoder_pred.0.weight": [patch ** 3, dec_dim],
+        "decoder_pred.0.bias": [patch ** 3],
+    }
+
+
+def test_reference_checkpoint_layout_loads_strictly():
+    model = models.create_model("mae_vit_large_patch16", **REFERENCE_DECODER)
+    expected = reference_state_dict_shapes()
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == expected
+    reference_weights = {k: torch.randn(shape) for k, shape in expected.items()}
+    model.load_state_dict(reference_weights, strict=True)
+    assert torch.equal(model.decoder_pred[0].weight, reference_weights["decoder_pred.0.weight"])
+
+
+def test_registry_lists_every_size_and_rejects_unknown_names():
+    assert {"mae_vit_tiny_patch16", "mae_vit_small_patch16", "mae_vit_base_patch16",
+            "mae_vit_large_patch16", "mae_vit_huge_patch16"} <= set(models.list_models("mae_"))
+    with pytest.raises(ValueError, match="unknown model"):
+        models.create_model("mae_vit_gigantic")
+    model = models.create_model("mae_vit_base_patch16", img_size=64, in_chans=2, decoder_depth=2)
+    assert model.config["img_size"] == [64, 64, 64] and model.config["in_chans"] == 2
+    assert len(model.decoder_blocks) == 2 and model.config["embed_dim"] == 768

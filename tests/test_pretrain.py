@@ -1,0 +1,116 @@
+"""main_pretrain.py end to end, on CPU, as users run it (subprocesses, torchrun)."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli, shared_path
+from util.checkpoint import load_checkpoint
+from util.lr_sched import lr_at_step
+from util.run_log import read_log
+
+TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8",
+        "--decoder_embed_dim", "64", "--decoder_depth", "1", "--decoder_num_heads", "2",
+        "--num_workers", "0", "--log_every", "1", "--vis_every", "0", "--warmup_epochs", "1"]
+
+
+def losses(output_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(output_dir / "log.txt")}
+
+
+def test_pretraining_on_real_ct_and_mr_lowers_the_loss(tmp_path):
+    volumes = shared_path("volumes")
+    out = tmp_path / "run"
+    result = run_cli(["main_pretrain.py", "--data_path", str(volumes), *TINY, "--batch_size", "2",
+                      "--max_steps", "24", "--lr", "2e-3", "--output_dir", str(out)])
+    assert "7 volumes" in result.stdout  # six files and one DICOM series folder
+    curve = list(losses(out).values())
+    assert np.mean(curve[-4:]) < 0.8 * np.mean(curve[:4])
+    for name in ("checkpoint-last.pth", "encoder.pth", "reconstruction.png"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    record = read_log(out / "log.txt")[-1]
+    assert {"step", "epoch", "loss", "lr", "vol_per_s", "data_wait_frac"} <= record.keys()
+
+
+def test_checkpoints_load_with_weights_only_and_hold_the_documented_keys(tmp_path, phantom_dir):
+    out = tmp_path / "run"
+    run_cli(["main_pretrain.py", "--data_path", str(phantom_dir), *TINY, "--batch_size", "4",
+             "--max_steps", "2", "--output_dir", str(out)])
+    checkpoint = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "step", "args", "rng"} <= checkpoint.keys()
+    assert checkpoint["step"] == 2 and isinstance(checkpoint["args"], dict)
+    encoder = load_checkpoint(out / "encoder.pth")["model"]
+    assert "blocks.0.attn.qkv.weight" in encoder
+    assert not any(k.startswith("decoder") or k == "mask_token" for k in encoder)
+
+
+def test_gradient_accumulation_and_two_ranks_match_one_big_batch(tmp_path, phantom_dir):
+    """Same global batch three ways: 1x4, 1x(2+2 accumulated), 2 ranks x 2 (torchrun, gloo)."""
+    common = ["main_pretrain.py", "--data_path", str(phantom_dir), *TINY, "--max_steps", "4", "--lr", "1e-3"]
+    run_cli([*common, "--batch_size", "4", "--output_dir", str(tmp_path / "big")])
+    run_cli([*common, "--batch_size", "2", "--accum_iter", "2", "--output_dir", str(tmp_path / "accum")])
+    run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", *common,
+             "--batch_size", "2", "--output_dir", str(tmp_path / "ddp")])
+    big = losses(tmp_path / "big")
+    assert len(big) == 4
+    for other in ("accum", "ddp"):
+        curve = losses(tmp_path / other)
+        assert curve.keys() == big.keys()
+        for step in big:
+            assert curve[step] == pytest.approx(big[step], rel=1e-4), (other, step)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, phantom_dir):
+    """k epochs, resume from the kept checkpoint, k more: the losses of an uninterrupted 2k-epoch run."""
+    common = ["main_pretrain.py", "--data_path", str(phantom_dir), *TINY, "--batch_size", "2",
+              "--epochs", "4", "--keep_every", "1", "--lr", "1e-3"]
+    full = tmp_path / "full"
+    run_cli([*common, "--output_dir", str(full)])
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(full / "checkpoint-1.pth", resumed / "checkpoint-last.pth")  # after epochs 0 and 1
+    result = run_cli([*common, "--output_dir", str(resumed)])
+    assert "resumed from" in result.stdout and "at step 8" in result.stdout
+    full_curve, resumed_curve = losses(full), losses(resumed)
+    assert sorted(resumed_curve) == list(range(9, 17))
+    for step, loss in resumed_curve.items():
+        assert loss == pytest.approx(full_curve[step], rel=1e-5), step
+    final_full = load_checkpoint(full / "checkpoint-last.pth")["model"]
+    final_resumed = load_checkpoint(resumed / "checkpoint-last.pth")["model"]
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=1e-4, atol=1e-6)
+
+
+def test_unreadable_files_are_skipped_with_a_warning(tmp_path, phantom_dir):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(phantom_dir, corpus)
+    (corpus / "notes.nii.gz").write_text("this is not an image")
+    (corpus / "empty.nii").write_bytes(b"")
+    result = run_cli(["main_pretrain.py", "--data_path", str(corpus), *TINY, "--batch_size", "4",
+                      "--max_steps", "1", "--output_dir", str(tmp_path / "out")])
+    assert "notes.nii.gz" in result.stderr and "empty.nii" in result.stderr
+    assert "8 volumes" in result.stdout
+
+
+@pytest.mark.parametrize("make_path,message", [
+    (lambda tmp: tmp / "missing", "no such file or folder"),
+    (lambda tmp: tmp, "no volumes found"),
+])
+def test_wrong_or_empty_corpus_fails_at_start(tmp_path, make_path, message):
+    result = run_cli(["main_pretrain.py", "--data_path", str(make_path(tmp_path)), *TINY,
+                      "--output_dir", str(tmp_path / "out")], check=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_half_cosine():
+    base, low = 1e-3, 1e-5
+    assert lr_at_step(0, base, low, 10, 110) == pytest.approx(base / 10)
+    assert lr_at_step(9, base, low, 10, 110) == pytest.approx(base)
+    assert lr_at_step(60, base, low, 10, 110) == pytest.approx(low + (base - low) * 0.5)
+    assert lr_at_step(110, base, low, 10, 110) == pytest.approx(low)
+    assert all(lr_at_step(s, base, low, 10, 110) >= lr_at_step(s + 1, base, low, 10, 110) for s in range(9, 110))
+    assert math.isclose(lr_at_step(35, base, low, 10, 110),
+                        low + (base - low) * 0.5 * (1 + math.cos(math.pi * 0.25)))
