@@ -13,11 +13,14 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
-# A real 3D MAE pretraining on built-in synthetic CT phantoms: a few minutes on 2 CPU cores.
+# The whole pipeline on built-in synthetic CT phantoms, a few minutes on 2 CPU cores:
+# write NIfTI phantoms, cache them in sharded HDF5, pretrain a 3D MAE from the cache.
 demo: $(STAMP)
-	$(PY) main_pretrain.py --model mae_vit_tiny_patch16 --input_size 64 --patch_size 8 \
-		--batch_size 4 --epochs 30 --warmup_epochs 3 --lr 1.5e-3 --num_workers 2 \
-		--log_every 6 --vis_every 60 --keep_every 0 --output_dir demo_output
+	$(PY) -m datasets.phantoms --output demo_output/phantoms --count 24
+	$(PY) -m datasets.build_cache --input demo_output/phantoms --output demo_output/cache --size 64 --workers 2
+	$(PY) main_pretrain.py --data_path demo_output/cache --model mae_vit_tiny_patch16 --input_size 64 \
+		--patch_size 8 --batch_size 4 --epochs 30 --warmup_epochs 3 --lr 1.5e-3 --num_workers 2 \
+		--log_every 6 --vis_every 60 --keep_every 0 --output_dir demo_output/pretrain
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from datasets.augment import finish_batch
 from datasets.volume_dataset import collate_volumes
 from util.checkpoint import atomic_save, load_checkpoint, plain_args, rng_state, set_rng_state
 from util.dist import DistInfo, all_reduce_sum, barrier
@@ -148,7 +149,7 @@ class Pretrainer:
         sync = contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync()
         with sync:
             if has_data:
-                volume = batch["volume"].to(device, non_blocking=True)
+                volume = finish_batch(batch, device)
                 noise = masking_noise(self.core, batch["index"], epoch, self.args.seed,
                                       self.args.mask_type, device)
                 with torch.autocast(device.type, dtype=self.autocast_dtype,
@@ -204,6 +205,7 @@ class Pretrainer:
         epoch = self.step // self.steps_per_epoch
         while self.step < self.total_steps:
             self.sampler.set_epoch(epoch)
+            self.loader.dataset.set_epoch(epoch)
             first = self.step - epoch * self.steps_per_epoch
             self.sampler.set_start(first * args.accum_iter * args.batch_size)
             batches = iter(self.loader)

@@ -13,15 +13,12 @@ from pathlib import Path
 import torch
 
 import models
-from datasets.phantoms import write_phantom_corpus
 from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
-from datasets.reading import probe
-from datasets.sources import SourceListError, list_sources
-from datasets.volume_dataset import VolumeFileDataset
+from datasets.pretrain_data import build_pretrain_dataset, phantom_corpus
 from engine_pretrain import NonFiniteLossError, Pretrainer, resolve_precision
 from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
 from util.cli import grid, int_tuple
-from util.dist import barrier, init_distributed, shutdown
+from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
 from util.run_log import RunLog
 
@@ -59,8 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", default=None,
-                      help="folder of volumes, .txt of paths or .csv with a 'path' column; "
-                           "default: synthetic CT phantoms written to OUTPUT_DIR/phantoms")
+                      help="a VolMAE cache (python -m datasets.build_cache), or a folder of volumes, .txt of "
+                           "paths or .csv with a 'path' column read on the fly; default: synthetic CT "
+                           "phantoms written to OUTPUT_DIR/phantoms")
+    data.add_argument("--no_augment", action="store_true",
+                      help="no random crop (when --input_size is smaller than a cache's grid), "
+                           "left-right flip or intensity jitter")
     data.add_argument("--num_phantoms", type=int, default=24, help="size of the built-in phantom corpus")
     data.add_argument("--num_workers", type=int, default=4)
     add_preprocess_args(parser)
@@ -77,30 +78,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
-
-
-def resolve_sources(args, is_main: bool) -> list[str]:
-    """The corpus' readable sources; the built-in phantoms when no --data_path is given."""
-    if args.data_path is None:
-        phantom_dir = Path(args.output_dir) / "phantoms"
-        if is_main:
-            write_phantom_corpus(phantom_dir, count=args.num_phantoms, seed=args.seed)
-        barrier()
-        args.data_path = str(phantom_dir)
-    try:
-        sources = list_sources(args.data_path)
-    except SourceListError as err:
-        raise SystemExit(f"error: {err}") from None
-    readable = []
-    for source in sources:
-        reason = probe(source)
-        if reason is None:
-            readable.append(source)
-        elif is_main:
-            logging.warning("skipping %s: %s", source, reason)
-    if not readable:
-        raise SystemExit(f"error: none of the {len(sources)} sources under {args.data_path} is readable")
-    return readable
 
 
 def resolve_checkpoint(args) -> Path | None:
@@ -124,9 +101,10 @@ def main(args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     input_size = grid(args.input_size)
 
-    sources = resolve_sources(args, dist_info.is_main)
-    config = preprocess_config_from_args(args, input_size)
-    dataset = VolumeFileDataset(sources, config)
+    if args.data_path is None:
+        args.data_path = phantom_corpus(args.output_dir, args.num_phantoms, args.seed, dist_info.is_main)
+    dataset, config = build_pretrain_dataset(args.data_path, input_size, preprocess_config_from_args(args, input_size),
+                                             not args.no_augment, args.seed, dist_info.is_main)
 
     overrides = {"img_size": input_size, "patch_size": grid(args.patch_size),
                  "norm_pix_loss": args.norm_pix_loss}
@@ -151,7 +129,8 @@ def main(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
     say(f"model {args.model}: {n_params / 1e6:.1f}M trainable parameters, grid {core.grid_size}, "
         f"{core.num_visible(args.mask_ratio, args.mask_type)}/{core.num_patches} patches visible")
-    say(f"data: {len(dataset)} volumes from {args.data_path} -> {input_size} ({config.resample}); "
+    say(f"data: {len(dataset)} volumes from {args.data_path} ({type(dataset).__name__}, grid {config.size}, "
+        f"{config.resample}) -> {input_size}; "
         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
     say(f"{dist_info.world_size} rank(s) on {dist_info.device}, precision {resolve_precision(args.precision, dist_info.device)}; "
         f"effective batch {effective_batch}, lr {args.lr:.3e}")

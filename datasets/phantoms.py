@@ -5,12 +5,15 @@ lungs, a heart, a liver, two kidneys, a spine and an aorta, with jittered sizes,
 values plus noise. Each file gets its own grid size, spacing and axis order/flips, so the
 corpus exercises reading, reorientation and resampling the way a real one does.
 """
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
+
+from util.cli import int_tuple
 
 AIR_HU = -1000.0
 
@@ -54,9 +57,25 @@ def _random_direction(rng: np.random.Generator) -> np.ndarray:
     return direction
 
 
-def make_phantom(rng: np.random.Generator, size_range: tuple[int, int] = (40, 80)) -> sitk.Image:
-    """One int16 CT phantom in HU on a random grid, spacing and orientation."""
-    size = rng.integers(size_range[0], size_range[1] + 1, size=3)
+def _ellipsoid_mask(organ: Ellipsoid, origin: np.ndarray, spacing: np.ndarray, direction: np.ndarray,
+                    size: np.ndarray) -> np.ndarray:
+    """Voxels inside an ellipsoid. The direction is a signed permutation, so each physical axis
+    depends on one index axis and the test is a sum of three broadcast 1D terms."""
+    total = np.zeros((1, 1, 1), dtype=np.float32)
+    for k in range(3):
+        axis = int(np.argmax(np.abs(direction[k])))
+        coordinate = origin[k] + direction[k, axis] * np.arange(size[axis]) * spacing[axis]
+        term = (((coordinate - organ.centre[k]) / organ.radii[k]) ** 2).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        total = total + term.reshape(shape)
+    return total <= 1.0
+
+
+def make_phantom(rng: np.random.Generator, size_range: tuple[int, int] = (40, 80),
+                 size: tuple[int, int, int] | None = None) -> sitk.Image:
+    """One int16 CT phantom in HU on a random orientation and spacing; grid `size` (x, y, z) or random."""
+    size = np.array(size) if size is not None else rng.integers(size_range[0], size_range[1] + 1, size=3)
     fov = np.array([rng.uniform(380, 440), rng.uniform(380, 440), rng.uniform(250, 400)])  # LPS mm
     direction = _random_direction(rng)
     # The physical axis each image axis runs along sets that axis' spacing.
@@ -64,15 +83,13 @@ def make_phantom(rng: np.random.Generator, size_range: tuple[int, int] = (40, 80
     centre = rng.normal(0, 10, size=3)
     origin = centre - direction @ ((size - 1) / 2.0 * spacing)
 
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), axis=-1)
-    points = origin + (index * spacing) @ direction.T  # (x, y, z, 3) physical positions
-    hu = np.full(tuple(size), AIR_HU)
+    hu = np.full(tuple(size), AIR_HU, dtype=np.float32)
     for organ in _anatomy(rng):
-        inside = (((points - organ.centre) / organ.radii) ** 2).sum(axis=-1) <= 1.0
-        hu[inside] = organ.hu
-    hu += rng.normal(0, rng.uniform(10, 30), size=hu.shape)
+        hu[_ellipsoid_mask(organ, origin, spacing, direction, size)] = organ.hu
+    hu += rng.normal(0, rng.uniform(10, 30), size=hu.shape).astype(np.float32)
+    hu = np.clip(hu, -1024, 3071).astype(np.int16)
 
-    image = sitk.GetImageFromArray(np.clip(hu, -1024, 3071).astype(np.int16).transpose(2, 1, 0))
+    image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))
     image.SetSpacing(spacing.tolist())
     image.SetOrigin(origin.tolist())
     image.SetDirection(direction.ravel().tolist())
@@ -80,7 +97,8 @@ def make_phantom(rng: np.random.Generator, size_range: tuple[int, int] = (40, 80
 
 
 def write_phantom_corpus(output_dir: str | Path, count: int = 24, seed: int = 0,
-                         size_range: tuple[int, int] = (40, 80), progress: bool = True) -> list[Path]:
+                         size_range: tuple[int, int] = (40, 80), progress: bool = True,
+                         size: tuple[int, int, int] | None = None) -> list[Path]:
     """Write `count` phantoms as `phantom_XXX.nii.gz` (skipping files already there)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -88,9 +106,26 @@ def write_phantom_corpus(output_dir: str | Path, count: int = 24, seed: int = 0,
     for i in tqdm(range(count), desc="phantoms", disable=not progress):
         path = output_dir / f"phantom_{i:03d}.nii.gz"
         if not path.exists():
-            image = make_phantom(np.random.default_rng([seed, i]), size_range)
+            image = make_phantom(np.random.default_rng([seed, i]), size_range, size)
             tmp = path.with_name(f".tmp_{path.name}")
             sitk.WriteImage(image, str(tmp))
             tmp.replace(path)
         paths.append(path)
     return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m datasets.phantoms", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--count", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size_range", type=int_tuple, default=(40, 80), help="MIN,MAX voxels per axis")
+    parser.add_argument("--size", type=int_tuple, default=None, help="fixed X,Y,Z grid instead (e.g. 512,512,300)")
+    args = parser.parse_args()
+    paths = write_phantom_corpus(args.output, args.count, args.seed, tuple(args.size_range), size=args.size)
+    print(f"{len(paths)} phantoms in {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,12 @@ Errors are `VolumeReadError`s whose message is the reason alone (callers add the
 same text can go to a log line or into a manifest's `reason` column.
 """
 import logging
+import re
 from pathlib import Path
 
 import SimpleITK as sitk
+
+from datasets.nifti_check import is_nifti2, nifti_truncation
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +52,17 @@ def dicom_series_files(source: str) -> list[str]:
     return list(files)
 
 
-def itk_reason(err: RuntimeError) -> str:
-    """The informative part of an ITK exception (its description), not the C++ location."""
+def itk_reason(err: RuntimeError, path: Path) -> str:
+    """The informative part of an ITK exception, without C++ locations, pointers or the path."""
+    if is_nifti2(path):
+        return "NIfTI-2 file: SimpleITK reads NIfTI-1 only (convert it, e.g. with nibabel)"
     lines = str(err).strip().splitlines()
-    for line in lines:
-        if "Description:" in line:
-            return "SimpleITK cannot read it: " + line.split("Description:")[-1].strip()
-    return "SimpleITK cannot read it: " + (lines[-1] if lines else "unknown error")
+    text = next((line.split("Description:")[-1] for line in lines if "Description:" in line),
+                lines[-1] if lines else "unknown error")
+    if "Unable to determine ImageIO reader" in text:
+        return "SimpleITK cannot read it: not a known image format (corrupt, or not what its name says)"
+    text = re.sub(r"\(0x[0-9a-fA-F]+\)", "", text.replace(str(path), "the file"))
+    return "SimpleITK cannot read it: " + re.sub(r"^(sitk::ERROR:|ITK ERROR:)\s*", "", text.strip()).strip()
 
 
 def _read_dicom(source: str) -> sitk.Image:
@@ -76,6 +83,8 @@ def _check_file(path: Path) -> sitk.ImageFileReader:
     reader.ReadImageInformation()
     if reader.GetDimension() < 3:
         raise VolumeReadError(f"a {reader.GetDimension()}-D image, not a volume")
+    if path.name.lower().endswith((".nii", ".nii.gz")) and (reason := nifti_truncation(path)):
+        raise VolumeReadError(reason)
     return reader
 
 
@@ -104,7 +113,7 @@ def read_image(source: str) -> sitk.Image:
     try:
         image = _read_dicom(source) if path.is_dir() else _check_file(path).Execute()
     except RuntimeError as err:
-        raise VolumeReadError(itk_reason(err)) from None
+        raise VolumeReadError(itk_reason(err, path)) from None
     return first_volume(image, source)
 
 
@@ -121,5 +130,5 @@ def probe(source: str) -> str | None:
     except VolumeReadError as err:
         return str(err)
     except RuntimeError as err:
-        return itk_reason(err)
+        return itk_reason(err, path)
     return None

@@ -1,17 +1,46 @@
-"""A Dataset that reads and preprocesses volume files on the fly (for small corpora).
+"""Pretraining datasets: volume files preprocessed on the fly, or volumes from the HDF5 cache.
 
-A source that fails to load does not stop training: its item carries the error instead of a
-volume, `collate_volumes` drops it from the batch and reports it, and the run counts it.
+Both yield {"volume", "index", "source", "error"} plus the sample's augmentation parameters
+(applied on the batch by `datasets.augment.finish_batch`); cached volumes stay in their stored dtype. A source that fails to load does not stop
+training: its item carries the error instead of a volume, `collate_volumes` drops it from the
+batch and reports it, and the run counts it.
 """
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
+from datasets.augment import crop_box, draw_params, sample_rng
+from datasets.cache import VolumeCache
 from datasets.preprocess import PreprocessConfig, load_volume
 from datasets.reading import VolumeReadError
 
 
-class VolumeFileDataset(Dataset):
-    def __init__(self, sources: list[str], config: PreprocessConfig):
+class _EpochSeeded(Dataset):
+    """Per-sample random streams keyed on (seed, epoch, index); the loop calls set_epoch."""
+
+    def __init__(self, augment: bool, seed: int):
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, index: int) -> np.random.Generator | None:
+        return sample_rng(self.seed, self.epoch, index) if self.augment else None
+
+    @staticmethod
+    def item(index: int, source: str, volume: np.ndarray | None = None, error: str = "",
+             rng: np.random.Generator | None = None) -> dict:
+        tensor = torch.from_numpy(np.ascontiguousarray(volume)) if volume is not None else None
+        return {"volume": tensor, "index": index, "source": source, "error": error, **draw_params(rng)}
+
+
+class VolumeFileDataset(_EpochSeeded):
+    """Reads and preprocesses each volume file at every access (for small corpora)."""
+
+    def __init__(self, sources: list[str], config: PreprocessConfig, augment: bool = False, seed: int = 0):
+        super().__init__(augment, seed)
         self.sources = list(sources)
         self.config = config
 
@@ -21,17 +50,76 @@ class VolumeFileDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         source = self.sources[index]
         try:
-            volume = torch.from_numpy(load_volume(source, self.config))
+            volume = load_volume(source, self.config)
         except (VolumeReadError, RuntimeError, OSError) as err:
-            return {"volume": None, "index": index, "source": source, "error": str(err)}
-        return {"volume": volume, "index": index, "source": source, "error": ""}
+            return self.item(index, source, error=str(err))
+        return self.item(index, source, volume, rng=self.rng(index))
 
 
-def collate_volumes(items: list[dict]) -> dict:
-    """Stack the loaded volumes; list the failed sources with their reasons."""
+class CacheDataset(_EpochSeeded):
+    """Volumes from a VolumeCache, cropped to `input_size` (randomly when augmenting) and augmented."""
+
+    def __init__(self, cache: VolumeCache, input_size: tuple[int, int, int], augment: bool = False, seed: int = 0):
+        super().__init__(augment, seed)
+        grid = cache.preprocess.size
+        if any(i > g for i, g in zip(input_size, grid)):
+            raise ValueError(f"input size {tuple(input_size)} is larger than the cache's grid {tuple(grid)}")
+        self.cache = cache
+        self.input_size = tuple(input_size)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def _box(self, rng: np.random.Generator | None) -> tuple[slice, ...] | None:
+        if self.input_size == tuple(self.cache.preprocess.size):
+            return None
+        return crop_box(self.cache.preprocess.size, self.input_size, rng)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self.rng(index)
+        return self.item(index, self.cache.source(index), self.cache.read_stored(index, self._box(rng)), rng=rng)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch, already collated: each volume is decompressed straight into one batch
+        tensor, in shared memory inside a loader worker, so nothing is copied after reading."""
+        volumes = _batch_tensor((len(indices), 1, *self.input_size), self.cache.stored_dtype)
+        items = []
+        for row, index in enumerate(indices):
+            rng = self.rng(index)
+            self.cache.read_into(index, volumes[row].numpy(), self._box(rng))
+            items.append({"index": index, **draw_params(rng)})
+        return {"volume": volumes, **_stack_params(items), "failed": []}
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    """An uninitialised tensor, allocated in shared memory when in a loader worker (as default_collate does)."""
+    example = torch.from_numpy(np.empty(0, dtype=dtype))
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=example.dtype)
+    storage = example._typed_storage()._new_shared(int(np.prod(shape)), device=example.device)
+    return example.new(storage).resize_(*shape)
+
+
+def _stack_params(items: list[dict]) -> dict:
+    return {
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "flip": torch.tensor([item["flip"] for item in items], dtype=torch.bool),
+        "gain": torch.tensor([item["gain"] for item in items], dtype=torch.float32),
+        "offset": torch.tensor([item["offset"] for item in items], dtype=torch.float32),
+    }
+
+
+def collate_volumes(items: list[dict] | dict) -> dict:
+    """Stack the loaded volumes; list the failed sources with their reasons.
+
+    A dict is a batch a dataset fetched whole (`CacheDataset.__getitems__`) and passes through.
+    """
+    if isinstance(items, dict):
+        return items
     loaded = [item for item in items if item["volume"] is not None]
     return {
-        "volume": torch.stack([item["volume"] for item in loaded]) if loaded else None,
-        "index": torch.tensor([item["index"] for item in loaded], dtype=torch.long),
+        # default_collate stacks straight into shared memory inside a loader worker: no extra copy
+        "volume": default_collate([item["volume"] for item in loaded]) if loaded else None,
+        **_stack_params(loaded),
         "failed": [(item["source"], item["error"]) for item in items if item["volume"] is None],
     }

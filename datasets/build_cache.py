@@ -1,0 +1,264 @@
+"""Build the sharded HDF5 cache from a raw corpus, in parallel, resumably.
+
+    python -m datasets.build_cache --input /data/ct --output /cache/ct256 --size 256 --workers 8
+
+Sources are split into shards once, in a plan kept in the output folder; each shard is built by
+one worker into a temporary file that is renamed when complete, and its manifest rows are written
+last. Re-running the same command after a crash or a kill builds only the shards not yet complete;
+sources added to the input since are appended as new shards. Unusable inputs are `skipped` with
+their reason; the exit code is non-zero only when nothing at all could be cached.
+"""
+import argparse
+import json
+import math
+import os
+import queue
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from datasets.cache import (CACHE_FORMAT, CACHE_VERSION, DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE,
+                            STORAGE_DTYPES, read_meta, write_volume)
+from datasets.preprocess import PreprocessConfig, add_preprocess_args, preprocess_config_from_args, preprocess_image
+from datasets.reading import VolumeReadError, read_image
+from datasets.sources import SourceListError, list_sources
+from util.cli import grid, int_tuple
+
+PLAN_FILE = "plan.csv"
+PARTS_DIR = ".parts"
+MANIFEST_COLUMNS = ["index", "source", "status", "reason", "shard", "key", "modality", "original_size",
+                    "original_spacing", "intensity_low", "intensity_high", "seconds"]
+
+_progress: "queue.Queue | None" = None  # set in each worker: one tick per finished volume
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.h5"
+
+
+def volume_key(index: int) -> str:
+    return f"vol{index:08d}"
+
+
+def default_shard_size(count: int, workers: int, largest: int = 64) -> int:
+    """Small enough that every worker gets several shards, at most `largest` volumes."""
+    return max(1, min(largest, math.ceil(count / (4 * workers))))
+
+
+def load_plan(root: Path, sources: list[str], shard_size: int) -> pd.DataFrame:
+    """The source -> shard assignment: kept from an earlier run, new sources appended as new shards."""
+    plan_path = root / PLAN_FILE
+    plan = pd.read_csv(plan_path, keep_default_na=False) if plan_path.exists() else \
+        pd.DataFrame({"index": pd.Series(dtype=int), "source": pd.Series(dtype=str), "shard": pd.Series(dtype=int)})
+    known = set(plan["source"])
+    new = [s for s in dict.fromkeys(sources) if s not in known]
+    if new:
+        first_index = int(plan["index"].max()) + 1 if len(plan) else 0
+        first_shard = int(plan["shard"].max()) + 1 if len(plan) else 0
+        added = pd.DataFrame({"index": range(first_index, first_index + len(new)), "source": new,
+                              "shard": [first_shard + i // shard_size for i in range(len(new))]})
+        plan = pd.concat([plan, added], ignore_index=True)
+        tmp = plan_path.with_name(f".{PLAN_FILE}.tmp")
+        plan.to_csv(tmp, index=False)
+        tmp.replace(plan_path)
+    return plan
+
+
+def write_meta(root: Path, config: PreprocessConfig, dtype: str) -> None:
+    """Create cache.json, or check that an existing cache was built with the same settings."""
+    meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "dtype": dtype, "preprocess": config.to_dict()}
+    path = root / META_FILE
+    if path.exists():
+        existing = read_meta(root)
+        if existing["dtype"] != dtype or existing["preprocess"] != meta["preprocess"]:
+            raise SystemExit(f"error: {root} holds a cache built with other settings "
+                             f"({json.dumps(existing['preprocess'])}, dtype {existing['dtype']}); "
+                             f"use another --output")
+        return
+    tmp = path.with_name(f".{META_FILE}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(path)
+
+
+def _init_worker(progress: "queue.Queue", itk_threads: int) -> None:
+    global _progress
+    _progress = progress
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
+
+
+def _volume_attrs(image: sitk.Image, source: str, config: PreprocessConfig, result) -> dict:
+    return {
+        "source": source,
+        "original_size": list(image.GetSize()),
+        "original_spacing": list(image.GetSpacing()),
+        "original_origin": list(image.GetOrigin()),
+        "original_direction": list(image.GetDirection()),
+        "modality": result.modality,
+        "intensity_range": list(result.intensity_range),
+        "preprocess": json.dumps(config.to_dict()),
+    }
+
+
+def build_shard(root: Path, shard: int, items: list[tuple[int, str]], config: PreprocessConfig,
+                dtype: str) -> list[dict]:
+    """Preprocess one shard's sources into shard-XXXXX.h5 (atomically), then record its manifest rows."""
+    rows = []
+    final = root / shard_name(shard)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with h5py.File(tmp, "w") as h5:
+        group = h5.create_group("volumes")
+        for index, source in items:
+            start = time.perf_counter()
+            row = {"index": index, "source": source, "status": "skipped", "reason": "", "shard": "", "key": ""}
+            try:
+                image = read_image(source)
+                result = preprocess_image(image, config)
+                write_volume(group, volume_key(index), result.array, dtype, _volume_attrs(image, source, config, result))
+                row.update(status="ok", shard=final.name, key=volume_key(index), modality=result.modality,
+                           original_size="x".join(map(str, image.GetSize())),
+                           original_spacing="x".join(f"{s:.4g}" for s in image.GetSpacing()),
+                           intensity_low=result.intensity_range[0], intensity_high=result.intensity_range[1])
+            except VolumeReadError as err:
+                row["reason"] = str(err)
+            except Exception as err:  # one bad input of thousands must not stop the build
+                row["reason"] = f"{type(err).__name__}: {err}"
+            row["seconds"] = round(time.perf_counter() - start, 3)
+            rows.append(row)
+            if _progress is not None:
+                _progress.put(row["status"])
+    if any(row["status"] == "ok" for row in rows):
+        tmp.replace(final)
+    else:
+        tmp.unlink()
+    part = root / PARTS_DIR / f"{final.stem}.csv"
+    part_tmp = part.with_name(f".{part.name}.tmp")
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(part_tmp, index=False)
+    part_tmp.replace(part)  # the shard counts as done from here on
+    return rows
+
+
+def clean_temporaries(root: Path) -> None:
+    """Leftovers of a killed run: never complete, never read."""
+    for leftover in [*root.glob(".shard-*.h5.tmp-*"), *(root / PARTS_DIR).glob(".*.tmp")]:
+        leftover.unlink(missing_ok=True)
+
+
+def write_manifest(root: Path, plan: pd.DataFrame) -> pd.DataFrame:
+    parts = [pd.read_csv(p, keep_default_na=False) for p in sorted((root / PARTS_DIR).glob("shard-*.csv"))]
+    manifest = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
+    manifest = manifest[manifest["index"].isin(plan["index"])].sort_values("index")
+    tmp = root / f".{MANIFEST_FILE}.tmp"
+    manifest.to_csv(tmp, index=False)
+    tmp.replace(root / MANIFEST_FILE)
+    return manifest
+
+
+def build_cache(input_path: str, output: str | os.PathLike, config: PreprocessConfig, workers: int = 1,
+                dtype: str = DEFAULT_STORAGE_DTYPE, shard_size: int | None = None, progress: bool = True,
+                itk_threads: int | None = None) -> pd.DataFrame:
+    """Build (or finish) the cache; returns the manifest. ITK threads per worker default to cores / workers."""
+    root = Path(output)
+    (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    sources = list_sources(input_path)
+    write_meta(root, config, dtype)
+    plan = load_plan(root, sources, shard_size or default_shard_size(len(sources), workers))
+    clean_temporaries(root)
+    done = {int(p.stem.split("-")[1]) for p in (root / PARTS_DIR).glob("shard-*.csv")}
+    todo = {shard: list(zip(group["index"], group["source"]))
+            for shard, group in plan.groupby("shard") if shard not in done}
+    pending = sum(len(items) for items in todo.values())
+    if progress and len(plan) > pending:
+        print(f"{len(plan) - pending} of {len(plan)} sources already done; building {pending}")
+    itk_threads = itk_threads or max(1, (os.cpu_count() or 1) // workers)
+    with tqdm(total=pending, desc="caching", unit="vol", disable=not progress) as bar:
+        if workers == 1:
+            ticks = queue.Queue()
+            _init_worker(ticks, itk_threads)
+            for shard, items in todo.items():
+                build_shard(root, shard, items, config, dtype)
+                _drain(ticks, bar)
+        else:
+            _build_in_pool(root, todo, config, dtype, workers, itk_threads, bar)
+    return write_manifest(root, plan)
+
+
+def _build_in_pool(root: Path, todo: dict, config: PreprocessConfig, dtype: str, workers: int,
+                   itk_threads: int, bar: tqdm) -> None:
+    """Spawned workers (no fork: ITK's thread pools do not survive one), one shard per task."""
+    context = get_context("spawn")
+    ticks = context.Queue()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(ticks, itk_threads)) as pool:
+        futures = [pool.submit(build_shard, root, shard, items, config, dtype) for shard, items in todo.items()]
+        while not all(f.done() for f in futures):
+            _drain(ticks, bar, timeout=0.2)
+        _drain(ticks, bar)
+        for future in futures:
+            future.result()  # re-raises a worker's crash; the next run resumes from the done shards
+
+
+def _drain(ticks: "queue.Queue", bar: tqdm, timeout: float = 0.0) -> None:
+    """Advance the bar by the volumes finished so far (waiting up to `timeout` for the first)."""
+    try:
+        ticks.get(timeout=timeout) if timeout else ticks.get_nowait()
+        bar.update(1)
+        while True:
+            ticks.get_nowait()
+            bar.update(1)
+    except queue.Empty:
+        pass
+
+
+def summarise(manifest: pd.DataFrame, output: Path, seconds: float) -> str:
+    ok = int((manifest["status"] == "ok").sum())
+    skipped = manifest[manifest["status"] == "skipped"]
+    lines = [f"cached {ok} of {len(manifest)} volumes in {output} ({seconds:.1f} s); manifest: {output / MANIFEST_FILE}"]
+    if len(skipped):
+        lines.append(f"skipped {len(skipped)}:")
+        lines += [f"  {row.source}: {row.reason}" for row in skipped.itertuples()]
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m datasets.build_cache", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="folder (searched recursively), .txt of paths, or .csv with a 'path' column")
+    parser.add_argument("--output", required=True, help="cache folder (created; re-run to resume)")
+    parser.add_argument("--size", type=int_tuple, default=(256,), help="N or D,H,W voxels (default 256)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
+                        help="stored dtype (default uint16: 0.015 HU max error, half of float32's size)")
+    parser.add_argument("--itk_threads", type=int, default=None, help="SimpleITK threads per worker (default: cores / workers)")
+    parser.add_argument("--shard_size", type=int, default=None,
+                        help="volumes per shard (default: enough shards to keep every worker busy, at most 64)")
+    add_preprocess_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit("error: --workers must be at least 1")
+    config = preprocess_config_from_args(args, grid(args.size))
+    start = time.perf_counter()
+    try:
+        manifest = build_cache(args.input, args.output, config, args.workers, args.dtype, args.shard_size,
+                               itk_threads=args.itk_threads)
+    except SourceListError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(summarise(manifest, Path(args.output), time.perf_counter() - start))
+    if not (manifest["status"] == "ok").any():
+        print("error: no volume could be cached", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The sharded HDF5 volume cache: its on-disk format and its read API.
+
+Layout of a cache folder:
+    cache.json        format version, storage dtype, the PreprocessConfig every volume went through
+    manifest.csv      one row per input: source, status (ok/skipped), reason, shard, key, ...
+    shard-00000.h5 …  one HDF5 file per shard; each volume a dataset `volumes/<key>` of shape
+                      (C, D, H, W), chunked 64^3, blosc-lz4 compressed, geometry and settings as attributes
+
+Volumes are stored as uint16 (value * 65535): the measured choice (README, "Storage dtype").
+Reading never opens HDF5 files before a DataLoader forks: files open lazily, once per process.
+"""
+import json
+import os
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pandas as pd
+
+from datasets.preprocess import PreprocessConfig
+
+CACHE_FORMAT = "volmae-hdf5-cache"
+CACHE_VERSION = 1
+META_FILE = "cache.json"
+MANIFEST_FILE = "manifest.csv"
+CHUNK_EDGE = 64
+CHUNK_CACHE_BYTES = 64 * 2**20  # h5py's default 1 MiB per dataset is too small for 64^3 crops
+STORAGE_DTYPES = ("uint16", "uint8", "float16", "float32")
+DEFAULT_STORAGE_DTYPE = "uint16"
+
+
+def compression() -> hdf5plugin.Blosc:
+    return hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+
+
+def encode(volume: np.ndarray, dtype: str) -> np.ndarray:
+    """[0, 1] float32 -> stored array: integers scaled to their full range, or floats as they are."""
+    if dtype in ("uint16", "uint8"):
+        top = np.iinfo(dtype).max
+        return np.rint(np.clip(volume, 0.0, 1.0) * top).astype(dtype)
+    return volume.astype(dtype)
+
+
+def decode(stored: np.ndarray) -> np.ndarray:
+    """Stored array -> [0, 1] float32."""
+    if stored.dtype.kind == "u":
+        return stored.astype(np.float32) * np.float32(1.0 / np.iinfo(stored.dtype).max)
+    return stored.astype(np.float32, copy=False)
+
+
+def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1, *(min(CHUNK_EDGE, s) for s in shape[1:]))
+
+
+def write_volume(group: h5py.Group, key: str, volume: np.ndarray, dtype: str, attrs: dict) -> None:
+    stored = encode(volume, dtype)
+    dataset = group.create_dataset(key, data=stored, chunks=chunk_shape(stored.shape), **compression())
+    for name, value in attrs.items():
+        dataset.attrs[name] = value
+
+
+def is_cache(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_meta(root: Path) -> dict:
+    meta = json.loads((root / META_FILE).read_text())
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{root / META_FILE}: not a VolMAE cache")
+    if meta.get("version") != CACHE_VERSION:
+        raise ValueError(f"{root / META_FILE}: cache version {meta.get('version')}, this VolMAE reads {CACHE_VERSION}")
+    return meta
+
+
+class VolumeCache:
+    """`VolumeCache(DIR)`: len(c), c[i] -> float32 (C, D, H, W) in [0, 1], c.manifest (ok rows, index order)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not is_cache(self.root):
+            raise FileNotFoundError(f"{self.root}: not a VolMAE cache (no {META_FILE}); "
+                                    f"build one with `python -m datasets.build_cache`")
+        self.meta = read_meta(self.root)
+        self.preprocess = PreprocessConfig.from_dict(self.meta["preprocess"])
+        table = pd.read_csv(self.root / MANIFEST_FILE, keep_default_na=False)
+        self.manifest = table[table["status"] == "ok"].sort_values("index").reset_index(drop=True)
+        self._locations = list(zip(self.manifest["shard"], self.manifest["key"]))
+        self._sources = list(self.manifest["source"])
+        self._files: dict[str, h5py.File] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, *self.preprocess.size)
+
+    def _dataset(self, i: int) -> h5py.Dataset:
+        if self._pid != os.getpid():  # after a fork, handles of the parent must not be reused
+            self._files, self._pid = {}, os.getpid()
+        shard, key = self._locations[i]
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = h5py.File(self.root / shard, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007)
+            self._files[shard] = handle
+        return handle["volumes"][key]
+
+    def read_stored(self, i: int, box: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Volume i as stored (e.g. uint16), or the (D, H, W) `box` of it (only the chunks it touches are read)."""
+        dataset = self._dataset(i)
+        return dataset[(slice(None), *box)] if box is not None else dataset[()]
+
+    def read_into(self, i: int, out: np.ndarray, box: tuple[slice, ...] | None = None) -> None:
+        """Decompress volume i (or its box) straight into `out`, a C-contiguous array of the stored dtype."""
+        dataset = self._dataset(i)
+        dataset.read_direct(out, np.s_[(slice(None), *box)] if box is not None else None)
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    def read(self, i: int, box: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Volume i (or a box of it) as float32 in [0, 1]."""
+        return decode(self.read_stored(i, box))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"cache index {i} out of range for {len(self)} volumes")
+        return self.read(i % len(self))
+
+    def attrs(self, i: int) -> dict:
+        return dict(self._dataset(i).attrs)
+
+    def source(self, i: int) -> str:
+        return self._sources[i]
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files = {}

@@ -1,0 +1,56 @@
+"""What `main_pretrain.py --data_path` points at, turned into a Dataset: a cache, or volume files."""
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from datasets.cache import VolumeCache, is_cache
+from datasets.phantoms import write_phantom_corpus
+from datasets.preprocess import PreprocessConfig
+from datasets.reading import probe
+from datasets.sources import SourceListError, list_sources
+from datasets.volume_dataset import CacheDataset, VolumeFileDataset
+from util.dist import barrier
+
+log = logging.getLogger(__name__)
+
+
+def readable_sources(data_path: str, announce: bool) -> list[str]:
+    """The corpus' sources that pass a header check; the others are named in a warning."""
+    try:
+        sources = list_sources(data_path)
+    except SourceListError as err:
+        raise SystemExit(f"error: {err}") from None
+    readable = []
+    for source in sources:
+        reason = probe(source)
+        if reason is None:
+            readable.append(source)
+        elif announce:
+            log.warning("skipping %s: %s", source, reason)
+    if not readable:
+        raise SystemExit(f"error: none of the {len(sources)} sources under {data_path} is readable")
+    return readable
+
+
+def phantom_corpus(output_dir: str, count: int, seed: int, is_main: bool) -> str:
+    """The built-in corpus, written once by rank 0."""
+    folder = Path(output_dir) / "phantoms"
+    if is_main:
+        write_phantom_corpus(folder, count=count, seed=seed)
+    barrier()
+    return str(folder)
+
+
+def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], config: PreprocessConfig,
+                           augment: bool, seed: int, is_main: bool) -> tuple[Dataset, PreprocessConfig]:
+    """A CacheDataset when `data_path` is a cache (its own preprocessing then applies), else volume files."""
+    if is_cache(data_path):
+        cache = VolumeCache(data_path)
+        if len(cache) == 0:
+            raise SystemExit(f"error: the cache {data_path} holds no volumes")
+        try:
+            return CacheDataset(cache, input_size, augment, seed), cache.preprocess
+        except ValueError as err:
+            raise SystemExit(f"error: {data_path}: {err}") from None
+    return VolumeFileDataset(readable_sources(data_path, is_main), config, augment, seed), config

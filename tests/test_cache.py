@@ -1,0 +1,205 @@
+"""The HDF5 cache: building (parallel, resumable, robust to bad inputs), reading, and training on it."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.build_cache import build_cache
+from datasets.cache import VolumeCache, encode
+from datasets.phantoms import write_phantom_corpus
+from datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
+from datasets.reading import read_image
+from datasets.volume_dataset import CacheDataset, collate_volumes
+from tests.conftest import REPO, run_cli, shared_path
+from tests.volumes import reoriented_copy, write_bad_inputs
+
+HALF_STEP = 0.5 / 65535 + 1e-7  # uint16 storage rounds to the nearest of 65536 levels
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """The shared real volumes cached at 32^3 by the command users run, with 2 workers."""
+    volumes = shared_path("volumes")
+    output = tmp_path_factory.mktemp("cache") / "c32"
+    result = run_cli(["-m", "datasets.build_cache", "--input", str(volumes), "--output", str(output),
+                      "--size", "32", "--workers", "2"])
+    assert "cached 7 of 7 volumes" in result.stdout
+    return output
+
+
+def test_shared_volumes_are_cached_one_ok_row_each(shared_cache):
+    cache = VolumeCache(shared_cache)
+    manifest = pd.read_csv(shared_cache / "manifest.csv", keep_default_na=False)
+    assert len(manifest) == 7 and set(manifest["status"]) == {"ok"}
+    assert manifest["source"].str.endswith("example_ct_dicom").sum() == 1  # the series is one volume
+    assert {"source", "status", "reason", "shard", "key"} <= set(manifest.columns)
+    assert len(cache) == 7 and list(cache.manifest["index"]) == sorted(cache.manifest["index"])
+    volume = cache[0]
+    assert volume.shape == (1, 32, 32, 32) and volume.dtype == np.float32
+    assert 0.0 <= volume.min() and volume.max() <= 1.0
+
+
+def test_cache_round_trip_equals_direct_preprocessing(shared_cache):
+    cache = VolumeCache(shared_cache)
+    for i in range(len(cache)):
+        direct = load_volume(cache.source(i), cache.preprocess)
+        assert np.abs(cache[i] - direct).max() <= HALF_STEP, cache.source(i)
+
+
+def test_volume_attributes_record_geometry_and_settings(shared_cache):
+    cache = VolumeCache(shared_cache)
+    i = next(i for i in range(len(cache)) if cache.source(i).endswith("example_ct.nii.gz"))
+    attrs = cache.attrs(i)
+    image = read_image(cache.source(i))
+    assert list(attrs["original_size"]) == list(image.GetSize())
+    np.testing.assert_allclose(attrs["original_spacing"], image.GetSpacing())
+    np.testing.assert_allclose(attrs["original_origin"], image.GetOrigin())
+    np.testing.assert_allclose(attrs["original_direction"], image.GetDirection())
+    assert attrs["modality"] == "ct" and '"resample": "fit"' in attrs["preprocess"]
+    with h5py.File(shared_cache / cache.manifest.loc[i, "shard"]) as f:
+        dataset = f["volumes"][cache.manifest.loc[i, "key"]]
+        assert dataset.chunks == (1, 32, 32, 32) and dataset.dtype == np.uint16
+        assert "32001" in dataset._filters  # blosc, through hdf5plugin
+
+
+def test_pretraining_runs_on_the_cache(shared_cache, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(["main_pretrain.py", "--data_path", str(shared_cache), "--model", "mae_vit_tiny_patch16",
+                      "--input_size", "24", "--patch_size", "8", "--decoder_depth", "1", "--batch_size", "2",
+                      "--max_steps", "3", "--num_workers", "2", "--output_dir", str(out), "--log_every", "1"])
+    assert "CacheDataset" in result.stdout and (out / "encoder.pth").exists()
+
+
+def test_loader_with_two_workers_reads_the_cache_correctly(shared_cache):
+    cache = VolumeCache(shared_cache)
+    loader = DataLoader(CacheDataset(cache, (32, 32, 32)), batch_size=3, num_workers=2, collate_fn=collate_volumes)
+    seen = {}
+    for batch in loader:
+        assert batch["volume"].dtype == torch.uint16
+        for index, volume in zip(batch["index"].tolist(), batch["volume"]):
+            seen[index] = volume.numpy()
+    assert sorted(seen) == list(range(len(cache)))
+    for i, stored in seen.items():
+        np.testing.assert_array_equal(stored, encode(cache[i], "uint16"))
+
+
+def test_random_crops_come_from_the_cached_volume(shared_cache):
+    cache = VolumeCache(shared_cache)
+    dataset = CacheDataset(cache, (16, 20, 24), augment=True, seed=3)
+    item = dataset[2]
+    full = encode(cache[2], "uint16")[0]
+    crop = item["volume"].numpy()[0]
+    matches = [(d, h, w) for d in range(17) for h in range(13) for w in range(9)
+               if np.array_equal(full[d:d + 16, h:h + 20, w:w + 24], crop)]
+    assert matches
+    assert dataset[2]["volume"].equal(item["volume"])  # same (seed, epoch, index): same crop
+    with pytest.raises(ValueError, match="larger than the cache"):
+        CacheDataset(cache, (40, 32, 32))
+
+
+def test_reoriented_copies_give_equal_cached_arrays(tmp_path):
+    image = read_image(str(shared_path("volumes", "example_ct_sm.nii.gz")))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    import SimpleITK as sitk
+
+    sitk.WriteImage(image, str(corpus / "a_original.nii.gz"))
+    sitk.WriteImage(reoriented_copy(image, (2, 0, 1), (True, False, True)), str(corpus / "b_copy.nii.gz"))
+    build_cache(str(corpus), tmp_path / "cache", PreprocessConfig(size=(24, 24, 24)), progress=False)
+    cache = VolumeCache(tmp_path / "cache")
+    assert len(cache) == 2
+    np.testing.assert_array_equal(cache[0], cache[1])
+
+
+def test_bad_inputs_are_skipped_with_reasons_and_good_ones_cached(tmp_path, phantom_dir):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(phantom_dir, corpus)
+    expected = write_bad_inputs(corpus / "broken", sorted(phantom_dir.glob("*.nii.gz"))[0])
+    result = run_cli(["-m", "datasets.build_cache", "--input", str(corpus), "--output", str(tmp_path / "c"),
+                      "--size", "16", "--workers", "2"])
+    manifest = pd.read_csv(tmp_path / "c" / "manifest.csv", keep_default_na=False)
+    assert len(manifest) == 8 + len(expected)
+    ok = manifest[manifest["status"] == "ok"]
+    assert sorted(ok["source"].map(lambda s: os.path.basename(s))) == sorted(p.name for p in phantom_dir.glob("*"))
+    skipped = manifest[manifest["status"] == "skipped"]
+    skipped = skipped.set_index(skipped["source"].map(os.path.basename))
+    for name, fragment in expected.items():
+        assert fragment in skipped.loc[name, "reason"], (name, skipped.loc[name, "reason"])
+    assert f"cached 8 of {8 + len(expected)} volumes" in result.stdout and "skipped 8" in result.stdout
+    assert len(VolumeCache(tmp_path / "c")) == 8
+
+
+def test_nothing_cachable_exits_non_zero(tmp_path, phantom_dir):
+    write_bad_inputs(tmp_path / "broken", sorted(phantom_dir.glob("*.nii.gz"))[0])
+    result = run_cli(["-m", "datasets.build_cache", "--input", str(tmp_path / "broken"), "--output",
+                      str(tmp_path / "c"), "--size", "16", "--workers", "1"], check=False)
+    assert result.returncode == 1 and "no volume could be cached" in result.stderr
+
+
+def test_a_killed_build_resumes_without_duplicates_or_rework(tmp_path):
+    sources = tmp_path / "sources"
+    write_phantom_corpus(sources, count=12, seed=5, size_range=(150, 180), progress=False)
+    output = tmp_path / "cache"
+    command = [sys.executable, "-m", "datasets.build_cache", "--input", str(sources), "--output", str(output),
+               "--size", "32", "--workers", "1", "--shard_size", "1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = output / ".parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("shard-*.csv"))) < 3:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in output.glob("shard-*.h5")}
+    assert 3 <= len(done_before) < 12, "the kill should land midway"
+    for shard in output.glob("shard-*.h5"):  # whatever was renamed into place is complete
+        with h5py.File(shard) as f:
+            assert len(f["volumes"]) == 1
+
+    result = run_cli(command[1:])
+    assert f"{len(done_before)} of 12 sources already done" in result.stdout
+    manifest = pd.read_csv(output / "manifest.csv", keep_default_na=False)
+    assert len(manifest) == 12 and manifest["source"].is_unique and manifest["key"].is_unique
+    assert set(manifest["status"]) == {"ok"}
+    for name, mtime in done_before.items():
+        assert (output / name).stat().st_mtime_ns == mtime, f"{name} was rebuilt"
+    assert not list(output.glob(".*tmp*")) and not list(parts.glob(".*tmp*"))
+    assert len(VolumeCache(output)) == 12
+
+
+def test_new_sources_are_appended_and_other_settings_refused(tmp_path, phantom_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    files = sorted(phantom_dir.glob("*.nii.gz"))
+    for f in files[:3]:
+        shutil.copy(f, corpus / f.name)
+    config = PreprocessConfig(size=(16, 16, 16))
+    build_cache(str(corpus), tmp_path / "c", config, progress=False)
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("shard-*.h5")}
+    for f in files[3:5]:
+        shutil.copy(f, corpus / f.name)
+    manifest = build_cache(str(corpus), tmp_path / "c", config, progress=False)
+    assert len(manifest) == 5 and manifest["key"].is_unique
+    assert all((tmp_path / "c" / n).stat().st_mtime_ns == m for n, m in first.items())
+    with pytest.raises(SystemExit, match="other settings"):
+        build_cache(str(corpus), tmp_path / "c", PreprocessConfig(size=(24, 24, 24)), progress=False)
+
+
+def test_volume_cache_refuses_a_folder_that_is_not_a_cache(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a VolMAE cache"):
+        VolumeCache(tmp_path)
+
+
+def test_storage_dtype_error_is_within_half_a_level():
+    volume = preprocess_image(read_image(str(shared_path("volumes", "example_ct_sm.nii.gz"))),
+                              PreprocessConfig(size=(16, 16, 16))).array
+    stored = encode(volume, "uint16")
+    assert np.abs(stored / 65535.0 - volume).max() <= HALF_STEP
