@@ -14,7 +14,8 @@ import torch
 
 import models
 from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
-from datasets.pretrain_data import build_pretrain_dataset, phantom_corpus
+from datasets.pretrain_data import build_pretrain_dataset, medmnist_pretrain_dataset, phantom_corpus
+from medmnist.info import DEFAULT_ROOT
 from engine_pretrain import NonFiniteLossError, Pretrainer, resolve_precision
 from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
 from util.cli import grid, int_tuple
@@ -63,6 +64,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="no random crop (when --input_size is smaller than a cache's grid), "
                            "left-right flip or intensity jitter")
     data.add_argument("--num_phantoms", type=int, default=24, help="size of the built-in phantom corpus")
+    data.add_argument("--data_flag", default=None,
+                      help="pretrain on the training split of a MedMNIST set instead (2D or 3D), e.g. adrenalmnist3d")
+    data.add_argument("--size", type=int, default=28, help="MedMNIST image size, with --data_flag")
+    data.add_argument("--data_root", default=DEFAULT_ROOT, help="medmnist root folder, with --data_flag")
     data.add_argument("--num_workers", type=int, default=4)
     add_preprocess_args(parser)
 
@@ -99,15 +104,22 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed + dist_info.rank)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    input_size = grid(args.input_size)
+    if args.data_flag:
+        dataset, spec = medmnist_pretrain_dataset(args.data_flag, args.size, args.data_root, not args.no_augment,
+                                                  args.seed)
+        input_size, in_chans, data_info, config = spec.input_size, spec.in_chans, spec.to_dict(), None
+        args.data_path = f"{spec.root}/{spec.filename} (train split)"
+    else:
+        input_size, in_chans = grid(args.input_size), 1
+        if args.data_path is None:
+            args.data_path = phantom_corpus(args.output_dir, args.num_phantoms, args.seed, dist_info.is_main)
+        dataset, config = build_pretrain_dataset(args.data_path, input_size,
+                                                 preprocess_config_from_args(args, input_size),
+                                                 not args.no_augment, args.seed, dist_info.is_main)
+        data_info = {"source": "volumes", "data_path": args.data_path}
 
-    if args.data_path is None:
-        args.data_path = phantom_corpus(args.output_dir, args.num_phantoms, args.seed, dist_info.is_main)
-    dataset, config = build_pretrain_dataset(args.data_path, input_size, preprocess_config_from_args(args, input_size),
-                                             not args.no_augment, args.seed, dist_info.is_main)
-
-    overrides = {"img_size": input_size, "patch_size": grid(args.patch_size),
-                 "norm_pix_loss": args.norm_pix_loss}
+    overrides = {"img_size": input_size, "patch_size": grid(args.patch_size, len(input_size)),
+                 "in_chans": in_chans, "norm_pix_loss": args.norm_pix_loss}
     for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -119,7 +131,8 @@ def main(args: argparse.Namespace) -> None:
 
     effective_batch = args.batch_size * args.accum_iter * dist_info.world_size
     args.lr = effective_lr(args.blr, args.lr, effective_batch)
-    extra_state = {"model_name": args.model, "model_config": core.config, "preprocess": config.to_dict()}
+    extra_state = {"model_name": args.model, "model_config": core.config, "data": data_info,
+                   "preprocess": config.to_dict() if config is not None else None}
     trainer = Pretrainer(args, core, dataset, dist_info, extra_state)
     checkpoint = resolve_checkpoint(args)
     if checkpoint is not None:
@@ -129,8 +142,8 @@ def main(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
     say(f"model {args.model}: {n_params / 1e6:.1f}M trainable parameters, grid {core.grid_size}, "
         f"{core.num_visible(args.mask_ratio, args.mask_type)}/{core.num_patches} patches visible")
-    say(f"data: {len(dataset)} volumes from {args.data_path} ({type(dataset).__name__}, grid {config.size}, "
-        f"{config.resample}) -> {input_size}; "
+    grid_note = f", grid {config.size}, {config.resample}" if config is not None else ""
+    say(f"data: {len(dataset)} volumes from {args.data_path} ({type(dataset).__name__}{grid_note}) -> {input_size}; "
         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
     say(f"{dist_info.world_size} rank(s) on {dist_info.device}, precision {resolve_precision(args.precision, dist_info.device)}; "
         f"effective batch {effective_batch}, lr {args.lr:.3e}")

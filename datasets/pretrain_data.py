@@ -5,11 +5,12 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from datasets.cache import VolumeCache, is_cache
+from datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
 from datasets.phantoms import write_phantom_corpus
 from datasets.preprocess import PreprocessConfig
 from datasets.reading import probe
 from datasets.sources import SourceListError, list_sources
-from datasets.volume_dataset import CacheDataset, VolumeFileDataset
+from datasets.volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
 from util.dist import barrier
 
 log = logging.getLogger(__name__)
@@ -54,3 +55,14 @@ def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], con
         except ValueError as err:
             raise SystemExit(f"error: {data_path}: {err}") from None
     return VolumeFileDataset(readable_sources(data_path, is_main), config, augment, seed), config
+
+
+def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, seed: int,
+                              download: bool = False) -> tuple[Dataset, MedMNISTSpec]:
+    """The training split of a MedMNIST set (2D or 3D), for self-pretraining before fine-tuning on it."""
+    try:
+        spec = MedMNISTSpec(flag, size, root)
+        images, _ = load_split(spec, "train", download)
+    except (ValueError, MedMNISTNotFound) as err:
+        raise SystemExit(f"error: {err}") from None
+    return ArrayPretrainDataset(images, f"{flag}_{size}:train", augment, seed), spec

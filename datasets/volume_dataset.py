@@ -91,6 +91,21 @@ class CacheDataset(_EpochSeeded):
         return {"volume": volumes, **_stack_params(items), "failed": []}
 
 
+class ArrayPretrainDataset(_EpochSeeded):
+    """Images already on a fixed grid, e.g. a MedMNIST training split as (N, C, *grid) uint8."""
+
+    def __init__(self, images: np.ndarray, name: str, augment: bool = False, seed: int = 0):
+        super().__init__(augment, seed)
+        self.images = images
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.item(index, f"{self.name}[{index}]", self.images[index], rng=self.rng(index))
+
+
 def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
     """An uninitialised tensor, allocated in shared memory when in a loader worker (as default_collate does)."""
     example = torch.from_numpy(np.empty(0, dtype=dtype))

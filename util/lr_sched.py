@@ -22,3 +22,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def effective_lr(blr: float, lr: float | None, effective_batch: int) -> float:
     """`--lr` when given, else the MAE scaling rule blr * effective_batch / 256."""
     return lr if lr is not None else blr * effective_batch / 256
+
+
+def multistep_lr(epoch: int, base_lr: float, epochs: int, milestones=(0.5, 0.75), gamma: float = 0.1) -> float:
+    """MedMNIST's official schedule: multiply by `gamma` at each milestone (a fraction of the epochs)."""
+    passed = sum(epoch >= int(m * epochs) for m in milestones)
+    return base_lr * gamma ** passed

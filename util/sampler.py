@@ -1,7 +1,7 @@
 """A DistributedSampler that can start part-way through an epoch, for mid-epoch resume."""
 import itertools
 
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -19,3 +19,16 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(0, super().__len__() - self.start)
+
+
+class ShardSampler(Sampler):
+    """Rank r takes samples r, r + world, r + 2*world, ...: no padding, so no sample is seen twice."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

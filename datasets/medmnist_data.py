@@ -1,0 +1,102 @@
+"""MedMNIST (2D and 3D) through the `medmnist` package: metadata, file layout, splits.
+
+Images stay uint8 in memory and in the loader; the training step divides by 255, the
+normalisation recorded in checkpoints so that prediction applies the same to raw arrays.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import medmnist
+import numpy as np
+import torch
+from medmnist.info import DEFAULT_ROOT, INFO
+from torch.utils.data import Dataset
+
+SIZES_3D = (28, 64)
+SIZES_2D = (28, 64, 128, 224)
+RAW_SCALE = 1.0 / 255.0
+
+
+class MedMNISTNotFound(FileNotFoundError):
+    """The npz file of a flag and size is not in the root folder."""
+
+
+@dataclass(frozen=True)
+class MedMNISTSpec:
+    flag: str
+    size: int = 28
+    root: str = DEFAULT_ROOT
+
+    def __post_init__(self):
+        if self.flag not in INFO:
+            raise ValueError(f"unknown MedMNIST flag {self.flag!r}; known: {', '.join(sorted(INFO))}")
+        sizes = SIZES_3D if self.is_3d else SIZES_2D
+        if self.size not in sizes:
+            raise ValueError(f"{self.flag} comes in sizes {sizes}, not {self.size}")
+
+    @property
+    def info(self) -> dict:
+        return INFO[self.flag]
+
+    @property
+    def is_3d(self) -> bool:
+        return self.flag.endswith("3d")
+
+    @property
+    def task(self) -> str:
+        return self.info["task"]
+
+    @property
+    def class_names(self) -> list[str]:
+        labels = self.info["label"]
+        return [labels[str(i)] for i in range(len(labels))]
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.info["n_channels"])
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return (self.size,) * (3 if self.is_3d else 2)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.flag}{'' if self.size == 28 else f'_{self.size}'}.npz"
+
+    def to_dict(self) -> dict:
+        return {"source": "medmnist", "flag": self.flag, "size": self.size, "task": self.task,
+                "raw_scale": RAW_SCALE, "input_size": list(self.input_size), "in_chans": self.in_chans}
+
+
+def load_split(spec: MedMNISTSpec, split: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(images as (N, C, *grid) uint8, labels as (N, k) int) of one split."""
+    path = Path(spec.root) / spec.filename
+    if not path.exists() and not download:
+        suffix = "" if spec.size == 28 else f"_{spec.size}"
+        raise MedMNISTNotFound(f"{path} not found. Get it with --download (needs internet), or download "
+                               f"{spec.info['url' + suffix]} (md5 {spec.info['MD5' + suffix]}) into {spec.root}")
+    Path(spec.root).mkdir(parents=True, exist_ok=True)
+    dataset_class = getattr(medmnist, spec.info["python_class"])
+    dataset = dataset_class(split=split, root=spec.root, size=spec.size, download=download)
+    return to_channels_first(dataset.imgs, spec.is_3d), np.asarray(dataset.labels).astype(np.int64)
+
+
+def to_channels_first(images: np.ndarray, is_3d: bool) -> np.ndarray:
+    """MedMNIST arrays -> (N, C, *grid): 3D (N, D, H, W); 2D (N, H, W) or (N, H, W, 3)."""
+    if is_3d or images.ndim == 3:
+        return images[:, None]
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+class ArrayDataset(Dataset):
+    """(uint8 image, label row, index) triples from in-memory arrays."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index], index

@@ -1,0 +1,177 @@
+"""The fine-tuning loop: train, keep the epoch with the best validation AUC, then test it once.
+
+Evaluation shards the samples across ranks without padding and gathers (index, scores) pairs,
+so every sample is scored exactly once whatever the number of ranks.
+"""
+import contextlib
+import math
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from medmnist.evaluator import getAUC
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from datasets.medmnist_data import RAW_SCALE
+from datasets.transforms import augment_batch
+from engine_pretrain import AUTOCAST_DTYPES, resolve_precision
+from util.checkpoint import atomic_save
+from util.dist import DistInfo, all_reduce_sum
+from util.lr_sched import lr_at_step, multistep_lr, set_lr
+from util.metrics import MULTI_LABEL, scores_from_logits
+from util.run_log import RunLog
+from util.sampler import ShardSampler
+
+
+def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Optimizer:
+    """AdamW with timm's layer-wise lr decay for ViTs (MAE fine-tuning), or plain Adam (MedMNIST recipe)."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    if hasattr(model, "group_matcher") and args.layer_decay < 1.0:
+        groups = param_groups_layer_decay(model, args.weight_decay, no_decay, layer_decay=args.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, args.weight_decay, no_decay)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=args.lr)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """'balanced' weights n / (classes * count) from the training labels."""
+    counts = np.bincount(labels.reshape(-1), minlength=num_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+class Finetuner:
+    def __init__(self, args: Namespace, model: torch.nn.Module, splits: dict[str, Dataset], task: str,
+                 num_classes: int, dist_info: DistInfo):
+        self.args = args
+        self.task = task
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.core = model.to(self.device)
+        self.model = self.core
+        if dist_info.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.core, device_ids=device_ids)
+        self.splits = splits
+        self.sampler = DistributedSampler(splits["train"], num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                          shuffle=True, seed=args.seed)
+        self.train_loader = DataLoader(splits["train"], batch_size=args.batch_size, sampler=self.sampler,
+                                       num_workers=args.num_workers, pin_memory=self.device.type == "cuda")
+        self.steps_per_epoch = len(self.train_loader)
+        self.optimizer = build_optimizer(self.core, args)
+        precision = resolve_precision(args.precision, self.device)
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        if task == MULTI_LABEL:
+            self.criterion = torch.nn.BCEWithLogitsLoss()
+        else:
+            weight = None
+            if args.class_weights == "balanced":
+                weight = class_weights(splits["train"].labels.numpy(), num_classes).to(self.device)
+            self.criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.smoothing)
+
+    def lr_at(self, step: int, epoch: int) -> float:
+        if self.args.schedule == "multistep":
+            return multistep_lr(epoch, self.args.lr, self.args.epochs)
+        return lr_at_step(step, self.args.lr, self.args.min_lr, round(self.args.warmup_epochs * self.steps_per_epoch),
+                          self.args.epochs * self.steps_per_epoch)
+
+    def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        """uint8 batch -> floats in [0, 1] on the device (the normalisation saved with the model), augmented."""
+        x = images.to(self.device, non_blocking=True).float() * RAW_SCALE
+        return augment_batch(x) if train and self.args.augment else x
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(self.device)
+        return labels.float() if self.task == MULTI_LABEL else labels[:, 0]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.dist.is_main)
+        for i, (images, labels, _) in enumerate(bar):
+            set_lr(self.optimizer, self.lr_at(epoch * self.steps_per_epoch + i, epoch))
+            with self.autocast():
+                loss = self.criterion(self.model(self.inputs(images, train=True)).float(), self.targets(labels))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {i}: lower the learning rate")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if self.args.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.args.clip_grad)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            total += torch.tensor([loss.item() * len(images), len(images)], device=self.device, dtype=torch.float64)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        all_reduce_sum(total)
+        return float(total[0] / total[1])
+
+    @torch.no_grad()
+    def predict(self, split: str) -> np.ndarray:
+        """Scores of every sample of a split, in dataset order, gathered from all ranks."""
+        self.core.eval()
+        dataset = self.splits[split]
+        loader = DataLoader(dataset, batch_size=self.args.batch_size * 2, num_workers=self.args.num_workers,
+                            sampler=ShardSampler(len(dataset), self.dist.rank, self.dist.world_size))
+        indices, scores = [], []
+        for images, _, index in loader:
+            with self.autocast():
+                logits = self.core(self.inputs(images, train=False)).float()
+            scores.append(scores_from_logits(logits, self.task).cpu().numpy())
+            indices.append(index.numpy())
+        part = (np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64),
+                np.concatenate(scores) if scores else None)
+        parts = [part]
+        if self.dist.distributed:
+            parts = [None] * self.dist.world_size
+            torch_dist.all_gather_object(parts, part)
+        order = np.concatenate([p[0] for p in parts])
+        stacked = np.concatenate([p[1] for p in parts if p[1] is not None])
+        result = np.empty_like(stacked)
+        result[order] = stacked
+        if sorted(order.tolist()) != list(range(len(dataset))):
+            raise RuntimeError(f"gathered {len(order)} predictions for {len(dataset)} samples of {split}")
+        return result
+
+    def fit(self, run_log: RunLog, best_path: Path, checkpoint_extra: dict) -> dict:
+        """Train all epochs; keep (in memory and in best_path) the weights of the best validation AUC."""
+        val_labels = self.splits["val"].labels.numpy()
+        best = {"auc": -math.inf, "epoch": -1, "state": None}
+        for epoch in range(self.args.epochs):
+            start = time.perf_counter()
+            train_loss = self.train_epoch(epoch)
+            val_scores = self.predict("val")
+            val_auc = float(getAUC(val_labels, val_scores, self.task))
+            improved = val_auc > best["auc"]
+            if improved:
+                best = {"auc": val_auc, "epoch": epoch,
+                        "state": {k: v.detach().cpu().clone() for k, v in self.core.state_dict().items()}}
+                if self.dist.is_main:
+                    atomic_save({"model": best["state"], "epoch": epoch, "val_auc": val_auc, **checkpoint_extra}, best_path)
+            record = {"epoch": epoch, "train_loss": train_loss, "val_auc": val_auc,
+                      "lr": self.optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start}
+            run_log.scalars(record, epoch)
+            if self.dist.is_main:
+                tqdm.write(f"epoch {epoch}: train loss {train_loss:.4f}, val AUC {val_auc:.4f}"
+                           f"{' (best)' if improved else ''}")
+        self.core.load_state_dict(best["state"])
+        return {"best_epoch": best["epoch"], "best_val_auc": best["auc"]}
