@@ -45,7 +45,7 @@ def commands(name: str, method: str, args: argparse.Namespace) -> list[list[str]
                 "--patch_size", str(data["patch"]), "--decoder_embed_dim", "192", "--decoder_depth", "2",
                 "--decoder_num_heads", "3", "--mask_ratio", str(args.mask_ratio), "--norm_pix_loss",
                 "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "10", "--batch_size", "64",
-                "--blr", "1.5e-4", "--num_workers", "2", "--output_dir", str(pretrain_dir), "--log_every", "50",
+                "--lr", str(args.pretrain_lr), "--num_workers", "2", "--output_dir", str(pretrain_dir), "--log_every", "50",
                 "--vis_every", "0", "--keep_every", "0"]
     return [pretrain, [*vit, "--finetune", str(pretrain_dir / "encoder.pth"), "--layer_decay", "0.75"]]
 
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50, help="ViT fine-tuning epochs")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--pretrain_epochs", type=int, default=200)
+    parser.add_argument("--pretrain_lr", type=float, default=1.5e-3, help="absolute: the blr rule gives too little at small batches")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     parser.add_argument("--resnet_epochs", type=int, default=100, help="the MedMNIST recipe's 100")
     parser.add_argument("--jobs", type=int, default=1)

@@ -24,8 +24,8 @@ class TimmViT2D(nn.Module):
         self.img_size = tuple(self.model.patch_embed.img_size)
         self.spatial_dims = 2
         self.num_classes = num_classes
-        self.config = {"timm_name": timm_name, "num_classes": num_classes, "in_chans": in_chans,
-                       "spatial_dims": 2, "drop_path_rate": drop_path_rate}
+        self.config = {"num_classes": num_classes, "in_chans": in_chans, "spatial_dims": 2,
+                       "drop_path_rate": drop_path_rate}
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) == self.img_size:

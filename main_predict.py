@@ -1,0 +1,199 @@
+"""Predict a CSV of cases with a fine-tuned VolMAE classifier; optionally export encoder embeddings.
+
+    python main_predict.py --checkpoint runs/ft/best.pth --input_csv cases.csv --output_csv predictions.csv
+    python main_predict.py --checkpoint runs/mae/encoder.pth --input_csv cases.csv --embeddings emb.h5
+
+The input needs a path column (--path_col) and may have an id column (--id_col); every column
+passes through. Preprocessing and class names come from the checkpoint. The output has one row per
+input row, in order: the input columns, prob_<class> for each class, pred_index, pred_label,
+status (ok/error) and error. A row that cannot be read is an `error` row; the others are predicted.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
+from engine_pretrain import AUTOCAST_DTYPES, resolve_precision
+from models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
+from util.dist import init_distributed, shutdown
+from util.metrics import MULTI_LABEL, scores_from_logits
+from util.sampler import ShardSampler
+
+EMBEDDING_TYPES = ("mean", "cls", "concat")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="best.pth of main_finetune.py (or an MAE checkpoint "
+                                                            "for --embeddings only)")
+    parser.add_argument("--input_csv", required=True)
+    parser.add_argument("--output_csv", default=None, help="predictions (required with a classifier)")
+    parser.add_argument("--path_col", default="path")
+    parser.add_argument("--id_col", default="id")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--embeddings", default=None, help="also write encoder features: OUT.npy (rows in input "
+                        "order, NaN for error rows) or OUT.h5 (one dataset per ok row, keyed by id)")
+    parser.add_argument("--embedding_type", choices=EMBEDDING_TYPES, default="mean",
+                        help="ViTs: mean of patch tokens, class token, or both; CNNs: their pooled features")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    return parser
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse before any work: existing outputs without --overwrite, unknown embedding formats."""
+    for target in filter(None, (args.output_csv, args.embeddings)):
+        if Path(target).exists() and not args.overwrite:
+            raise SystemExit(f"error: {target} exists; pass --overwrite to replace it")
+    if args.embeddings and Path(args.embeddings).suffix.lower() not in (".npy", ".h5"):
+        raise SystemExit(f"error: --embeddings must end in .npy or .h5, got {args.embeddings}")
+
+
+def embed(model: torch.nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Encoder features: the last block's tokens (through the encoder's final norm when the model has
+    one), pooled as `kind`. CNNs give their global-average-pooled features."""
+    if not hasattr(model, "forward_tokens"):
+        if kind != "mean":
+            raise SystemExit(f"error: --embedding_type {kind} needs a ViT; this model has pooled features only (mean)")
+        return model.forward_features(x)
+    tokens = model.norm(model.forward_tokens(x))
+    cls, mean = tokens[:, 0], tokens[:, 1:].mean(dim=1)
+    return {"cls": cls, "mean": mean, "concat": torch.cat([cls, mean], dim=-1)}[kind]
+
+
+@torch.no_grad()
+def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info) -> dict[int, dict]:
+    """This rank's rows: {row: {"scores", "embedding", "error"}}."""
+    device = dist_info.device
+    model = loaded.model.to(device)
+    dtype = AUTOCAST_DTYPES[resolve_precision(args.precision, device)]
+    task = loaded.meta.get("task")
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_cases,
+                        sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size))
+    results = {}
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not dist_info.is_main):
+        for row, error in batch["failed"]:
+            results[row] = {"error": error}
+        if batch["input"] is None:
+            continue
+        x = batch["input"].to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            scores = scores_from_logits(model(x).float(), task).cpu().numpy() if loaded.is_classifier else None
+            features = embed(model, x, args.embedding_type).float().cpu().numpy() if args.embeddings else None
+        for i, row in enumerate(batch["rows"]):
+            results[row] = {"error": "", "scores": None if scores is None else scores[i],
+                            "embedding": None if features is None else features[i]}
+    return results
+
+
+def gather(results: dict, dist_info) -> dict:
+    if not dist_info.distributed:
+        return results
+    parts = [None] * dist_info.world_size
+    torch_dist.all_gather_object(parts, results)
+    return {row: value for part in parts for row, value in part.items()}
+
+
+def prediction_table(table: pd.DataFrame, results: dict, meta: dict, is_classifier: bool) -> pd.DataFrame:
+    out = table.copy()
+    ok = [not results[row]["error"] for row in range(len(table))]
+    if is_classifier:
+        names = meta["class_names"]
+        scores = np.full((len(table), len(names)), np.nan)
+        for row in range(len(table)):
+            if ok[row]:
+                scores[row] = results[row]["scores"]
+        for j, name in enumerate(names):
+            out[f"prob_{name}"] = scores[:, j]
+        if meta.get("task") == MULTI_LABEL:
+            out["pred_index"] = pd.array([pd.NA] * len(table), dtype="Int64")
+            out["pred_label"] = [";".join(n for n, s in zip(names, scores[r]) if s > 0.5) if ok[r] else ""
+                                 for r in range(len(table))]
+        else:
+            index = pd.array([int(np.argmax(scores[r])) if ok[r] else pd.NA for r in range(len(table))], dtype="Int64")
+            out["pred_index"] = index
+            out["pred_label"] = [names[int(i)] if ok[r] else "" for r, i in enumerate(index)]
+    out["status"] = ["ok" if flag else "error" for flag in ok]
+    out["error"] = [results[row]["error"] for row in range(len(table))]
+    return out
+
+
+def write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_embeddings(path: Path, table: pd.DataFrame, results: dict, id_col: str, kind: str) -> None:
+    rows = range(len(table))
+    dim = next(len(results[r]["embedding"]) for r in rows if not results[r]["error"])
+    if path.suffix.lower() == ".npy":
+        array = np.full((len(table), dim), np.nan, dtype=np.float32)
+        for r in rows:
+            if not results[r]["error"]:
+                array[r] = results[r]["embedding"]
+        write_atomic(path, lambda tmp: np.save(open(tmp, "wb"), array))
+        return
+    keys = table[id_col] if id_col in table.columns else pd.Series([str(r) for r in rows])
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.attrs["embedding_type"] = kind
+            f.attrs["key_column"] = id_col if id_col in table.columns else "row"
+            for r in rows:
+                if not results[r]["error"]:
+                    f.create_dataset(str(keys.iloc[r]).replace("/", "_"), data=results[r]["embedding"])
+
+    write_atomic(path, write)
+
+
+def main(args: argparse.Namespace) -> int:
+    dist_info = init_distributed(args.device)
+    check_outputs(args)
+    try:
+        loaded = load_for_inference(args.checkpoint, allow_encoder=bool(args.embeddings))
+        table = read_cases(args.input_csv, args.path_col, args.id_col)
+    except (NotAVolMAECheckpoint, CasesError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if loaded.is_classifier and not args.output_csv:
+        raise SystemExit("error: --output_csv is required to predict with a classifier")
+    if not args.output_csv and not args.embeddings:
+        raise SystemExit("error: nothing to write: give --output_csv and/or --embeddings")
+    spec = InputSpec.from_meta(loaded.meta)
+    dataset = CaseDataset(list(table[args.path_col]), Path(args.input_csv).resolve().parent, spec)
+    start = time.perf_counter()
+    results = gather(predict_rows(loaded, dataset, args, dist_info), dist_info)
+    seconds = time.perf_counter() - start
+    if dist_info.is_main:
+        if args.output_csv:
+            output = prediction_table(table, results, loaded.meta, loaded.is_classifier)
+            write_atomic(Path(args.output_csv), lambda tmp: output.to_csv(tmp, index=False))
+        ok = sum(1 for r in results.values() if not r["error"])
+        if args.embeddings and ok:
+            write_embeddings(Path(args.embeddings), table, results, args.id_col, args.embedding_type)
+        print(f"{len(table)} rows: {ok} ok, {len(table) - ok} error; {ok / max(seconds, 1e-9):.2f} volumes/s "
+              f"on {dist_info.world_size} rank(s); wrote {', '.join(filter(None, (args.output_csv, args.embeddings)))}")
+        for row, value in sorted(results.items()):
+            if value["error"]:
+                print(f"  row {row + 2} ({table[args.path_col].iloc[row]}): {value['error']}", file=sys.stderr)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,158 @@
+"""main_predict.py: CSV in, CSV out, every row accounted for; embeddings; torchrun sharding."""
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import models
+from models.load_classifier import load_for_inference
+from tests.conftest import run_cli, shared_path
+from util.checkpoint import load_checkpoint
+
+VOLUMES = ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "ch2.nii.gz", "example_ct_dicom")
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A classifier from main_finetune.py on AdrenalMNIST3D (one quick epoch) and its test scores."""
+    out = tmp_path_factory.mktemp("ft")
+    run_cli(["main_finetune.py", "--data_flag", "adrenalmnist3d", "--data_root", str(shared_path("medmnist")),
+             "--model", "vit3d_tiny_patch14", "--epochs", "1", "--bootstrap", "0", "--output_dir", str(out)])
+    scores = pd.read_csv(next(out.glob("*_test_*.csv")), header=None, index_col=0).sort_index().values
+    return out / "best.pth", scores
+
+
+def write_cases(folder, rows) -> str:
+    path = folder / "cases.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def predict(checkpoint, cases, output, *extra, check=True):
+    return run_cli(["main_predict.py", "--checkpoint", str(checkpoint), "--input_csv", cases,
+                    "--output_csv", str(output), *extra], check=check)
+
+
+def test_real_volumes_a_missing_and_a_corrupt_file_give_seven_rows(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    volumes = shared_path("volumes")
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08 this is not gzip data")
+    rows = [{"id": f"case{i}", "path": str(volumes / name), "site": f"s{i}"} for i, name in enumerate(VOLUMES)]
+    rows += [{"id": "gone", "path": str(tmp_path / "missing.nii.gz"), "site": "x"},
+             {"id": "bad", "path": "corrupt.nii.gz", "site": "y"}]
+    result = predict(checkpoint, write_cases(tmp_path, rows), tmp_path / "pred.csv")
+    assert "7 rows: 5 ok, 2 error" in result.stdout
+    out = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    assert list(out["id"]) == [r["id"] for r in rows] and list(out["site"]) == [r["site"] for r in rows]
+    assert list(out.columns) == ["id", "path", "site", "prob_normal", "prob_hyperplasia", "pred_index",
+                                 "pred_label", "status", "error"]
+    ok = out[out["status"] == "ok"]
+    assert len(ok) == 5 and (ok["error"] == "").all()
+    probs = ok[["prob_normal", "prob_hyperplasia"]].astype(float)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    assert (ok["pred_label"] == np.where(probs.values.argmax(1) == 1, "hyperplasia", "normal")).all()
+    errors = out[out["status"] == "error"].set_index("id")["error"]
+    assert "no such file" in errors["gone"] and "SimpleITK cannot read it" in errors["bad"]
+
+
+def test_medmnist_samples_as_npy_reproduce_the_fine_tuning_scores(tmp_path, finetuned):
+    checkpoint, test_scores = finetuned
+    images = np.load(shared_path("medmnist", "adrenalmnist3d.npz"))["test_images"]
+    picks = [0, 7, 42, 150, 297]
+    for i in picks:
+        np.save(tmp_path / f"sample{i}.npy", images[i])
+    np.savez(tmp_path / "pair.npz", first=images[0], second=images[7])
+    rows = [{"path": f"sample{i}.npy"} for i in picks] + [{"path": "pair.npz::second"}]
+    predict(checkpoint, write_cases(tmp_path, rows), tmp_path / "pred.csv", "--batch_size", "2")
+    out = pd.read_csv(tmp_path / "pred.csv")
+    np.testing.assert_allclose(out[["prob_normal", "prob_hyperplasia"]].values, test_scores[picks + [7]], atol=1e-5)
+
+
+def test_the_output_is_not_overwritten_unless_asked(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    cases = write_cases(tmp_path, [{"path": str(shared_path("volumes", "example_ct_sm.nii.gz"))}])
+    (tmp_path / "pred.csv").write_text("precious")
+    result = predict(checkpoint, cases, tmp_path / "pred.csv", check=False)
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert (tmp_path / "pred.csv").read_text() == "precious"
+    predict(checkpoint, cases, tmp_path / "pred.csv", "--overwrite")
+    assert pd.read_csv(tmp_path / "pred.csv")["status"].tolist() == ["ok"]
+
+
+@pytest.mark.parametrize("content,message", [("id,file\n1,a.nii.gz\n", "no 'path' column"),
+                                             ("path\n", "no rows"), ("", "empty file")])
+def test_unusable_csvs_stop_at_once(tmp_path, finetuned, content, message):
+    (tmp_path / "cases.csv").write_text(content)
+    result = predict(finetuned[0], str(tmp_path / "cases.csv"), tmp_path / "pred.csv", check=False)
+    assert result.returncode != 0 and message in result.stderr and not (tmp_path / "pred.csv").exists()
+
+
+def test_a_checkpoint_that_is_not_a_classifier_stops_at_once(tmp_path, phantom_dir):
+    pre = tmp_path / "mae"
+    run_cli(["main_pretrain.py", "--data_path", str(phantom_dir), "--model", "mae_vit_tiny_patch16",
+             "--input_size", "32", "--patch_size", "8", "--decoder_depth", "1", "--max_steps", "1",
+             "--batch_size", "2", "--num_workers", "0", "--output_dir", str(pre)])
+    cases = write_cases(tmp_path, [{"id": "a", "path": str(next(phantom_dir.glob("*.nii.gz")))},
+                                   {"id": "b", "path": str(sorted(phantom_dir.glob("*.nii.gz"))[1])}])
+    result = predict(pre / "checkpoint-last.pth", cases, tmp_path / "pred.csv", check=False)
+    assert result.returncode != 0 and "MAE pretraining checkpoint" in result.stderr
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
+    result = predict(tmp_path / "other.pth", cases, tmp_path / "pred.csv", check=False)
+    assert result.returncode != 0 and "not a VolMAE checkpoint" in result.stderr
+
+    # ... but an MAE checkpoint gives embeddings: its encoder's own features, keyed by id
+    run_cli(["main_predict.py", "--checkpoint", str(pre / "encoder.pth"), "--input_csv", cases,
+             "--embeddings", str(tmp_path / "emb.h5"), "--embedding_type", "concat"])
+    mae = models.create_model("mae_vit_tiny_patch16", **load_checkpoint(pre / "checkpoint-last.pth")["model_config"])
+    mae.load_state_dict(load_checkpoint(pre / "checkpoint-last.pth")["model"])
+    from datasets.preprocess import PreprocessConfig, load_volume
+
+    with h5py.File(tmp_path / "emb.h5") as f, torch.no_grad():
+        assert sorted(f) == ["a", "b"] and f.attrs["embedding_type"] == "concat"
+        volume = torch.from_numpy(load_volume(str(next(phantom_dir.glob("*.nii.gz"))), PreprocessConfig(size=(32,) * 3)))
+        latent, _, _ = mae.forward_encoder(volume[None], mask_ratio=0.0)  # all tokens kept (in shuffled order)
+        expected = torch.cat([latent[0, 0], latent[0, 1:].mean(0)])
+        np.testing.assert_allclose(f["a"][()], expected.numpy(), atol=1e-4)
+
+
+def test_embeddings_are_the_classifier_features(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    images = np.load(shared_path("medmnist", "adrenalmnist3d.npz"))["test_images"][:3]
+    for i, image in enumerate(images):
+        np.save(tmp_path / f"s{i}.npy", image)
+    cases = write_cases(tmp_path, [{"path": f"s{i}.npy"} for i in range(3)] + [{"path": "missing.npy"}])
+    predict(checkpoint, cases, tmp_path / "pred.csv", "--embeddings", str(tmp_path / "emb.npy"))
+    embeddings = np.load(tmp_path / "emb.npy")
+    assert embeddings.shape == (4, 192) and np.isnan(embeddings[3]).all()
+    model = load_for_inference(checkpoint).model
+    with torch.no_grad():
+        x = torch.from_numpy(images[:, None].astype(np.float32) / 255)
+        np.testing.assert_allclose(embeddings[:3], model.forward_tokens(x)[:, 1:].mean(1).numpy(), atol=1e-5)
+        logits = model.head(model.fc_norm(torch.from_numpy(embeddings[:3])))  # the head on these features
+    probs = pd.read_csv(tmp_path / "pred.csv")[["prob_normal", "prob_hyperplasia"]].values[:3]
+    np.testing.assert_allclose(torch.softmax(logits, -1).numpy(), probs, atol=1e-5)
+
+
+def test_cache_entries_can_be_predicted(tmp_path, finetuned):
+    cache = tmp_path / "cache"
+    run_cli(["-m", "datasets.build_cache", "--input", str(shared_path("volumes", "example_ct_dicom")),
+             "--output", str(cache), "--size", "32", "--workers", "1"])
+    key = pd.read_csv(cache / "manifest.csv")["key"].iloc[0]
+    cases = write_cases(tmp_path, [{"path": f"{cache}::{key}"}, {"path": f"{cache}::vol99999999"}])
+    predict(finetuned[0], cases, tmp_path / "pred.csv")
+    out = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    assert out["status"].tolist() == ["ok", "error"] and "no volume" in out["error"][1]
+
+
+def test_two_ranks_write_the_single_process_output(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    volumes = shared_path("volumes")
+    rows = [{"id": str(i), "path": str(volumes / name)} for i, name in enumerate(VOLUMES)] + [{"id": "x", "path": "nope"}]
+    cases = write_cases(tmp_path, rows)
+    predict(checkpoint, cases, tmp_path / "one.csv", "--batch_size", "2")
+    run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537", "main_predict.py",
+             "--checkpoint", str(checkpoint), "--input_csv", cases, "--output_csv", str(tmp_path / "two.csv"),
+             "--batch_size", "2"])
+    one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
+    pd.testing.assert_frame_equal(one, two, atol=1e-6)
