@@ -8,9 +8,11 @@ STAMP := $(VENV)/.installed-requirements
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+# DeepSpeed builds from an sdist that imports torch, so it is installed after torch, in the same venv.
+$(STAMP): requirements.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -r requirements-deepspeed.txt
 	touch $(STAMP)
 
 # The whole pipeline on built-in synthetic CT phantoms, a few minutes on 2 CPU cores:

@@ -3,7 +3,6 @@
 Evaluation shards the samples across ranks without padding and gathers (index, scores) pairs,
 so every sample is scored exactly once whatever the number of ranks.
 """
-import contextlib
 import math
 import time
 from argparse import Namespace
@@ -13,19 +12,18 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from medmnist.evaluator import getAUC
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from datasets.medmnist_data import RAW_SCALE
 from datasets.transforms import augment_batch
-from engine_pretrain import AUTOCAST_DTYPES, resolve_precision
 from util.checkpoint import atomic_save
 from util.dist import DistInfo, all_reduce_sum
 from util.lr_sched import lr_at_step, multistep_lr, set_lr
 from util.metrics import MULTI_LABEL, scores_from_logits
 from util.run_log import RunLog
 from util.sampler import ShardSampler
+from util.train_backend import DeepSpeedBackend, TorchBackend
 
 
 def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Optimizer:
@@ -55,21 +53,24 @@ class Finetuner:
         self.task = task
         self.dist = dist_info
         self.device = dist_info.device
-        self.core = model.to(self.device)
-        self.model = self.core
-        if dist_info.distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.core, device_ids=device_ids)
         self.splits = splits
         self.sampler = DistributedSampler(splits["train"], num_replicas=dist_info.world_size, rank=dist_info.rank,
                                           shuffle=True, seed=args.seed)
         self.train_loader = DataLoader(splits["train"], batch_size=args.batch_size, sampler=self.sampler,
                                        num_workers=args.num_workers, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = len(self.train_loader)
-        self.optimizer = build_optimizer(self.core, args)
-        precision = resolve_precision(args.precision, self.device)
-        self.autocast_dtype = AUTOCAST_DTYPES[precision]
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        optimizer = build_optimizer(model, args)
+        if args.deepspeed:
+            self.backend = DeepSpeedBackend(model, optimizer, dist_info, args.deepspeed, args.batch_size, 1,
+                                            args.clip_grad)
+            if self.backend.config.get("zero_optimization", {}).get("stage", 0) > 2:
+                raise SystemExit("error: fine-tuning takes ZeRO stage 1 or 2; stage 3 shards the weights, which "
+                                 "sharded evaluation cannot use (classifiers fit without it)")
+        else:
+            self.backend = TorchBackend(model, optimizer, dist_info, args.precision, 1, args.clip_grad)
+        self.core = self.backend.module
+        self.model = self.backend.model
+        self.optimizer = self.backend.optimizer
         if task == MULTI_LABEL:
             self.criterion = torch.nn.BCEWithLogitsLoss()
         else:
@@ -87,14 +88,12 @@ class Finetuner:
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 batch -> floats in [0, 1] on the device (the normalisation saved with the model), augmented."""
         x = images.to(self.device, non_blocking=True).float() * RAW_SCALE
-        return augment_batch(x) if train and self.args.augment else x
+        x = augment_batch(x) if train and self.args.augment else x
+        return x.to(getattr(self.backend, "input_dtype", torch.float32))
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(self.device)
         return labels.float() if self.task == MULTI_LABEL else labels[:, 0]
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
@@ -103,23 +102,12 @@ class Finetuner:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.dist.is_main)
         for i, (images, labels, _) in enumerate(bar):
             set_lr(self.optimizer, self.lr_at(epoch * self.steps_per_epoch + i, epoch))
-            with self.autocast():
+            with self.backend.autocast():
                 loss = self.criterion(self.model(self.inputs(images, train=True)).float(), self.targets(labels))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {i}: lower the learning rate")
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
-            if self.args.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.args.clip_grad)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+            self.backend.backward(loss)
+            self.backend.finish_step(skip=False)
             total += torch.tensor([loss.item() * len(images), len(images)], device=self.device, dtype=torch.float64)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         all_reduce_sum(total)
@@ -134,7 +122,7 @@ class Finetuner:
                             sampler=ShardSampler(len(dataset), self.dist.rank, self.dist.world_size))
         indices, scores = [], []
         for images, _, index in loader:
-            with self.autocast():
+            with self.backend.autocast():
                 logits = self.core(self.inputs(images, train=False)).float()
             scores.append(scores_from_logits(logits, self.task).cpu().numpy())
             indices.append(index.numpy())

@@ -4,7 +4,6 @@ Masks are drawn from a generator seeded by (seed, epoch, sample index), not from
 random stream, so a resumed run and a run on another number of ranks mask every sample exactly as
 an uninterrupted single-process run would.
 """
-import contextlib
 import math
 import time
 from argparse import Namespace
@@ -16,20 +15,21 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.distributed as torch_dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets.augment import finish_batch
 from datasets.volume_dataset import collate_volumes
-from util.checkpoint import atomic_save, load_checkpoint, plain_args, rng_state, set_rng_state
+from models.mae3d import encoder_weights
+from util.checkpoint import atomic_save, plain_args
 from util.dist import DistInfo, all_reduce_sum, barrier
 from util.lr_sched import lr_at_step, set_lr
 from util.plotting import slice_grid
+from util.preemption import PREEMPTED_FILE, PreemptionWatch
 from util.run_log import RunLog
 from util.sampler import ResumableDistributedSampler
+from util.train_backend import DeepSpeedBackend, TorchBackend
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
@@ -37,11 +37,13 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 autocast on CUDA and fp32 on CPU."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+class Preempted(RuntimeError):
+    """A stop was requested; the state after `step` is saved."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"stopped on request ({reason}) after step {step}; the checkpoint is saved: "
+                         f"run the same command again to resume")
+        self.step = step
 
 
 def build_optimizer(model: torch.nn.Module, weight_decay: float) -> torch.optim.AdamW:
@@ -71,19 +73,15 @@ class StepResult:
 
 
 class Pretrainer:
-    """Owns the model, optimizer, scaler and schedule of one pretraining run."""
+    """Owns the model, optimizer, backend and schedule of one pretraining run."""
 
     def __init__(self, args: Namespace, core: torch.nn.Module, dataset: Dataset, dist_info: DistInfo,
-                 extra_state: dict):
+                 extra_state: dict, preemption: PreemptionWatch):
         self.args = args
-        self.core = core.to(dist_info.device)
         self.dist = dist_info
-        self.extra_state = extra_state  # model name, config, preprocessing: saved with every checkpoint
+        self.extra_state = extra_state  # model name, config, data and preprocessing: saved with every checkpoint
         self.output_dir = Path(args.output_dir)
-        self.model = self.core
-        if dist_info.distributed:
-            device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.core, device_ids=device_ids, broadcast_buffers=False)
+        self.preemption = preemption
         self.sampler = ResumableDistributedSampler(dataset, num_replicas=dist_info.world_size,
                                                    rank=dist_info.rank, shuffle=True, seed=args.seed)
         self.loader = DataLoader(dataset, batch_size=args.batch_size, sampler=self.sampler,
@@ -98,101 +96,75 @@ class Pretrainer:
         if args.max_steps is not None:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
-        self.optimizer = build_optimizer(self.core, args.weight_decay)
-        self.precision = resolve_precision(args.precision, dist_info.device)
-        self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
-        self.scaler = torch.amp.GradScaler(dist_info.device.type) if self.precision == "fp16" else None
+        optimizer = build_optimizer(core, args.weight_decay)
+        if args.deepspeed:
+            self.backend = DeepSpeedBackend(core, optimizer, dist_info, args.deepspeed, args.batch_size,
+                                            args.accum_iter, args.clip_grad)
+        else:
+            self.backend = TorchBackend(core, optimizer, dist_info, args.precision, args.accum_iter, args.clip_grad)
+        self.core = self.backend.module
         self.step = 0
         self.bad_steps_in_row = 0
         self.failed_sources: dict[str, str] = {}
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def state(self) -> dict:
-        return {
-            "model": self.core.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": self.step // self.steps_per_epoch,
-            "step": self.step,
-            "args": plain_args(self.args),
-            "rng": rng_state(),
-            **self.extra_state,
-        }
+    def client_state(self) -> dict:
+        return {"epoch": self.step // self.steps_per_epoch, "step": self.step, "args": plain_args(self.args),
+                **self.extra_state}
 
     def save(self, name: str) -> None:
-        if self.dist.is_main:
-            atomic_save(self.state(), self.output_dir / name)
+        """A resume checkpoint (collective under DeepSpeed, rank 0 alone otherwise)."""
+        self.backend.save(self.output_dir, name, self.client_state())
 
-    def save_encoder(self) -> None:
+    def save_final(self) -> None:
+        """Plain files any later step reads without knowing the engine: model.pth and encoder.pth."""
+        weights = self.backend.full_state_dict(self.output_dir)
         if self.dist.is_main:
-            atomic_save({"model": self.core.encoder_state_dict(), "args": plain_args(self.args),
-                         **self.extra_state}, self.output_dir / "encoder.pth")
+            state = self.client_state()
+            atomic_save({"model": weights, **state}, self.output_dir / "model.pth")
+            atomic_save({"model": encoder_weights(weights), **state}, self.output_dir / "encoder.pth")
+
+    def latest_checkpoint(self) -> Path | None:
+        return self.backend.latest_checkpoint(self.output_dir)
 
     def resume(self, path: Path) -> None:
-        checkpoint = load_checkpoint(path)
-        self.core.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scaler is not None and checkpoint.get("scaler") is not None:
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        self.step = int(checkpoint["step"])
+        self.step = int(self.backend.resume(path)["step"])
 
     # ---- one optimizer step ------------------------------------------------------------------
 
-    def _forward_backward(self, batch: dict, epoch: int, last: bool, keep_sample: bool):
-        """Forward (and backward when every rank's loss is finite). Returns (agreed stats, sample)."""
-        device = self.dist.device
-        has_data = batch["volume"] is not None
-        loss = None
-        sample = None
-        sync = contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync()
-        with sync:
-            if has_data:
-                volume = finish_batch(batch, device)
-                noise = masking_noise(self.core, batch["index"], epoch, self.args.seed,
-                                      self.args.mask_type, device)
-                with torch.autocast(device.type, dtype=self.autocast_dtype,
-                                    enabled=self.autocast_dtype is not None):
-                    loss, pred, mask = self.model(volume, self.args.mask_ratio, self.args.mask_type, noise=noise)
-                if keep_sample:
-                    sample = (volume[0].detach(), pred[0].detach().float(), mask[0].detach())
-            local = loss.detach().float() if has_data else torch.tensor(0.0, device=device)
-            finite = bool(torch.isfinite(local)) if has_data else True
-            stats = torch.tensor([local.item() if finite else 0.0, float(not finite), float(not has_data)],
-                                 device=device, dtype=torch.float64)
-            all_reduce_sum(stats)
-            if stats[1] == 0 and stats[2] == 0:
-                scaled = loss / self.args.accum_iter
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        return stats, sample
-
     def optimizer_step(self, micro_batches: list[dict], epoch: int, keep_sample: bool) -> StepResult:
-        loss_sum = 0.0
-        sample = None
+        """Forward and backward every micro-batch on every rank, then update unless any loss was non-finite."""
+        device = self.dist.device
+        empty = torch.tensor([float(any(b["volume"] is None for b in micro_batches))], device=device)
+        all_reduce_sum(empty)
+        if empty.item() > 0:  # a rank cannot run this step: all ranks skip it, before any collective
+            return StepResult(None, math.nan, "a rank had no loadable volume in its batch")
+        loss_sum, nonfinite, sample = 0.0, False, None
+        input_dtype = getattr(self.backend, "input_dtype", torch.float32)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            stats, sample = self._forward_backward(batch, epoch, last, keep_sample and last)
-            if stats[2] > 0:
-                self.optimizer.zero_grad(set_to_none=True)
-                return StepResult(None, math.nan, "a rank had no loadable volume in its batch")
-            if stats[1] > 0:
-                self.optimizer.zero_grad(set_to_none=True)
-                return StepResult(None, math.nan, "non-finite loss")
-            loss_sum += stats[0].item() / self.dist.world_size
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        max_norm = self.args.clip_grad if self.args.clip_grad is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.core.parameters(), max_norm))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
-            self.scaler.update()
-        elif not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            with self.backend.accumulating(last):
+                volume = finish_batch(batch, device)
+                noise = masking_noise(self.core, batch["index"], epoch, self.args.seed, self.args.mask_type, device)
+                with self.backend.autocast():
+                    loss, pred, mask = self.backend.model(volume.to(input_dtype), self.args.mask_ratio,
+                                                          self.args.mask_type, noise=noise)
+                local = loss.detach().float()
+                finite = bool(torch.isfinite(local))
+                stats = torch.tensor([local.item() if finite else 0.0, float(not finite)], device=device,
+                                     dtype=torch.float64)
+                all_reduce_sum(stats)
+                nonfinite |= bool(stats[1] > 0)
+                loss_sum += stats[0].item() / self.dist.world_size
+                self.backend.backward(loss)
+            if keep_sample and last:
+                sample = (volume[0].detach(), pred[0].detach().float(), mask[0].detach())
+        applied, grad_norm = self.backend.finish_step(skip=nonfinite)
+        if nonfinite:
+            return StepResult(None, grad_norm, "non-finite loss")
+        if not applied:
             return StepResult(None, grad_norm, "non-finite gradient")
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_sum / len(micro_batches), grad_norm, sample=sample)
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -218,20 +190,25 @@ class Pretrainer:
                 for batch in micro_batches:
                     self._note_failures(batch["failed"])
                 lr = lr_at_step(self.step, args.lr, args.min_lr, self.warmup_steps, self.total_steps)
-                set_lr(self.optimizer, lr)
+                set_lr(self.backend.optimizer, lr)
                 keep_sample = self.dist.is_main and self._is_vis_step(self.step + 1)
                 result = self.optimizer_step(micro_batches, epoch, keep_sample)
                 self.step += 1
                 window.add(result, sum(int(b["index"].numel()) for b in micro_batches) * self.dist.world_size)
-                self._guard(result)
+                too_many_bad = self._count_bad_step(result)
                 bar.update(1)
                 if result.loss is not None:
                     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-                if self.step % args.log_every == 0 or self.step == self.total_steps:
+                if self.step % args.log_every == 0 or self.step == self.total_steps or too_many_bad:
                     run_log.scalars(window.record(self.step, self.step / self.steps_per_epoch, lr), self.step)
                     window = _LogWindow()
+                if too_many_bad:
+                    self._stop_non_finite(result)
                 if result.sample is not None:
                     self._save_figure(run_log, result.sample)
+                if args.save_every_steps and self.step % args.save_every_steps == 0:
+                    self.save("checkpoint-last.pth")
+                self._stop_if_requested(bar)
             del batches
             if self.step % self.steps_per_epoch == 0:
                 finished = self.step // self.steps_per_epoch
@@ -242,28 +219,42 @@ class Pretrainer:
             epoch += 1
         bar.close()
         self.save("checkpoint-last.pth")
-        self.save_encoder()
+        self.save_final()
         barrier()
+
+    def _stop_if_requested(self, bar: tqdm) -> None:
+        reason = self.preemption.requested()
+        if reason is None:
+            return
+        bar.close()
+        self.save("checkpoint-last.pth")
+        if self.dist.is_main:
+            (self.output_dir / PREEMPTED_FILE).write_text(f"{self.step}\n")
+        barrier()
+        raise Preempted(self.step, reason)
 
     def _is_vis_step(self, step: int) -> bool:
         return step == self.total_steps or (self.args.vis_every > 0 and step % self.args.vis_every == 0)
 
-    def _guard(self, result: StepResult) -> None:
-        """Count consecutive skipped steps; stop with a checkpoint of the last good state after too many."""
+    def _count_bad_step(self, result: StepResult) -> bool:
+        """Count consecutive non-finite steps; True once there are --max_bad_steps of them."""
         if result.loss is not None or result.reason.startswith("a rank had no"):
             self.bad_steps_in_row = 0
-            return
+            return False
         self.bad_steps_in_row += 1
         if self.dist.is_main:
             tqdm.write(f"step {self.step}: skipped ({result.reason}); {self.bad_steps_in_row} in a row")
-        if self.bad_steps_in_row >= self.args.max_bad_steps:
-            self.save("checkpoint-last.pth")
-            barrier()
-            raise NonFiniteLossError(
-                f"{self.bad_steps_in_row} steps in a row had a {result.reason} (--max_bad_steps "
-                f"{self.args.max_bad_steps}); stopped at step {self.step} and saved the last good state in "
-                f"{self.output_dir / 'checkpoint-last.pth'}. Lower the learning rate, use --clip_grad, "
-                f"or --precision bf16/fp32.")
+        return self.bad_steps_in_row >= self.args.max_bad_steps
+
+    def _stop_non_finite(self, result: StepResult) -> None:
+        """Stop with a checkpoint of the last good state (skipped steps changed no weight)."""
+        self.save("checkpoint-last.pth")
+        barrier()
+        where = self.backend.latest_checkpoint(self.output_dir)
+        raise NonFiniteLossError(
+            f"{self.bad_steps_in_row} steps in a row had a {result.reason} (--max_bad_steps "
+            f"{self.args.max_bad_steps}); stopped at step {self.step} and saved the last good state in {where}. "
+            f"Lower the learning rate, use --clip_grad, or --precision bf16/fp32.")
 
     def _note_failures(self, failed: list[tuple[str, str]]) -> None:
         for source, reason in failed:

@@ -79,6 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="batched flips, rotations, scaling, translation, noise, gamma")
     optim.add_argument("--clip_grad", type=float, default=None)
     optim.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    optim.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed ZeRO-1/2")
 
     run = parser.add_argument_group("run")
     run.add_argument("--seeds", default="0", help="comma-separated; each seed is a full run, then mean and std")

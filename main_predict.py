@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
-from engine_pretrain import AUTOCAST_DTYPES, resolve_precision
+from util.train_backend import AUTOCAST_DTYPES, resolve_precision
 from models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from util.dist import init_distributed, shutdown
 from util.metrics import MULTI_LABEL, scores_from_logits

@@ -16,11 +16,12 @@ import models
 from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
 from datasets.pretrain_data import build_pretrain_dataset, medmnist_pretrain_dataset, phantom_corpus
 from medmnist.info import DEFAULT_ROOT
-from engine_pretrain import NonFiniteLossError, Pretrainer, resolve_precision
+from engine_pretrain import NonFiniteLossError, Preempted, Pretrainer
 from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
 from util.cli import grid, int_tuple
 from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
+from util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
 from util.run_log import RunLog
 
 
@@ -54,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     optim.add_argument("--max_bad_steps", type=int, default=20,
                        help="stop after this many skipped (non-finite) steps in a row")
+    optim.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
+                       help="train with DeepSpeed ZeRO (launch/deepspeed/*.json); batch size, accumulation and "
+                            "clipping still come from the flags above")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", default=None,
@@ -77,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default="auto",
                      help="auto: OUTPUT_DIR/checkpoint-last.pth when present; a path; or 'none'")
     run.add_argument("--save_every", type=int, default=1, help="epochs between checkpoint-last.pth writes")
+    run.add_argument("--save_every_steps", type=int, default=0,
+                     help="also checkpoint every N optimizer steps (0: off); bounds the work a crash loses")
     run.add_argument("--keep_every", type=int, default=20, help="epochs between kept checkpoint-{epoch}.pth (0: never)")
     run.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
     run.add_argument("--vis_every", type=int, default=200, help="steps between reconstruction images (0: only at the end)")
@@ -85,25 +91,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_checkpoint(args) -> Path | None:
+def resolve_checkpoint(args, trainer: Pretrainer) -> Path | None:
     if args.resume in ("none", ""):
         return None
     if args.resume == "auto":
-        last = Path(args.output_dir) / "checkpoint-last.pth"
-        return last if last.exists() else None
+        return trainer.latest_checkpoint()
     path = Path(args.resume)
     if not path.exists():
         raise SystemExit(f"error: --resume {path}: no such file")
     return path
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dist_info = init_distributed(args.device)
-    say = print if dist_info.is_main else (lambda *a, **k: None)
-    torch.manual_seed(args.seed + dist_info.rank)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    preemption = PreemptionWatch(output_dir, dist_info.device)
+    if dist_info.is_main:  # a requeued run starts afresh: the stop request it answered is done
+        preemption.clear()
+        (output_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+    say = print if dist_info.is_main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed + dist_info.rank)
     if args.data_flag:
         dataset, spec = medmnist_pretrain_dataset(args.data_flag, args.size, args.data_root, not args.no_augment,
                                                   args.seed)
@@ -133,8 +142,8 @@ def main(args: argparse.Namespace) -> None:
     args.lr = effective_lr(args.blr, args.lr, effective_batch)
     extra_state = {"model_name": args.model, "model_config": core.config, "data": data_info,
                    "preprocess": config.to_dict() if config is not None else None}
-    trainer = Pretrainer(args, core, dataset, dist_info, extra_state)
-    checkpoint = resolve_checkpoint(args)
+    trainer = Pretrainer(args, core, dataset, dist_info, extra_state, preemption)
+    checkpoint = resolve_checkpoint(args, trainer)
     if checkpoint is not None:
         trainer.resume(checkpoint)
         say(f"resumed from {checkpoint} at step {trainer.step}")
@@ -145,7 +154,9 @@ def main(args: argparse.Namespace) -> None:
     grid_note = f", grid {config.size}, {config.resample}" if config is not None else ""
     say(f"data: {len(dataset)} volumes from {args.data_path} ({type(dataset).__name__}{grid_note}) -> {input_size}; "
         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
-    say(f"{dist_info.world_size} rank(s) on {dist_info.device}, precision {resolve_precision(args.precision, dist_info.device)}; "
+    engine = f"DeepSpeed ZeRO-{trainer.backend.config.get('zero_optimization', {}).get('stage', 0)}" \
+        if args.deepspeed else ("DDP" if dist_info.distributed else "single process")
+    say(f"{dist_info.world_size} rank(s) on {dist_info.device} ({engine}), precision {trainer.backend.precision}; "
         f"effective batch {effective_batch}, lr {args.lr:.3e}")
 
     run_log = RunLog(output_dir, args.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
@@ -155,15 +166,21 @@ def main(args: argparse.Namespace) -> None:
         run_log.close()
         shutdown()
         raise SystemExit(f"error: {err}") from None
+    except Preempted as stop:
+        run_log.close()
+        say(str(stop))
+        shutdown()
+        return EXIT_PREEMPTED
     run_log.close()
     failed = trainer.all_failed_sources()
     if failed:
         say(f"warning: {len(failed)} volume(s) could not be loaded during training and were skipped")
-    say(f"done: {output_dir / 'checkpoint-last.pth'}, {output_dir / 'encoder.pth'}, "
-        f"{output_dir / 'log.txt'}, {output_dir / 'reconstruction.png'}, tensorboard in "
-        f"{args.log_dir or output_dir / 'tensorboard'}")
+    resume_files = "deepspeed/ (resume)" if args.deepspeed else "checkpoint-last.pth"
+    say(f"done: {output_dir} holds {resume_files}, model.pth, encoder.pth, log.txt, reconstruction.png, "
+        f"tensorboard in {args.log_dir or output_dir / 'tensorboard'}")
     shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args(sys.argv[1:]))
+    sys.exit(main(get_args_parser().parse_args(sys.argv[1:])))

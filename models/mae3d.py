@@ -193,9 +193,12 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a classifier reuses: everything but the decoder and the mask token."""
-        decoder_prefixes = ("decoder_", "mask_token")
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(decoder_prefixes)}
+        return encoder_weights(self.state_dict())
+
+
+def encoder_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights a classifier reuses: everything but the decoder and the mask token."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(("decoder_", "mask_token"))}
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Process-group setup for torchrun (and single-process runs): nccl on CUDA, gloo on CPU."""
+"""Process-group setup: torchrun, or srun starting one task per rank; nccl on CUDA, gloo on CPU."""
 import os
 from dataclasses import dataclass
 
@@ -35,11 +35,25 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return device
 
 
+def rank_environment(env=os.environ) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else from srun's (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID) when a job step runs one task per rank without torchrun."""
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
 def init_distributed(requested_device: str = "auto") -> DistInfo:
-    """Read torchrun's environment and join the process group when there is more than one rank."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    """Join the process group when there is more than one rank (MASTER_ADDR/PORT from the launcher,
+    or for srun from the batch script, defaulting to the node that launched the step)."""
+    rank, world_size, local_rank = rank_environment()
+    if world_size > 1 and "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(name, str(value))  # what libraries such as DeepSpeed read
     device = resolve_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

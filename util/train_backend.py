@@ -1,0 +1,204 @@
+"""How a training step reaches the weights: plain PyTorch (single process or DDP) or DeepSpeed ZeRO.
+
+The training loops are written once against this small interface: `autocast()`, `accumulating(last)`,
+`backward(loss)`, `finish_step(skip)`, `save(...)`/`resume(...)`. Gradient accumulation, clipping and
+skipping a step whose loss was non-finite behave the same on both: the loop backpropagates every
+micro-batch on every rank (so collectives stay matched) and the backend drops the update when told
+to (PyTorch) or when DeepSpeed's own overflow check finds the non-finite gradients (DeepSpeed, which
+then reports the step as not applied).
+"""
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from util.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from util.dist import DistInfo, barrier
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 autocast on CUDA and fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TorchBackend:
+    """Single process or DDP; autocast and (for fp16) a GradScaler; checkpoints as plain dicts."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
+                 precision: str, accum_iter: int, clip_grad: float | None):
+        self.module = module.to(dist_info.device)
+        self.dist = dist_info
+        self.optimizer = optimizer
+        self.accum_iter = accum_iter
+        self.clip_grad = clip_grad
+        self.precision = resolve_precision(precision, dist_info.device)
+        self.scaler = torch.amp.GradScaler(dist_info.device.type) if self.precision == "fp16" else None
+        self.model = self.module
+        if dist_info.distributed:
+            device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=device_ids, broadcast_buffers=False)
+
+    def autocast(self):
+        dtype = AUTOCAST_DTYPES[self.precision]
+        return torch.autocast(self.dist.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def accumulating(self, last: bool):
+        """No gradient all-reduce on micro-batches before the last one of a step."""
+        if last or not self.dist.distributed:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.accum_iter
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def finish_step(self, skip: bool) -> tuple[bool, float]:
+        """Apply the accumulated gradients unless `skip`; returns (applied, gradient norm)."""
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, math.nan
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.clip_grad if self.clip_grad is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+            applied = True
+        elif math.isfinite(grad_norm):
+            self.optimizer.step()
+            applied = True
+        else:
+            applied = False
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied, grad_norm
+
+    def save(self, output_dir: Path, name: str, client_state: dict) -> None:
+        """Rank 0 writes OUTPUT_DIR/name atomically: weights, optimizer, scaler, RNG and client_state."""
+        if self.dist.is_main:
+            atomic_save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                         "rng": rng_state(), **client_state}, output_dir / name)
+
+    def latest_checkpoint(self, output_dir: Path) -> Path | None:
+        last = output_dir / "checkpoint-last.pth"
+        return last if last.exists() else None
+
+    def resume(self, path: Path) -> dict:
+        checkpoint = load_checkpoint(path)
+        self.module.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler is not None and checkpoint.get("scaler") is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        return checkpoint
+
+    def full_state_dict(self, output_dir: Path) -> dict | None:
+        return self.module.state_dict()
+
+
+class DeepSpeedBackend:
+    """DeepSpeed ZeRO (stage 1, 2 or 3) from a JSON config; VolMAE's flags override the batch size,
+    accumulation and clipping entries so that the same command line means the same run.
+
+    Resume uses DeepSpeed's own checkpoints (OUTPUT_DIR/deepspeed/, `latest` written last); at the
+    end `full_state_dict` consolidates the fp32 weights (DeepSpeed's zero_to_fp32) for plain files.
+    """
+
+    CHECKPOINT_DIR = "deepspeed"
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
+                 config_path: str, batch_size: int, accum_iter: int, clip_grad: float | None):
+        if dist_info.device.type != "cuda":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        if not torch.distributed.is_initialized():  # one process without a launcher: DeepSpeed would look for MPI
+            backend = "nccl" if dist_info.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                                 rank=0, world_size=1)
+
+        config = json.loads(Path(config_path).read_text())
+        config.update({"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": accum_iter,
+                       "gradient_clipping": clip_grad or 0.0, "steps_per_print": 10 ** 9})
+        config.pop("train_batch_size", None)
+        self.config = config
+        self.dist = dist_info
+        self.engine, _, _, _ = deepspeed.initialize(model=module.to(dist_info.device), optimizer=optimizer,
+                                                    config=config)
+        self.module = self.engine.module
+        self.model = self.engine
+        self.optimizer = self.engine.optimizer
+        self.precision = "bf16" if config.get("bf16", {}).get("enabled") else \
+            "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
+        self.kept_tags: set[str] = set()
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed holds the weights in the configured dtype
+
+    def accumulating(self, last: bool):
+        return contextlib.nullcontext()  # DeepSpeed defers the reduction to the accumulation boundary
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+        self.engine.step()  # steps the optimizer at the accumulation boundary only
+
+    def finish_step(self, skip: bool) -> tuple[bool, float]:
+        applied = self.engine.was_step_applied()
+        if skip and applied:
+            raise RuntimeError("DeepSpeed applied a step whose loss was non-finite; its overflow check missed it")
+        norm = self.engine.get_global_grad_norm()
+        return applied, float(norm) if norm is not None and applied else math.nan
+
+    def save(self, output_dir: Path, name: str, client_state: dict) -> None:
+        """Every rank writes its shard of tag `step<N>`; DeepSpeed points `latest` at it once complete.
+        Older tags are removed, except those saved under a kept name (checkpoint-{epoch})."""
+        folder = output_dir / self.CHECKPOINT_DIR
+        tag = f"step{client_state['step']}"
+        self.engine.save_checkpoint(str(folder), tag=tag, client_state={**client_state, "rng": rng_state()})
+        barrier()
+        if not name.startswith("checkpoint-last"):
+            self.kept_tags.add(tag)
+        if self.dist.is_main:
+            for old in folder.glob("step*"):
+                if old.is_dir() and old.name != tag and old.name not in self.kept_tags:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self, output_dir: Path) -> Path | None:
+        folder = output_dir / self.CHECKPOINT_DIR
+        return folder if (folder / "latest").exists() else None
+
+    def resume(self, path: Path) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(path))
+        set_rng_state(client_state["rng"])
+        return client_state
+
+    def full_state_dict(self, output_dir: Path) -> dict | None:
+        """fp32 weights gathered from the last DeepSpeed checkpoint, on rank 0 (None elsewhere)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        barrier()
+        if not self.dist.is_main:
+            return None
+        state = get_fp32_state_dict_from_zero_checkpoint(str(output_dir / self.CHECKPOINT_DIR))
+        return {k: v.float() for k, v in state.items()}
