@@ -97,9 +97,9 @@ def test_kill_9_then_rerun_resumes_and_ends_with_the_same_loss(corpus, tmp_path,
     process.kill()
     process.wait()
     saved = load_checkpoint(out / "checkpoint-last.pth")["step"]
-    assert saved in (6, 9) and not list(out.glob(".checkpoint-last.pth.tmp*"))
+    assert saved in (6, 9)  # a kill while step 9 is being written leaves a half file beside the step-6 one
     result = run_cli(command)
-    assert f"at step {saved}" in result.stdout
+    assert f"at step {saved}" in result.stdout and not list(out.glob(".checkpoint-last.pth.tmp*"))
     final = losses(out)
     assert final[16] == pytest.approx(uninterrupted[16], rel=1e-5)
     assert all(final[s] == pytest.approx(uninterrupted[s], rel=1e-5) for s in range(saved + 1, 17))
@@ -169,8 +169,22 @@ def test_srun_variables_give_the_rank_without_torchrun():
     assert rank_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (0, 1, 0)
 
 
-def squeue_state(job: str, env: dict) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
+def squeue_state(job: str, env: dict) -> str | None:
+    """The job's state; "" once it has left the queue; None when slurmctld did not answer (busy machine)."""
+    result = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        return "" if "Invalid job id" in result.stderr else None
+    return result.stdout.strip()
+
+
+def text_of(log: Path) -> str:
+    """The job log so far; a read may end inside a multi-byte character the job is still writing."""
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def node_state(env: dict) -> str | None:
+    result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env)
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def test_the_sbatch_script_checkpoints_requeues_and_resumes_on_real_slurm(corpus, tmp_path, uninterrupted):
@@ -186,20 +200,27 @@ def test_the_sbatch_script_checkpoints_requeues_and_resumes_on_real_slurm(corpus
         job = submitted.stdout.strip().split(";")[0]
         deadline = time.time() + 300
         while not ((out / "log.txt").exists() and max(losses(out), default=0) >= 5):
-            assert time.time() < deadline, log.read_text() if log.exists() else "no job log"
+            assert time.time() < deadline, text_of(log) or "no job log"
             time.sleep(0.2)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-        while "requeueing job" not in (log.read_text() if log.exists() else ""):
-            assert time.time() < deadline, log.read_text()
+        while "requeueing job" not in text_of(log):
+            assert time.time() < deadline, text_of(log)
             time.sleep(0.2)
         stopped_at = load_checkpoint(out / "checkpoint-last.pth")["step"]
-        while squeue_state(job, env) not in ("PENDING", "RUNNING", "COMPLETED", ""):
+        while (state := squeue_state(job, env)) not in ("RUNNING", "COMPLETED"):
+            assert time.time() < deadline, text_of(log)
+            if state == "PENDING" and node_state(env) == "idle":
+                # Skip SLURM's requeue delay, but not within the second the old credential was revoked
+                # in: slurmd would refuse the relaunch ("Job credential revoked") and end the job.
+                time.sleep(2)
+                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=False)
+                break
             time.sleep(0.2)
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
-        while squeue_state(job, env) != "":
-            assert time.time() < deadline + 300, log.read_text()
+        while not ("restart 1" in text_of(log) and "finished with status" in text_of(log)
+                   and squeue_state(job, env) in ("COMPLETED", "")):
+            assert time.time() < deadline + 300, text_of(log)
             time.sleep(0.5)
-        text = log.read_text()
-        assert "restart 1" in text and f"at step {stopped_at}" in text and "finished with status 0" in text
+        text = text_of(log)
+        assert f"at step {stopped_at}" in text and "finished with status 0" in text
         assert_same_losses(losses(out), uninterrupted)
         assert (out / "encoder.pth").exists()

@@ -27,6 +27,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the half-written checkpoints a killed run left behind; call before this run saves anything."""
+    stale = sorted(Path(folder).glob(".*.tmp-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from util.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from util.checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state
 from util.dist import DistInfo, barrier
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -97,6 +97,8 @@ class TorchBackend:
                          "rng": rng_state(), **client_state}, output_dir / name)
 
     def latest_checkpoint(self, output_dir: Path) -> Path | None:
+        if self.dist.is_main:
+            remove_stale_temporaries(output_dir)
         last = output_dir / "checkpoint-last.pth"
         return last if last.exists() else None
 
