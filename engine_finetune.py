@@ -11,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from medmnist.evaluator import getAUC
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from datasets.medmnist_data import RAW_SCALE
-from datasets.transforms import augment_batch
+from datasets.transforms import AugmentConfig, augment_batch
 from util.checkpoint import atomic_save
 from util.dist import DistInfo, all_reduce_sum
 from util.lr_sched import lr_at_step, multistep_lr, set_lr
-from util.metrics import MULTI_LABEL, scores_from_logits
+from util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score
 from util.run_log import RunLog
 from util.sampler import ShardSampler
 from util.train_backend import DeepSpeedBackend, TorchBackend
@@ -48,12 +47,13 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 class Finetuner:
     def __init__(self, args: Namespace, model: torch.nn.Module, splits: dict[str, Dataset], task: str,
-                 num_classes: int, dist_info: DistInfo):
+                 num_classes: int, dist_info: DistInfo, augment_config: AugmentConfig = AugmentConfig()):
         self.args = args
         self.task = task
         self.dist = dist_info
         self.device = dist_info.device
         self.splits = splits
+        self.augment_config = augment_config
         self.sampler = DistributedSampler(splits["train"], num_replicas=dist_info.world_size, rank=dist_info.rank,
                                           shuffle=True, seed=args.seed)
         self.train_loader = DataLoader(splits["train"], batch_size=args.batch_size, sampler=self.sampler,
@@ -73,6 +73,8 @@ class Finetuner:
         self.optimizer = self.backend.optimizer
         if task == MULTI_LABEL:
             self.criterion = torch.nn.BCEWithLogitsLoss()
+        elif task == REGRESSION:
+            self.criterion = torch.nn.L1Loss()
         else:
             weight = None
             if args.class_weights == "balanced":
@@ -82,18 +84,20 @@ class Finetuner:
     def lr_at(self, step: int, epoch: int) -> float:
         if self.args.schedule == "multistep":
             return multistep_lr(epoch, self.args.lr, self.args.epochs)
+        if self.args.schedule == "constant":
+            return self.args.lr
         return lr_at_step(step, self.args.lr, self.args.min_lr, round(self.args.warmup_epochs * self.steps_per_epoch),
                           self.args.epochs * self.steps_per_epoch)
 
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 batch -> floats in [0, 1] on the device (the normalisation saved with the model), augmented."""
         x = images.to(self.device, non_blocking=True).float() * RAW_SCALE
-        x = augment_batch(x) if train and self.args.augment else x
+        x = augment_batch(x, self.augment_config) if train and self.args.augment else x
         return x.to(getattr(self.backend, "input_dtype", torch.float32))
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(self.device)
-        return labels.float() if self.task == MULTI_LABEL else labels[:, 0]
+        return labels.float() if self.task in (MULTI_LABEL, REGRESSION) else labels[:, 0]
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
@@ -115,7 +119,7 @@ class Finetuner:
 
     @torch.no_grad()
     def predict(self, split: str) -> np.ndarray:
-        """Scores of every sample of a split, in dataset order, gathered from all ranks."""
+        """Model outputs (logits) for every sample of a split, in dataset order, gathered from all ranks."""
         self.core.eval()
         dataset = self.splits[split]
         loader = DataLoader(dataset, batch_size=self.args.batch_size * 2, num_workers=self.args.num_workers,
@@ -124,7 +128,7 @@ class Finetuner:
         for images, _, index in loader:
             with self.backend.autocast():
                 logits = self.core(self.inputs(images, train=False)).float()
-            scores.append(scores_from_logits(logits, self.task).cpu().numpy())
+            scores.append(logits.cpu().numpy())
             indices.append(index.numpy())
         part = (np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64),
                 np.concatenate(scores) if scores else None)
@@ -140,26 +144,39 @@ class Finetuner:
             raise RuntimeError(f"gathered {len(order)} predictions for {len(dataset)} samples of {split}")
         return result
 
+    def scores(self, split: str) -> np.ndarray:
+        return scores_from_logits(torch.from_numpy(self.predict(split)), self.task).numpy()
+
     def fit(self, run_log: RunLog, best_path: Path, checkpoint_extra: dict) -> dict:
-        """Train all epochs; keep (in memory and in best_path) the weights of the best validation AUC."""
-        val_labels = self.splits["val"].labels.numpy()
-        best = {"auc": -math.inf, "epoch": -1, "state": None}
+        """Train; keep (in memory and in best_path) the weights of the best validation AUC (R2 for
+        regression); with --patience, stop once the validation loss has not improved for that many epochs."""
+        val_labels = self.splits["val"].labels
+        metric = "val_r2" if self.task == REGRESSION else "val_auc"
+        best = {"score": -math.inf, "epoch": -1, "state": None}
+        best_loss, stale = math.inf, 0
         for epoch in range(self.args.epochs):
             start = time.perf_counter()
             train_loss = self.train_epoch(epoch)
-            val_scores = self.predict("val")
-            val_auc = float(getAUC(val_labels, val_scores, self.task))
-            improved = val_auc > best["auc"]
+            logits = torch.from_numpy(self.predict("val"))
+            val_loss = float(self.criterion.to("cpu")(logits, self.targets(val_labels).cpu()))
+            self.criterion.to(self.device)
+            score = selection_score(val_labels.numpy(), scores_from_logits(logits, self.task).numpy(), self.task)
+            improved = best["state"] is None or score > best["score"]  # an undefined (NaN) score keeps the first
             if improved:
-                best = {"auc": val_auc, "epoch": epoch,
+                best = {"score": score, "epoch": epoch,
                         "state": {k: v.detach().cpu().clone() for k, v in self.core.state_dict().items()}}
                 if self.dist.is_main:
-                    atomic_save({"model": best["state"], "epoch": epoch, "val_auc": val_auc, **checkpoint_extra}, best_path)
-            record = {"epoch": epoch, "train_loss": train_loss, "val_auc": val_auc,
+                    atomic_save({"model": best["state"], "epoch": epoch, metric: score, **checkpoint_extra}, best_path)
+            record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, metric: score,
                       "lr": self.optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start}
             run_log.scalars(record, epoch)
             if self.dist.is_main:
-                tqdm.write(f"epoch {epoch}: train loss {train_loss:.4f}, val AUC {val_auc:.4f}"
-                           f"{' (best)' if improved else ''}")
+                tqdm.write(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                           f"{metric.replace('_', ' ')} {score:.4f}{' (best)' if improved else ''}")
+            best_loss, stale = (val_loss, 0) if val_loss < best_loss else (best_loss, stale + 1)
+            if self.args.patience and stale >= self.args.patience:
+                if self.dist.is_main:
+                    tqdm.write(f"early stop: validation loss has not improved for {stale} epochs")
+                break
         self.core.load_state_dict(best["state"])
-        return {"best_epoch": best["epoch"], "best_val_auc": best["auc"]}
+        return {"best_epoch": best["epoch"], f"best_{metric}": best["score"], "epochs_run": epoch + 1}

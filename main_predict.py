@@ -2,6 +2,7 @@
 
     python main_predict.py --checkpoint runs/ft/best.pth --input_csv cases.csv --output_csv predictions.csv
     python main_predict.py --checkpoint runs/mae/encoder.pth --input_csv cases.csv --embeddings emb.h5
+    python main_predict.py --checkpoint runs/ft/best.pth --input_csv cases.csv --output_csv p.csv --explain maps/
 
 The input needs a path column (--path_col) and may have an id column (--id_col); every column
 passes through. Preprocessing and class names come from the checkpoint. The output has one row per
@@ -10,6 +11,7 @@ status (ok/error) and error. A row that cannot be read is an `error` row; the ot
 """
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,8 @@ from datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, re
 from util.train_backend import AUTOCAST_DTYPES, resolve_precision
 from models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from util.dist import init_distributed, shutdown
-from util.metrics import MULTI_LABEL, scores_from_logits
+from util.explain import explain, method_for, save_explanation
+from util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits
 from util.sampler import ShardSampler
 
 EMBEDDING_TYPES = ("mean", "cls", "concat")
@@ -45,6 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "order, NaN for error rows) or OUT.h5 (one dataset per ok row, keyed by id)")
     parser.add_argument("--embedding_type", choices=EMBEDDING_TYPES, default="mean",
                         help="ViTs: mean of patch tokens, class token, or both; CNNs: their pooled features")
+    parser.add_argument("--explain", default=None, metavar="DIR",
+                        help="also explain every row's prediction (attention rollout for ViTs, Grad-CAM otherwise): "
+                             "DIR/<id or rowN>.npy/.nii.gz/_overlay.png/_montage.png; the overlay's path goes in "
+                             "the output's `explanation` column")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -54,6 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Refuse before any work: existing outputs without --overwrite, unknown embedding formats."""
+    if args.explain and not args.output_csv:
+        raise SystemExit("error: --explain explains predictions; give --output_csv too")
     for target in filter(None, (args.output_csv, args.embeddings)):
         if Path(target).exists() and not args.overwrite:
             raise SystemExit(f"error: {target} exists; pass --overwrite to replace it")
@@ -73,9 +82,28 @@ def embed(model: torch.nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
     return {"cls": cls, "mean": mean, "concat": torch.cat([cls, mean], dim=-1)}[kind]
 
 
+def explanation_names(table: pd.DataFrame, id_col: str) -> list[str]:
+    """File names for each row's explanation: its id made safe for a file name, else row<N> (0-based)."""
+    if id_col not in table.columns:
+        return [f"row{row}" for row in range(len(table))]
+    return [re.sub(r"[^A-Za-z0-9._-]", "_", str(value)) or f"row{row}" for row, value in enumerate(table[id_col])]
+
+
+def write_row_explanations(model: torch.nn.Module, x: torch.Tensor, scores: np.ndarray, rows: list[int],
+                           names: list[str], class_names: list[str], task: str, folder: Path) -> list[str]:
+    """Explain each row's predicted class (the first output for regression); returns the overlay paths."""
+    predicted = np.zeros(len(rows), dtype=np.int64) if task == REGRESSION else scores.argmax(axis=1)
+    heat = explain(model.float(), x.float(), torch.from_numpy(predicted).to(x.device))
+    overlays = []
+    for i, row in enumerate(rows):
+        title = f"{names[row]}: {class_names[predicted[i]]} ({method_for(model)})"
+        overlays.append(str(save_explanation(folder, names[row], x[i].cpu().numpy(), heat[i], title)[2]))
+    return overlays
+
+
 @torch.no_grad()
-def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info) -> dict[int, dict]:
-    """This rank's rows: {row: {"scores", "embedding", "error"}}."""
+def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info, names: list[str]) -> dict[int, dict]:
+    """This rank's rows: {row: {"scores", "embedding", "error", "explanation"}}."""
     device = dist_info.device
     model = loaded.model.to(device)
     dtype = AUTOCAST_DTYPES[resolve_precision(args.precision, device)]
@@ -92,9 +120,13 @@ def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info) -> 
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             scores = scores_from_logits(model(x).float(), task).cpu().numpy() if loaded.is_classifier else None
             features = embed(model, x, args.embedding_type).float().cpu().numpy() if args.embeddings else None
+        overlays = [""] * len(batch["rows"])
+        if args.explain:
+            overlays = write_row_explanations(model, x, scores, batch["rows"], names, loaded.meta["class_names"],
+                                              task, Path(args.explain))
         for i, row in enumerate(batch["rows"]):
             results[row] = {"error": "", "scores": None if scores is None else scores[i],
-                            "embedding": None if features is None else features[i]}
+                            "embedding": None if features is None else features[i], "explanation": overlays[i]}
     return results
 
 
@@ -106,7 +138,8 @@ def gather(results: dict, dist_info) -> dict:
     return {row: value for part in parts for row, value in part.items()}
 
 
-def prediction_table(table: pd.DataFrame, results: dict, meta: dict, is_classifier: bool) -> pd.DataFrame:
+def prediction_table(table: pd.DataFrame, results: dict, meta: dict, is_classifier: bool,
+                     explained: bool = False) -> pd.DataFrame:
     out = table.copy()
     ok = [not results[row]["error"] for row in range(len(table))]
     if is_classifier:
@@ -125,6 +158,8 @@ def prediction_table(table: pd.DataFrame, results: dict, meta: dict, is_classifi
             index = pd.array([int(np.argmax(scores[r])) if ok[r] else pd.NA for r in range(len(table))], dtype="Int64")
             out["pred_index"] = index
             out["pred_label"] = [names[int(i)] if ok[r] else "" for r, i in enumerate(index)]
+    if explained:
+        out["explanation"] = [results[row].get("explanation", "") for row in range(len(table))]
     out["status"] = ["ok" if flag else "error" for flag in ok]
     out["error"] = [results[row]["error"] for row in range(len(table))]
     return out
@@ -172,16 +207,19 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     if loaded.is_classifier and not args.output_csv:
         raise SystemExit("error: --output_csv is required to predict with a classifier")
+    if args.explain and not loaded.is_classifier:
+        raise SystemExit("error: --explain needs a fine-tuned classifier; this checkpoint is an encoder")
     if not args.output_csv and not args.embeddings:
         raise SystemExit("error: nothing to write: give --output_csv and/or --embeddings")
     spec = InputSpec.from_meta(loaded.meta)
     dataset = CaseDataset(list(table[args.path_col]), Path(args.input_csv).resolve().parent, spec)
     start = time.perf_counter()
-    results = gather(predict_rows(loaded, dataset, args, dist_info), dist_info)
+    names = explanation_names(table, args.id_col)
+    results = gather(predict_rows(loaded, dataset, args, dist_info, names), dist_info)
     seconds = time.perf_counter() - start
     if dist_info.is_main:
         if args.output_csv:
-            output = prediction_table(table, results, loaded.meta, loaded.is_classifier)
+            output = prediction_table(table, results, loaded.meta, loaded.is_classifier, bool(args.explain))
             write_atomic(Path(args.output_csv), lambda tmp: output.to_csv(tmp, index=False))
         ok = sum(1 for r in results.values() if not r["error"])
         if args.embeddings and ok:

@@ -1,7 +1,12 @@
 """MedMNIST results: ViT from scratch, ViT from an MAE self-pretrained on the training split, and the
-ResNet-18 baseline with the official MedMNIST recipe, over several seeds.
+ResNet-18 baseline with the official MedMNIST recipe, over several seeds; and the reference systems'
+setups: SLIViT (`slivit`), 3DViTMedNet (`vitmednet3d`), MedViT-3D (`medvit3d_tiny`) and the
+MAE-initialised ViT (`vit_mae_vitmednet`), all four in the 3DViTMedNet setup's recipe and augmentation
+except SLIViT, which runs in its own.
 
     python benchmarks/bench_medmnist.py --data_root ../shared/data/medmnist --jobs 8
+    python benchmarks/bench_medmnist.py --data_root ../shared/data/medmnist --datasets adrenalmnist3d_28,adrenalmnist3d_64 \
+        --methods slivit,vitmednet3d,medvit3d_tiny,vit_mae_vitmednet
 
 Every run is the command a user would type (main_pretrain.py / main_finetune.py), started as a
 subprocess; up to --jobs run at once (small models leave a GPU mostly idle, so parallel runs help
@@ -37,6 +42,14 @@ def commands(name: str, method: str, args: argparse.Namespace) -> list[list[str]
                 "--num_workers", "0"]
     if method == "resnet18_medmnist":
         return [[*finetune, "--model", data["resnet"], "--recipe", "medmnist", "--epochs", str(args.resnet_epochs)]]
+    setup = [*finetune, "--epochs", str(args.setup_epochs)]
+    if args.train_samples:
+        setup += ["--train_samples", str(args.train_samples)]
+    if method == "slivit":
+        return [[*setup, "--setup", "slivit", "--model", "slivit", "--slices", str(data["size"]),
+                 "--slice_size", str(max(data["size"], 32))]]
+    if method in ("vitmednet3d", "medvit3d_tiny"):
+        return [[*setup, "--setup", "vitmednet", "--model", method]]
     vit = [*finetune, "--model", data["vit"], "--epochs", str(args.epochs), "--batch_size", "64", "--lr", str(args.lr)]
     if method == "vit_scratch":
         return [[*vit, "--layer_decay", "1.0"]]
@@ -47,7 +60,13 @@ def commands(name: str, method: str, args: argparse.Namespace) -> list[list[str]
                 "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "10", "--batch_size", "64",
                 "--lr", str(args.pretrain_lr), "--num_workers", "2", "--output_dir", str(pretrain_dir), "--log_every", "50",
                 "--vis_every", "0", "--keep_every", "0"]
-    return [pretrain, [*vit, "--finetune", str(pretrain_dir / "encoder.pth"), "--layer_decay", "0.75"]]
+    if (pretrain_dir / "encoder.pth").exists():  # one MAE serves every method that starts from it
+        pretrain = None
+    if method == "vit_mae_vitmednet":
+        finetuning = [*setup, "--setup", "vitmednet", "--model", data["vit"], "--layer_decay", "0.75"]
+    else:
+        finetuning = [*vit, "--layer_decay", "0.75"]
+    return [c for c in (pretrain, [*finetuning, "--finetune", str(pretrain_dir / "encoder.pth")]) if c]
 
 
 def run(job: tuple[str, str], args: argparse.Namespace) -> dict:
@@ -81,6 +100,8 @@ def main() -> None:
     parser.add_argument("--pretrain_lr", type=float, default=1.5e-3, help="absolute: the blr rule gives too little at small batches")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     parser.add_argument("--resnet_epochs", type=int, default=100, help="the MedMNIST recipe's 100")
+    parser.add_argument("--setup_epochs", type=int, default=100, help="epochs of the setup methods (early stopping may end sooner)")
+    parser.add_argument("--train_samples", type=int, default=None, help="setup methods: train on N samples (CPU smoke runs)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--work_dir", default="/tmp/volmae_medmnist")
     parser.add_argument("--skip", default="", help="comma-separated dataset/method pairs to leave out")

@@ -7,6 +7,8 @@ A row's path may be
     uint8, D x H x W; 2D: H x W or H x W x 3), given the training normalisation; `file.npz::name`
     picks one array of several;
   - `<cache folder>::<key>`, an entry of a VolMAE HDF5 cache.
+A model trained on slice stacks (the SLIViT setup) takes volume files, DICOM folders and folders of
+2D slices, and MedMNIST arrays, all through the same slice selection and quantisation as in training.
 A row that cannot be loaded carries its reason instead of an input; the others go on.
 """
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from datasets.cache import VolumeCache, is_cache
 from datasets.medmnist_data import to_channels_first
 from datasets.preprocess import PreprocessConfig, load_volume
 from datasets.reading import VolumeReadError
+from datasets.slices import load_stack, stack_input
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 
@@ -42,6 +45,7 @@ class InputSpec:
     in_chans: int
     raw_scale: float | None  # arrays in the training data's raw form are multiplied by this
     preprocess: PreprocessConfig | None  # for volume files
+    slice_stack: tuple[int, str, int] | None = None  # (slices, sparsing, slice size) of the SLIViT setup
 
     @classmethod
     def from_meta(cls, meta: dict) -> "InputSpec":
@@ -51,7 +55,8 @@ class InputSpec:
         config = PreprocessConfig.from_dict(preprocess) if preprocess else \
             PreprocessConfig(size=input_size) if len(input_size) == 3 else None
         in_chans = int(data.get("in_chans", meta.get("model_config", {}).get("in_chans", 1)))
-        return cls(input_size, in_chans, data.get("raw_scale"), config)
+        stack = (int(data["slices"]), str(data["sparsing"]), int(data["slice_size"])) if "sparsing" in data else None
+        return cls(input_size, in_chans, data.get("raw_scale"), config, stack)
 
 
 def read_cases(csv_path: str | Path, path_col: str = "path", id_col: str = "id") -> pd.DataFrame:
@@ -114,6 +119,8 @@ def _raw_array(path: Path, key: str, spec: InputSpec) -> np.ndarray:
         else:
             raise CaseError(f"the npz holds {len(names)} arrays ({', '.join(names)}); name one as file.npz::name")
     array = np.asarray(loaded)
+    if spec.slice_stack and array.dtype == np.uint8 and array.ndim == 3 and array.shape != spec.input_size:
+        array = stack_input(array.astype(np.float32) / 255, *spec.slice_stack)[0]
     dims = len(spec.input_size)
     if dims == 3 and array.ndim == 4 and array.shape[0] == spec.in_chans:
         array = array[0] if spec.in_chans == 1 else array
@@ -150,6 +157,11 @@ def load_case(text: str, base: Path, spec: InputSpec) -> np.ndarray:
         return _fit_grid(cache.read(int(matches[0])), spec.input_size)
     if path.suffix.lower() in ARRAY_SUFFIXES:
         return _raw_array(path, key, spec)
+    if spec.slice_stack:
+        try:
+            return stack_input(load_stack(path), *spec.slice_stack).astype(np.float32) * np.float32(spec.raw_scale)
+        except VolumeReadError as err:
+            raise CaseError(str(err)) from None
     if len(spec.input_size) != 3 or spec.preprocess is None:
         raise CaseError("a 2D model takes arrays (.npy/.npz), not volume files")
     try:

@@ -20,6 +20,13 @@ class AugmentConfig:
     max_translation: float = 0.1  # fraction of the field of view
     noise_std: float = 0.03
     gamma: tuple[float, float] = (0.8, 1.25)
+    elastic: float = 0.0  # displacement of a smooth random field, as a fraction of the field of view
+
+
+# 3DViTMedNet's torchio pipeline (seed 000): flips, affine +-10 deg, scale 0.95-1.05, small shifts,
+# noise and gamma, elastic on request.
+VITMEDNET_AUGMENT = AugmentConfig(flip=True, rot90=False, max_rotation_deg=10.0, scale=(0.95, 1.05),
+                                  max_translation=0.05, noise_std=0.02, gamma=(0.9, 1.1))
 
 
 def _per_sample(mask: torch.Tensor, dims: int) -> torch.Tensor:
@@ -48,6 +55,11 @@ def _affine(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     shift = (torch.rand(n, dims, 1, device=x.device) * 2 - 1) * cfg.max_translation * 2
     theta = torch.cat([rotation / scale, shift], dim=2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if cfg.elastic > 0:  # a coarse random displacement field, smoothly upsampled
+        coarse = (torch.rand(n, dims, *[4] * dims, device=x.device) * 2 - 1) * cfg.elastic * 2
+        mode = "trilinear" if dims == 3 else "bilinear"
+        field = F.interpolate(coarse, size=x.shape[2:], mode=mode, align_corners=False)
+        grid = grid + field.movedim(1, -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

@@ -1,4 +1,6 @@
 """main_predict.py: CSV in, CSV out, every row accounted for; embeddings; torchrun sharding."""
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -54,6 +56,18 @@ def test_real_volumes_a_missing_and_a_corrupt_file_give_seven_rows(tmp_path, fin
     assert (ok["pred_label"] == np.where(probs.values.argmax(1) == 1, "hyperplasia", "normal")).all()
     errors = out[out["status"] == "error"].set_index("id")["error"]
     assert "no such file" in errors["gone"] and "SimpleITK cannot read it" in errors["bad"]
+
+
+def test_explain_writes_a_map_and_overlay_per_ok_row(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    rows = [{"id": "ct/1", "path": str(shared_path("volumes", VOLUMES[0]))}, {"id": "gone", "path": "missing.nii.gz"}]
+    predict(checkpoint, write_cases(tmp_path, rows), tmp_path / "pred.csv", "--explain", str(tmp_path / "maps"))
+    out = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False).set_index("id")
+    overlay = Path(out.loc["ct/1", "explanation"])
+    assert overlay == tmp_path / "maps" / "ct_1_overlay.png" and overlay.exists() and out.loc["gone", "explanation"] == ""
+    heat = np.load(tmp_path / "maps" / "ct_1.npy")
+    assert heat.shape == (28, 28, 28) and heat.min() == 0 and heat.max() == pytest.approx(1)
+    assert (tmp_path / "maps" / "ct_1_montage.png").exists() and (tmp_path / "maps" / "ct_1.nii.gz").exists()
 
 
 def test_medmnist_samples_as_npy_reproduce_the_fine_tuning_scores(tmp_path, finetuned):

@@ -4,6 +4,8 @@ ACC and AUC come from medmnist's own getACC/getAUC (the functions its Evaluator 
 numbers are the benchmark's. Scores follow the Evaluator's convention: softmax probabilities
 (binary tasks: the last column is the positive class) or sigmoids for multi-label tasks.
 """
+import math
+
 import numpy as np
 import torch
 from medmnist.evaluator import getACC, getAUC
@@ -12,8 +14,35 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 MULTI_LABEL = "multi-label, binary-class"
 
 
+REGRESSION = "regression"
+
+
 def scores_from_logits(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Probabilities (softmax; sigmoid for multi-label), or the outputs themselves for regression."""
+    if task == REGRESSION:
+        return logits
     return torch.sigmoid(logits) if task == MULTI_LABEL else torch.softmax(logits, dim=-1)
+
+
+def auc_and_acc(y_true: np.ndarray, scores: np.ndarray, task: str) -> tuple[float, float]:
+    """medmnist's getAUC/getACC; AUC is NaN where undefined (one sample, or one class only)."""
+    if len(y_true) < 2:
+        truth = y_true if task == MULTI_LABEL else y_true.reshape(-1)
+        return math.nan, float(np.mean(predicted_labels(scores, task) == truth))
+    try:
+        auc = float(getAUC(y_true, scores, task))
+    except ValueError:
+        auc = math.nan
+    return auc, float(getACC(y_true, scores, task))
+
+
+def selection_score(y_true: np.ndarray, scores: np.ndarray, task: str) -> float:
+    """What picks the best epoch: AUC, or R2 for regression."""
+    if task == REGRESSION:
+        from sklearn.metrics import r2_score
+
+        return float(r2_score(y_true, scores)) if len(y_true) > 1 else math.nan
+    return auc_and_acc(y_true, scores, task)[0]
 
 
 def predicted_labels(scores: np.ndarray, task: str) -> np.ndarray:
@@ -43,7 +72,7 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, task: str, cl
                            bootstrap_rounds: int = 1000) -> dict:
     """AUC and ACC (medmnist), per-class precision/recall/F1/support, bootstrap 95% CI of AUC."""
     y_true = np.asarray(y_true)
-    auc, acc = float(getAUC(y_true, scores, task)), float(getACC(y_true, scores, task))
+    auc, acc = auc_and_acc(y_true, scores, task)
     predicted = predicted_labels(scores, task)
     truth = y_true if task == MULTI_LABEL else y_true.reshape(-1)
     labels = None if task == MULTI_LABEL else list(range(len(class_names)))
@@ -58,3 +87,21 @@ def confusion(y_true: np.ndarray, scores: np.ndarray, task: str, num_classes: in
     if task == MULTI_LABEL:
         return None
     return confusion_matrix(np.asarray(y_true).reshape(-1), predicted_labels(scores, task), labels=list(range(num_classes)))
+
+
+def regression_metrics(y_true: np.ndarray, predicted: np.ndarray, names: list[str]) -> dict:
+    """R2 and Pearson r per target (and their means), mean absolute error."""
+    from sklearn.metrics import r2_score
+
+    y_true, predicted = np.asarray(y_true, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    per_target = {}
+    for i, name in enumerate(names):
+        varied = len(y_true) > 1 and np.std(predicted[:, i]) > 0 and np.std(y_true[:, i]) > 0
+        pearson = float(np.corrcoef(y_true[:, i], predicted[:, i])[0, 1]) if varied else math.nan
+        r2 = float(r2_score(y_true[:, i], predicted[:, i])) if len(y_true) > 1 else math.nan
+        per_target[name] = {"r2": r2, "pearson": pearson,
+                            "mae": float(np.abs(y_true[:, i] - predicted[:, i]).mean())}
+    return {"r2": float(np.mean([t["r2"] for t in per_target.values()])),
+            "pearson": float(np.mean([t["pearson"] for t in per_target.values()])),
+            "mae": float(np.mean([t["mae"] for t in per_target.values()])), "per_target": per_target,
+            "n": int(len(y_true))}
