@@ -35,7 +35,7 @@ from engine_finetune import Finetuner
 from models.load_pretrained import CheckpointMismatchError, load_encoder
 from util.checkpoint import atomic_save, plain_args
 from util.dist import init_distributed, shutdown
-from util.explain import explain, method_for, save_explanation
+from util.explain import explain_predictions
 from util.lr_sched import effective_lr
 from util.metrics import REGRESSION, classification_metrics, confusion, regression_metrics
 from util.plotting import confusion_figure, plt, roc_figure
@@ -220,15 +220,10 @@ def write_split_outputs(output_dir: Path, split: str, data: TaskData, labels: np
 
 
 def write_explanations(output_dir: Path, trainer: Finetuner, data: TaskData, scores: np.ndarray, count: int) -> None:
-    """Explanations of the first `count` test samples, for the class each was predicted."""
+    """Explanations of the first `count` test samples, for the class each was predicted: explain/testNNN*."""
     images = torch.from_numpy(data.splits["test"][0][:count]).float() * RAW_SCALE
-    predicted = torch.from_numpy(scores[:count].argmax(axis=1)) if data.task != REGRESSION else torch.zeros(len(images), dtype=torch.long)
-    heat = explain(trainer.core.float().cpu(), images, predicted)
-    folder = output_dir / "explain"
-    for i, (image, label) in enumerate(zip(images.numpy(), predicted.tolist())):
-        name = data.class_names[label]
-        save_explanation(folder, f"test{i:03d}_{name}", image, heat[i],
-                         f"test sample {i}: predicted {name} ({method_for(trainer.core)})")
+    explain_predictions(trainer.core.cpu(), images, scores[:count], data.task, data.class_names,
+                        output_dir / "explain", [f"test{i:03d}" for i in range(len(images))])
 
 
 def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path) -> dict:

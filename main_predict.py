@@ -28,8 +28,8 @@ from datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, re
 from util.train_backend import AUTOCAST_DTYPES, resolve_precision
 from models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from util.dist import init_distributed, shutdown
-from util.explain import explain, method_for, save_explanation
-from util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits
+from util.explain import explain_predictions
+from util.metrics import MULTI_LABEL, scores_from_logits
 from util.sampler import ShardSampler
 
 EMBEDDING_TYPES = ("mean", "cls", "concat")
@@ -89,18 +89,6 @@ def explanation_names(table: pd.DataFrame, id_col: str) -> list[str]:
     return [re.sub(r"[^A-Za-z0-9._-]", "_", str(value)) or f"row{row}" for row, value in enumerate(table[id_col])]
 
 
-def write_row_explanations(model: torch.nn.Module, x: torch.Tensor, scores: np.ndarray, rows: list[int],
-                           names: list[str], class_names: list[str], task: str, folder: Path) -> list[str]:
-    """Explain each row's predicted class (the first output for regression); returns the overlay paths."""
-    predicted = np.zeros(len(rows), dtype=np.int64) if task == REGRESSION else scores.argmax(axis=1)
-    heat = explain(model.float(), x.float(), torch.from_numpy(predicted).to(x.device))
-    overlays = []
-    for i, row in enumerate(rows):
-        title = f"{names[row]}: {class_names[predicted[i]]} ({method_for(model)})"
-        overlays.append(str(save_explanation(folder, names[row], x[i].cpu().numpy(), heat[i], title)[2]))
-    return overlays
-
-
 @torch.no_grad()
 def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info, names: list[str]) -> dict[int, dict]:
     """This rank's rows: {row: {"scores", "embedding", "error", "explanation"}}."""
@@ -122,8 +110,8 @@ def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info, nam
             features = embed(model, x, args.embedding_type).float().cpu().numpy() if args.embeddings else None
         overlays = [""] * len(batch["rows"])
         if args.explain:
-            overlays = write_row_explanations(model, x, scores, batch["rows"], names, loaded.meta["class_names"],
-                                              task, Path(args.explain))
+            overlays = [str(path) for path in explain_predictions(model, x, scores, task, loaded.meta["class_names"],
+                                                                  Path(args.explain), [names[r] for r in batch["rows"]])]
         for i, row in enumerate(batch["rows"]):
             results[row] = {"error": "", "scores": None if scores is None else scores[i],
                             "embedding": None if features is None else features[i], "explanation": overlays[i]}

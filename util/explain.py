@@ -167,3 +167,17 @@ def save_explanation(folder: Path, name: str, volume: np.ndarray, heat: np.ndarr
         fig.savefig(paths[-1], dpi=90)
         plt.close(fig)
     return paths
+
+
+def explain_predictions(model, x: torch.Tensor, scores: np.ndarray, task: str, class_names: list[str],
+                        folder: Path, names: list[str]) -> list[Path]:
+    """Explain and save each sample's predicted class (the first output for regression), as `names`;
+    returns the overlay paths."""
+    from util.metrics import REGRESSION
+
+    predicted = np.zeros(len(x), dtype=np.int64) if task == REGRESSION else scores.argmax(axis=1)
+    heat = explain(model.float(), x.float(), torch.from_numpy(predicted).to(x.device))
+    method = method_for(model)
+    return [save_explanation(folder, name, x[i].cpu().numpy(), heat[i],
+                             f"{name}: predicted {class_names[label]} ({method})")[2]
+            for i, (name, label) in enumerate(zip(names, predicted))]
