@@ -1,5 +1,10 @@
 """The fine-tuning loop: train, keep the epoch with the best validation AUC, then test it once.
 
+An epoch whose validation predictions do not depend on the input (all one class, or nearly constant
+scores) has not left the class prior: its AUC comes from tiny differences in probability and is noise.
+Such epochs lose the selection to any epoch that has left it, and a run in which every epoch stays
+there is reported as collapsed.
+
 Evaluation shards the samples across ranks without padding and gathers (index, scores) pairs,
 so every sample is scored exactly once whatever the number of ranks.
 """
@@ -15,11 +20,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from datasets.medmnist_data import RAW_SCALE
-from datasets.transforms import AugmentConfig, augment_batch
+from datasets.transforms import NO_AUGMENT, AugmentConfig, augment_batch
 from util.checkpoint import atomic_save
 from util.dist import DistInfo, all_reduce_sum
 from util.lr_sched import lr_at_step, multistep_lr, set_lr
-from util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score
+from util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
 from util.run_log import RunLog
 from util.sampler import ShardSampler
 from util.train_backend import DeepSpeedBackend, TorchBackend
@@ -56,8 +61,11 @@ class Finetuner:
         self.augment_config = augment_config
         self.sampler = DistributedSampler(splits["train"], num_replicas=dist_info.world_size, rank=dist_info.rank,
                                           shuffle=True, seed=args.seed)
+        # a last batch of one sample would stop batch norm (the ViTs' head_norm): drop it, and only then
+        per_rank = math.ceil(len(splits["train"]) / dist_info.world_size)
         self.train_loader = DataLoader(splits["train"], batch_size=args.batch_size, sampler=self.sampler,
-                                       num_workers=args.num_workers, pin_memory=self.device.type == "cuda")
+                                       num_workers=args.num_workers, pin_memory=self.device.type == "cuda",
+                                       drop_last=per_rank % args.batch_size == 1)
         self.steps_per_epoch = len(self.train_loader)
         optimizer = build_optimizer(model, args)
         if args.deepspeed:
@@ -92,7 +100,7 @@ class Finetuner:
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 batch -> floats in [0, 1] on the device (the normalisation saved with the model), augmented."""
         x = images.to(self.device, non_blocking=True).float() * RAW_SCALE
-        x = augment_batch(x, self.augment_config) if train and self.args.augment else x
+        x = augment_batch(x, self.augment_config) if train and self.augment_config != NO_AUGMENT else x
         return x.to(getattr(self.backend, "input_dtype", torch.float32))
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
@@ -149,34 +157,49 @@ class Finetuner:
 
     def fit(self, run_log: RunLog, best_path: Path, checkpoint_extra: dict) -> dict:
         """Train; keep (in memory and in best_path) the weights of the best validation AUC (R2 for
-        regression); with --patience, stop once the validation loss has not improved for that many epochs."""
+        regression) among the epochs that left the class prior (all epochs when none did);
+        with --patience, stop once the validation loss has not improved for that many epochs."""
         val_labels = self.splits["val"].labels
         metric = "val_r2" if self.task == REGRESSION else "val_auc"
-        best = {"score": -math.inf, "epoch": -1, "state": None}
-        best_loss, stale = math.inf, 0
+        best = {"key": (False, -math.inf), "score": -math.inf, "epoch": -1, "state": None}
+        best_loss, stale, prior_epochs = math.inf, 0, 0
         for epoch in range(self.args.epochs):
             start = time.perf_counter()
             train_loss = self.train_epoch(epoch)
             logits = torch.from_numpy(self.predict("val"))
             val_loss = float(self.criterion.to("cpu")(logits, self.targets(val_labels).cpu()))
             self.criterion.to(self.device)
-            score = selection_score(val_labels.numpy(), scores_from_logits(logits, self.task).numpy(), self.task)
-            improved = best["state"] is None or score > best["score"]  # an undefined (NaN) score keeps the first
+            val_scores = scores_from_logits(logits, self.task).numpy()
+            score = selection_score(val_labels.numpy(), val_scores, self.task)
+            at_prior = stays_at_prior(val_scores, self.task)
+            prior_epochs += at_prior
+            key = (not at_prior, score)
+            improved = best["state"] is None or key > best["key"]  # an undefined (NaN) score keeps the first
             if improved:
-                best = {"score": score, "epoch": epoch,
+                best = {"key": key, "score": score, "epoch": epoch,
                         "state": {k: v.detach().cpu().clone() for k, v in self.core.state_dict().items()}}
                 if self.dist.is_main:
                     atomic_save({"model": best["state"], "epoch": epoch, metric: score, **checkpoint_extra}, best_path)
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, metric: score,
-                      "lr": self.optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start}
+                      "val_at_prior": at_prior, "lr": self.optimizer.param_groups[-1]["lr"],
+                      "seconds": time.perf_counter() - start}
             run_log.scalars(record, epoch)
             if self.dist.is_main:
                 tqdm.write(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                           f"{metric.replace('_', ' ')} {score:.4f}{' (best)' if improved else ''}")
+                           f"{metric.replace('_', ' ')} {score:.4f}{' (stays at the class prior)' if at_prior else ''}"
+                           f"{' (best)' if improved else ''}")
             best_loss, stale = (val_loss, 0) if val_loss < best_loss else (best_loss, stale + 1)
             if self.args.patience and stale >= self.args.patience:
                 if self.dist.is_main:
                     tqdm.write(f"early stop: validation loss has not improved for {stale} epochs")
                 break
         self.core.load_state_dict(best["state"])
-        return {"best_epoch": best["epoch"], f"best_{metric}": best["score"], "epochs_run": epoch + 1}
+        epochs_run = epoch + 1
+        collapsed = prior_epochs == epochs_run
+        if collapsed and self.dist.is_main:
+            tqdm.write(f"WARNING: the model never left the class prior: in all {epochs_run} epochs its validation "
+                       f"predictions were one class, or scores that do not depend on the input. Its AUC is noise, "
+                       f"not a result (results.json: collapsed: true). Train longer, raise the learning rate, or "
+                       f"check the augmentation.")
+        return {"best_epoch": best["epoch"], f"best_{metric}": best["score"], "epochs_run": epochs_run,
+                "epochs_at_prior": prior_epochs, "collapsed": collapsed}

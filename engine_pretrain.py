@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets.augment import finish_batch
+from datasets.probe_data import ProbeSet
 from datasets.volume_dataset import collate_volumes
 from models.mae3d import encoder_weights
 from util.checkpoint import atomic_save, plain_args
@@ -26,6 +27,7 @@ from util.dist import DistInfo, all_reduce_sum, barrier
 from util.lr_sched import lr_at_step, set_lr
 from util.plotting import slice_grid
 from util.preemption import PREEMPTED_FILE, PreemptionWatch
+from util.probe import probe_aucs
 from util.run_log import RunLog
 from util.sampler import ResumableDistributedSampler
 from util.train_backend import DeepSpeedBackend, TorchBackend
@@ -64,6 +66,35 @@ def masking_noise(core, indices: torch.Tensor, epoch: int, seed: int, mask_type:
     return torch.cat(rows).to(device, non_blocking=True)
 
 
+class FeatureProbe:
+    """Scores the encoder's frozen features on a labelled set (kNN and linear probe AUCs, util.probe):
+    the signal that tells whether pretraining is buying anything, long before fine-tuning would."""
+
+    def __init__(self, probe_set: ProbeSet, every: int, batch_size: int = 64):
+        self.probe_set = probe_set
+        self.every = every  # epochs between probes (besides step 0 and the end)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def features(self, core: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
+        """Mean of the patch tokens after the encoder's final norm, no token masked: [N, E]."""
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.from_numpy(images[start:start + self.batch_size]).to(device)
+            parts.append(core.forward_features(batch)[:, 1:].mean(dim=1).float().cpu().numpy())
+        return np.concatenate(parts)
+
+    def __call__(self, core: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        training = core.training
+        core.eval()
+        start = time.perf_counter()
+        (train_x, train_y), (val_x, val_y) = self.probe_set.splits["train"], self.probe_set.splits["val"]
+        scores = probe_aucs(self.features(core, train_x, device), train_y, self.features(core, val_x, device), val_y,
+                            self.probe_set.task, self.probe_set.num_classes)
+        core.train(training)
+        return {**scores, "probe_seconds": time.perf_counter() - start}
+
+
 @dataclass
 class StepResult:
     loss: float | None  # global mean over ranks and micro-batches; None when the step was skipped
@@ -76,8 +107,10 @@ class Pretrainer:
     """Owns the model, optimizer, backend and schedule of one pretraining run."""
 
     def __init__(self, args: Namespace, core: torch.nn.Module, dataset: Dataset, dist_info: DistInfo,
-                 extra_state: dict, preemption: PreemptionWatch):
+                 extra_state: dict, preemption: PreemptionWatch, probe: FeatureProbe | None = None):
         self.args = args
+        self.probe = probe
+        self.last_probe_step = -1
         self.dist = dist_info
         self.extra_state = extra_state  # model name, config, data and preprocessing: saved with every checkpoint
         self.output_dir = Path(args.output_dir)
@@ -175,6 +208,8 @@ class Pretrainer:
                    dynamic_ncols=True)
         window = _LogWindow()
         epoch = self.step // self.steps_per_epoch
+        if self.step == 0:
+            self._run_probe(run_log)
         while self.step < self.total_steps:
             self.sampler.set_epoch(epoch)
             self.loader.dataset.set_epoch(epoch)
@@ -216,10 +251,27 @@ class Pretrainer:
                     self.save("checkpoint-last.pth")
                 if args.keep_every and finished % args.keep_every == 0:
                     self.save(f"checkpoint-{finished - 1}.pth")
+                if self.probe and (finished % self.probe.every == 0 or self.step == self.total_steps):
+                    self._run_probe(run_log)
             epoch += 1
         bar.close()
+        if self.probe and self.last_probe_step != self.step:
+            self._run_probe(run_log)
         self.save("checkpoint-last.pth")
         self.save_final()
+        barrier()
+
+    def _run_probe(self, run_log: RunLog) -> None:
+        """Probe the encoder on rank 0 (the other ranks wait) and log probe_knn_auc and probe_linear_auc."""
+        if self.probe is None:
+            return
+        self.last_probe_step = self.step
+        if self.dist.is_main:
+            record = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                      **self.probe(self.core, self.dist.device)}
+            run_log.scalars(record, self.step)
+            tqdm.write(f"probe at step {self.step}: kNN AUC {record['probe_knn_auc']:.4f}, "
+                       f"linear AUC {record['probe_linear_auc']:.4f} ({record['probe_seconds']:.1f} s)")
         barrier()
 
     def _stop_if_requested(self, bar: tqdm) -> None:
@@ -272,20 +324,8 @@ class Pretrainer:
 
     def _save_figure(self, run_log: RunLog, sample: tuple) -> None:
         volume, pred, mask = sample
-        core = self.core
-        target = core.patchify(volume[None].float())
-        if core.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-            pred = pred[None] * std + mean
-        else:
-            pred = pred[None]
-        keep = (1 - mask)[None, :, None]
-        rows = {
-            "input": volume[0],
-            "masked": core.unpatchify(target * keep)[0, 0],
-            "reconstruction": core.unpatchify(pred * (1 - keep) + target * keep)[0, 0],
-        }
+        views = self.core.reconstruction(volume[None].float(), pred[None].float(), mask[None])
+        rows = {name: view[0, 0] for name, view in views.items()}
         figure = slice_grid({k: v.cpu().numpy() for k, v in rows.items()}, title=f"step {self.step}")
         run_log.figure("reconstruction", figure, self.step)
         figure.savefig(self.output_dir / "reconstruction.png", dpi=100)

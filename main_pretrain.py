@@ -16,8 +16,11 @@ import models
 from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
 from datasets.pretrain_data import build_pretrain_dataset, medmnist_pretrain_dataset, phantom_corpus
 from medmnist.info import DEFAULT_ROOT
-from engine_pretrain import NonFiniteLossError, Preempted, Pretrainer
+from datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
+from engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer
 from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
+from models.patch_embed import REFERENCE_PATCH, auto_patch_size
+from models.vit import AUTO_ARCHITECTURE
 from util.cli import grid, int_tuple
 from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
@@ -25,16 +28,28 @@ from util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
 from util.run_log import RunLog
 
 
+AUTO_MAE = "mae_vit_tiny_patch16"  # --model auto: its encoder is then shaped by AUTO_ARCHITECTURE
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="mae_vit_large_patch16", choices=models.list_models("mae_"))
+    model.add_argument("--model", default="mae_vit_large_patch16", choices=("auto", *models.list_models("mae_")),
+                       help="auto: the small hybrid ViT of models.vit.AUTO_ARCHITECTURE (convolutional stem, 4 blocks "
+                            "of 96) with --patch_size auto, the MedMNIST recipe's (default: %(default)s)")
     model.add_argument("--input_size", type=int_tuple, default=(256,), help="N or D,H,W voxels (default 256)")
-    model.add_argument("--patch_size", type=int_tuple, default=(16,), help="N or D,H,W voxels (default 16)")
+    model.add_argument("--patch_size", type=patch_size_arg, default=None,
+                       help="N or D,H,W voxels, or auto (chosen from the grid: models.patch_embed.auto_patch_size); "
+                            "default: 16, or auto with --model auto")
     model.add_argument("--mask_ratio", type=float, default=0.75, help=f"share of patches removed, 0..{MAX_MASK_RATIO}")
     model.add_argument("--mask_type", choices=MASK_TYPES, default="random",
                        help="random patches, or tube: the same in-plane mask on every depth slab")
     model.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch (MAE's best setting)")
+    model.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the model's)")
+    model.add_argument("--stem_channels", type=int, default=None,
+                       help="convolutional stem of this many channels before the patch projection (ConvMAE-style "
+                            "masked convolutions; needs power-of-two patches); 0: the reference linear patch "
+                            "embedding (default: 0, or the auto architecture's with --model auto)")
     model.add_argument("--decoder_embed_dim", type=int, default=None, help="default: the model's (see README)")
     model.add_argument("--decoder_depth", type=int, default=None)
     model.add_argument("--decoder_num_heads", type=int, default=None)
@@ -64,6 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="a VolMAE cache (python -m datasets.build_cache), or a folder of volumes, .txt of "
                            "paths or .csv with a 'path' column read on the fly; default: synthetic CT "
                            "phantoms written to OUTPUT_DIR/phantoms")
+    data.add_argument("--normalize", choices=("auto", "none"), default="auto",
+                      help="auto: with --data_flag, standardise inputs with the training images' mean and std "
+                           "(inside the model, recorded in its config); volumes keep their windowed [0, 1]")
     data.add_argument("--no_augment", action="store_true",
                       help="no random crop (when --input_size is smaller than a cache's grid), "
                            "left-right flip or intensity jitter")
@@ -71,9 +89,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_flag", default=None,
                       help="pretrain on the training split of a MedMNIST set instead (2D or 3D), e.g. adrenalmnist3d")
     data.add_argument("--size", type=int, default=28, help="MedMNIST image size, with --data_flag")
+    data.add_argument("--train_samples", type=int, default=None,
+                      help="with --data_flag: pretrain on a random subset of N training images (smoke runs)")
     data.add_argument("--data_root", default=DEFAULT_ROOT, help="medmnist root folder, with --data_flag")
     data.add_argument("--num_workers", type=int, default=4)
     add_preprocess_args(parser)
+
+    probe = parser.add_argument_group("probes: frozen-feature kNN and linear AUCs on labelled data, at step 0 and "
+                                      "every --probe_every epochs (log.txt, tensorboard)")
+    probe.add_argument("--probe_data_flag", default=None, help="a MedMNIST flag: fit on its train split, score on val")
+    probe.add_argument("--probe_size", type=int, default=None, help="its image size (default: the pretraining grid)")
+    probe.add_argument("--probe_root", default=DEFAULT_ROOT, help="medmnist root folder of --probe_data_flag")
+    probe.add_argument("--probe_csv", default=None,
+                       help="or your own labelled volumes: a CSV with path, label and split (train/val) columns, "
+                            "preprocessed as the pretraining volumes")
+    probe.add_argument("--probe_every", type=int, default=10, help="epochs between probes")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="./output_pretrain")
@@ -102,6 +132,45 @@ def resolve_checkpoint(args, trainer: Pretrainer) -> Path | None:
     return path
 
 
+def patch_size_arg(text: str) -> tuple[int, ...] | str:
+    return "auto" if text == "auto" else int_tuple(text)
+
+
+def resolve_patch_size(args: argparse.Namespace, input_size: tuple[int, ...], stem: bool) -> tuple[int, ...]:
+    """--patch_size as given; auto (and the default under --model auto) chosen from the grid; else 16."""
+    if args.patch_size == "auto" or (args.patch_size is None and args.model == "auto"):
+        return auto_patch_size(input_size, stem)
+    return grid(args.patch_size or (REFERENCE_PATCH,), len(input_size))
+
+
+def build_probe(args: argparse.Namespace, core: torch.nn.Module, config, say) -> FeatureProbe | None:
+    """The labelled set of --probe_data_flag or --probe_csv, checked against the model's grid."""
+    if not (args.probe_data_flag or args.probe_csv):
+        return None
+    if args.probe_data_flag and args.probe_csv:
+        raise SystemExit("error: give --probe_data_flag or --probe_csv, not both")
+    if args.deepspeed:
+        raise SystemExit("error: the probes read the whole encoder on one rank; DeepSpeed shards it: drop --probe_*")
+    grid = tuple(core.config["img_size"])
+    if args.probe_every < 1:
+        raise SystemExit("error: --probe_every must be at least 1 (epochs)")
+    try:
+        if args.probe_csv:
+            if config is None:
+                raise ProbeDataError("--probe_csv takes volumes; with --data_flag use --probe_data_flag")
+            probe_set = csv_probe_set(Path(args.probe_csv), config, grid)
+        else:
+            probe_set = medmnist_probe_set(args.probe_data_flag, args.probe_size or grid[0], args.probe_root)
+    except ProbeDataError as err:
+        raise SystemExit(f"error: probe: {err}") from None
+    if probe_set.grid != grid or probe_set.splits["train"][0].shape[1] != core.config["in_chans"]:
+        raise SystemExit(f"error: probe: {probe_set.name} has images of {probe_set.splits['train'][0].shape[1:]}, "
+                         f"the model takes ({core.config['in_chans']}, {', '.join(map(str, grid))})")
+    say(f"probe: {probe_set.describe()} ({probe_set.task}); kNN (cosine, k=20) and logistic regression on the "
+        f"frozen encoder's mean token, every {args.probe_every} epochs")
+    return FeatureProbe(probe_set, args.probe_every)
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dist_info = init_distributed(args.device)
@@ -114,12 +183,15 @@ def main(args: argparse.Namespace) -> int:
     say = print if dist_info.is_main else (lambda *a, **k: None)
     torch.manual_seed(args.seed + dist_info.rank)
     if args.data_flag:
-        dataset, spec = medmnist_pretrain_dataset(args.data_flag, args.size, args.data_root, not args.no_augment,
-                                                  args.seed)
+        dataset, spec, profile = medmnist_pretrain_dataset(args.data_flag, args.size, args.data_root,
+                                                           not args.no_augment, args.seed, args.train_samples)
+        say(f"training images: {profile.describe()}; augmentation: "
+            f"{'none' if args.no_augment else 'flips' if profile.is_label_like else 'flips and intensity jitter'}")
         input_size, in_chans, data_info, config = spec.input_size, spec.in_chans, spec.to_dict(), None
+        normalization = profile.normalization if args.normalize == "auto" else {}
         args.data_path = f"{spec.root}/{spec.filename} (train split)"
     else:
-        input_size, in_chans = grid(args.input_size), 1
+        input_size, in_chans, normalization = grid(args.input_size), 1, {}
         if args.data_path is None:
             args.data_path = phantom_corpus(args.output_dir, args.num_phantoms, args.seed, dist_info.is_main)
         dataset, config = build_pretrain_dataset(args.data_path, input_size,
@@ -127,11 +199,15 @@ def main(args: argparse.Namespace) -> int:
                                                  not args.no_augment, args.seed, dist_info.is_main)
         data_info = {"source": "volumes", "data_path": args.data_path}
 
-    overrides = {"img_size": input_size, "patch_size": grid(args.patch_size, len(input_size)),
-                 "in_chans": in_chans, "norm_pix_loss": args.norm_pix_loss}
-    for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+    overrides = {"img_size": input_size, "in_chans": in_chans, "norm_pix_loss": args.norm_pix_loss, **normalization}
+    if args.model == "auto":
+        overrides.update(AUTO_ARCHITECTURE)
+    for key in ("depth", "stem_channels", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    overrides["patch_size"] = resolve_patch_size(args, input_size, overrides.get("stem_channels", 0) > 0)
+    if args.model == "auto":
+        args.model = AUTO_MAE
     try:
         core = models.create_model(args.model, **overrides)
         core.num_visible(args.mask_ratio, args.mask_type)
@@ -142,7 +218,8 @@ def main(args: argparse.Namespace) -> int:
     args.lr = effective_lr(args.blr, args.lr, effective_batch)
     extra_state = {"model_name": args.model, "model_config": core.config, "data": data_info,
                    "preprocess": config.to_dict() if config is not None else None}
-    trainer = Pretrainer(args, core, dataset, dist_info, extra_state, preemption)
+    probe = build_probe(args, core, config, say)
+    trainer = Pretrainer(args, core, dataset, dist_info, extra_state, preemption, probe)
     checkpoint = resolve_checkpoint(args, trainer)
     if checkpoint is not None:
         trainer.resume(checkpoint)

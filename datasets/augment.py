@@ -19,12 +19,13 @@ def crop_box(shape: tuple[int, ...], size: tuple[int, ...], rng: np.random.Gener
     return tuple(slice(int(start), int(start) + c) for start, c in zip(starts, size))
 
 
-def draw_params(rng: np.random.Generator | None) -> dict:
-    """Left-right flip with p=0.5, intensity gain in [0.9, 1.1] and offset in [-0.05, 0.05]; identity without rng."""
+def draw_params(rng: np.random.Generator | None, jitter: bool = True) -> dict:
+    """Left-right flip with p=0.5, intensity gain in [0.9, 1.1] and offset in [-0.05, 0.05] (drawn always,
+    so the stream does not depend on `jitter`, applied only with it); identity without rng."""
     if rng is None:
         return {"flip": False, "gain": 1.0, "offset": 0.0}
-    return {"flip": bool(rng.random() < 0.5), "gain": float(rng.uniform(0.9, 1.1)),
-            "offset": float(rng.uniform(-0.05, 0.05))}
+    flip, gain, offset = bool(rng.random() < 0.5), float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.05, 0.05))
+    return {"flip": flip, "gain": gain if jitter else 1.0, "offset": offset if jitter else 0.0}
 
 
 def to_unit_float(volume: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,11 @@ def load_split(spec: MedMNISTSpec, split: str, download: bool = False) -> tuple[
     return to_channels_first(dataset.imgs, spec.is_3d), np.asarray(dataset.labels).astype(np.int64)
 
 
+def subset_indices(total: int, count: int) -> np.ndarray:
+    """The sorted indices of a fixed random subset of `count` of `total` samples (seed 0: the same in every step)."""
+    return np.sort(np.random.default_rng(0).permutation(total)[:count])
+
+
 def to_channels_first(images: np.ndarray, is_3d: bool) -> np.ndarray:
     """MedMNIST arrays -> (N, C, *grid): 3D (N, D, H, W); 2D (N, H, W) or (N, H, W, 3)."""
     if is_3d or images.ndim == 3:

@@ -5,7 +5,8 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from datasets.cache import VolumeCache, is_cache
-from datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
+from datasets.data_profile import DataProfile, profile_images
+from datasets.medmnist_data import RAW_SCALE, MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
 from datasets.phantoms import write_phantom_corpus
 from datasets.preprocess import PreprocessConfig
 from datasets.reading import probe
@@ -58,11 +59,18 @@ def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], con
 
 
 def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, seed: int,
-                              download: bool = False) -> tuple[Dataset, MedMNISTSpec]:
-    """The training split of a MedMNIST set (2D or 3D), for self-pretraining before fine-tuning on it."""
+                              train_samples: int | None = None, download: bool = False,
+                              ) -> tuple[Dataset, MedMNISTSpec, DataProfile]:
+    """The training split of a MedMNIST set (2D or 3D), for self-pretraining before fine-tuning on it (labels
+    unused); `train_samples` keeps the subset main_finetune.py --train_samples keeps. The profile decides the
+    augmentation (masks: flips, no intensity jitter)."""
     try:
         spec = MedMNISTSpec(flag, size, root)
         images, _ = load_split(spec, "train", download)
     except (ValueError, MedMNISTNotFound) as err:
         raise SystemExit(f"error: {err}") from None
-    return ArrayPretrainDataset(images, f"{flag}_{size}:train", augment, seed), spec
+    if train_samples:
+        images = images[subset_indices(len(images), train_samples)]
+    profile = profile_images(images, scale=RAW_SCALE)
+    dataset = ArrayPretrainDataset(images, f"{flag}_{size}:train", augment, seed, jitter=not profile.is_label_like)
+    return dataset, spec, profile

@@ -3,12 +3,19 @@
 All samples of a batch are transformed at once: random flips, 90-degree rotations (in planes
 whose two axes have the same size), one affine resampling for small rotations, scaling and
 translation (affine_grid + grid_sample), Gaussian noise and gamma. Inputs are floats in [0, 1].
+
+Presets (`--augment`): `none`; `flips`; `geometric` (flips, 90-degree turns and the affine with
+nearest-neighbour sampling: a mask or label map keeps exactly its values); `full` (the setup's
+whole pipeline, with intensity changes). `auto` picks one from the training data itself
+(`datasets.data_profile`).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+INTERPOLATIONS = ("bilinear", "nearest")
 
 
 @dataclass(frozen=True)
@@ -21,12 +28,57 @@ class AugmentConfig:
     noise_std: float = 0.03
     gamma: tuple[float, float] = (0.8, 1.25)
     elastic: float = 0.0  # displacement of a smooth random field, as a fraction of the field of view
+    interpolation: str = "bilinear"  # "nearest" keeps the input's set of values
 
+    @property
+    def has_affine(self) -> bool:
+        return (self.max_rotation_deg > 0 or tuple(self.scale) != (1.0, 1.0) or self.max_translation > 0
+                or self.elastic > 0)
+
+    @property
+    def changes_intensity(self) -> bool:
+        return self.noise_std > 0 or tuple(self.gamma) != (1.0, 1.0)
+
+
+NO_AUGMENT = AugmentConfig(flip=False, rot90=False, max_rotation_deg=0.0, scale=(1.0, 1.0), max_translation=0.0,
+                           noise_std=0.0, gamma=(1.0, 1.0))
 
 # 3DViTMedNet's torchio pipeline (seed 000): flips, affine +-10 deg, scale 0.95-1.05, small shifts,
 # noise and gamma, elastic on request.
 VITMEDNET_AUGMENT = AugmentConfig(flip=True, rot90=False, max_rotation_deg=10.0, scale=(0.95, 1.05),
                                   max_translation=0.05, noise_std=0.02, gamma=(0.9, 1.1))
+
+PRESETS = ("none", "flips", "geometric", "full")
+
+
+def preset(name: str, full: AugmentConfig = AugmentConfig()) -> AugmentConfig:
+    """A named preset; `full` is the setup's own pipeline, and `geometric` its geometry alone."""
+    if name == "none":
+        return NO_AUGMENT
+    if name == "flips":
+        return replace(NO_AUGMENT, flip=True)
+    if name == "geometric":
+        return replace(full, noise_std=0.0, gamma=(1.0, 1.0), interpolation="nearest")
+    if name == "full":
+        return full
+    raise ValueError(f"unknown augmentation preset {name!r}; one of {', '.join(PRESETS)}")
+
+
+def describe(cfg: AugmentConfig) -> str:
+    """One line naming what a configuration does, for the run's log."""
+    parts = []
+    if cfg.flip:
+        parts.append("flips")
+    if cfg.rot90:
+        parts.append("90-degree turns")
+    if cfg.has_affine:
+        parts.append(f"affine (rotation <= {cfg.max_rotation_deg:g} deg, scale {cfg.scale[0]:g}-{cfg.scale[1]:g}, "
+                     f"shift <= {cfg.max_translation:g}{', elastic' if cfg.elastic else ''}; {cfg.interpolation})")
+    if cfg.noise_std > 0:
+        parts.append(f"noise {cfg.noise_std:g}")
+    if tuple(cfg.gamma) != (1.0, 1.0):
+        parts.append(f"gamma {cfg.gamma[0]:g}-{cfg.gamma[1]:g}")
+    return ", ".join(parts) or "nothing"
 
 
 def _per_sample(mask: torch.Tensor, dims: int) -> torch.Tensor:
@@ -60,7 +112,7 @@ def _affine(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
         mode = "trilinear" if dims == 3 else "bilinear"
         field = F.interpolate(coarse, size=x.shape[2:], mode=mode, align_corners=False)
         grid = grid + field.movedim(1, -1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode=cfg.interpolation, padding_mode="zeros", align_corners=False)
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
@@ -75,8 +127,11 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig()) -> torc
             plane = planes[int(torch.randint(len(planes), ()))]
             turns = torch.randint(0, 4, (n,)).tolist()
             x = torch.stack([torch.rot90(sample, k, [plane[0] - 1, plane[1] - 1]) for sample, k in zip(x, turns)])
-    x = _affine(x, cfg)
+    if cfg.has_affine:
+        x = _affine(x, cfg)
     if cfg.noise_std > 0:
-        x = x + torch.randn_like(x) * cfg.noise_std
-    gamma = torch.empty(n, device=x.device).uniform_(*cfg.gamma)
-    return x.clamp(0.0, 1.0) ** _per_sample(gamma, dims)
+        x = (x + torch.randn_like(x) * cfg.noise_std).clamp(0.0, 1.0)
+    if tuple(cfg.gamma) != (1.0, 1.0):
+        gamma = torch.empty(n, device=x.device).uniform_(*cfg.gamma)
+        x = x.clamp(0.0, 1.0) ** _per_sample(gamma, dims)
+    return x

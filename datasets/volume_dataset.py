@@ -92,18 +92,21 @@ class CacheDataset(_EpochSeeded):
 
 
 class ArrayPretrainDataset(_EpochSeeded):
-    """Images already on a fixed grid, e.g. a MedMNIST training split as (N, C, *grid) uint8."""
+    """Images already on a fixed grid, e.g. a MedMNIST training split as (N, C, *grid) uint8.
+    `jitter=False` keeps intensities as they are (masks and label maps: flips only)."""
 
-    def __init__(self, images: np.ndarray, name: str, augment: bool = False, seed: int = 0):
+    def __init__(self, images: np.ndarray, name: str, augment: bool = False, seed: int = 0, jitter: bool = True):
         super().__init__(augment, seed)
         self.images = images
         self.name = name
+        self.jitter = jitter
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        return self.item(index, f"{self.name}[{index}]", self.images[index], rng=self.rng(index))
+        item = self.item(index, f"{self.name}[{index}]", self.images[index])
+        return {**item, **draw_params(self.rng(index), self.jitter)}
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:

@@ -54,7 +54,8 @@ def load_for_inference(path: str | Path, allow_encoder: bool = False) -> LoadedM
         encoder = VisionTransformer(
             img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
             embed_dim=config["embed_dim"], depth=config["depth"], num_heads=config["num_heads"],
-            mlp_ratio=config["mlp_ratio"], num_classes=1, global_pool="token")
+            mlp_ratio=config["mlp_ratio"], num_classes=1, global_pool="token",
+            input_mean=config.get("input_mean", 0.0), input_std=config.get("input_std", 1.0))
         load_encoder(encoder, path)
         meta["input_size"] = config["img_size"]
         return LoadedModel(encoder.eval(), meta, False)

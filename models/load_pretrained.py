@@ -3,7 +3,7 @@
 Decoder keys and the mask token are dropped; `module.` prefixes (DDP) are removed; the positional
 embedding is regenerated for the classifier's grid when it is the fixed sin-cos table (as every MAE
 checkpoint's is) and interpolated per axis otherwise. Afterwards the only keys allowed to be missing
-are the new head and fc_norm; anything else that does not fit is an error naming the keys, never a
+are the new head, head_norm and fc_norm; anything else that does not fit is an error naming the keys, never a
 silent random initialisation.
 """
 import math
@@ -16,7 +16,7 @@ from models.pos_embed import sincos_pos_embed
 from util.checkpoint import load_checkpoint
 
 DROPPED_PREFIXES = ("decoder_", "mask_token")
-NEW_PREFIXES = ("head.", "fc_norm.")
+NEW_PREFIXES = ("head.", "fc_norm.", "head_norm.")
 
 
 class CheckpointMismatchError(ValueError):

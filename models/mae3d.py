@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from models.patch_embed import PatchEmbed, to_tuple
+from models.patch_embed import InputNorm, PatchEmbed, to_tuple
 from models.pos_embed import sincos_pos_embed
 from models.registry import register_model
 
@@ -29,7 +29,8 @@ class MaskedAutoencoderViT(nn.Module):
                  in_chans: int = 1, spatial_dims: int | None = None, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 384,
                  decoder_depth: int = 4, decoder_num_heads: int = 6, mlp_ratio: float = 4.0,
-                 norm_pix_loss: bool = False):
+                 norm_pix_loss: bool = False, input_mean: float = 0.0, input_std: float = 1.0,
+                 stem_channels: int = 0):
         super().__init__()
         if spatial_dims is None:
             spatial_dims = 3 if isinstance(img_size, int) else len(img_size)
@@ -42,11 +43,13 @@ class MaskedAutoencoderViT(nn.Module):
             "in_chans": in_chans, "spatial_dims": spatial_dims, "embed_dim": embed_dim,
             "depth": depth, "num_heads": num_heads, "decoder_embed_dim": decoder_embed_dim,
             "decoder_depth": decoder_depth, "decoder_num_heads": decoder_num_heads,
-            "mlp_ratio": mlp_ratio, "norm_pix_loss": norm_pix_loss,
+            "mlp_ratio": mlp_ratio, "norm_pix_loss": norm_pix_loss, "input_mean": input_mean, "input_std": input_std,
+            "stem_channels": stem_channels,
         }
+        self.input_norm = InputNorm(input_mean, input_std)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, spatial_dims)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, spatial_dims, stem_channels)
         self.grid_size = self.patch_embed.grid_size
         self.patch_size = self.patch_embed.patch_size
         num_patches = self.patch_embed.num_patches
@@ -132,34 +135,46 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch on grid {self.grid_size}")
         return keep
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float, mask_type: str = "random",
-                       noise: torch.Tensor | None = None):
-        """Keep a per-sample random subset of tokens. Returns kept tokens, mask (1 = removed), restore ids.
-
-        `noise` ([N, L], from `masking_noise`) fixes the draw; by default it comes from the global RNG.
-        """
-        n, length, dim = x.shape
+    def draw_mask(self, n: int, mask_ratio: float, mask_type: str, device: torch.device,
+                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample random choice of visible patches: (ids_keep [N, K], mask [N, L] with 1 = removed,
+        ids_restore [N, L]). `noise` ([N, L], from `masking_noise`) fixes the draw; else the global RNG."""
         keep = self.num_visible(mask_ratio, mask_type)
         if noise is None:
-            noise = self.masking_noise(n, mask_type, x.device, None)
+            noise = self.masking_noise(n, mask_type, device, None)
         ids_shuffle = torch.argsort(noise, dim=1, stable=True)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :keep]
-        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-        mask = torch.ones(n, length, device=x.device)
+        mask = torch.ones(n, self.num_patches, device=device)
         mask[:, :keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
-        return x_kept, mask, ids_restore
+        return ids_shuffle[:, :keep], torch.gather(mask, 1, ids_restore), ids_restore
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, mask_type: str = "random",
+                       noise: torch.Tensor | None = None):
+        """Keep a per-sample random subset of tokens [N, L, E]. Returns kept tokens, mask (1 = removed), restore ids."""
+        ids_keep, mask, ids_restore = self.draw_mask(x.shape[0], mask_ratio, mask_type, x.device, noise)
+        return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])), mask, ids_restore
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, mask_type: str = "random",
                         noise: torch.Tensor | None = None):
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, mask_type, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        """Standardised inputs -> (latent of the visible patches with the class token, mask, restore ids).
+        A convolutional stem sees the masked patches as zeros (ConvMAE), so nothing of them leaks."""
+        ids_keep, mask, ids_restore = self.draw_mask(imgs.shape[0], mask_ratio, mask_type, imgs.device, noise)
+        visible = (1 - mask).view(imgs.shape[0], *self.grid_size) if self.patch_embed.stem is not None else None
+        x = self.patch_embed(imgs, visible) + self.pos_embed[:, 1:]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self._encode(x), mask, ids_restore
+
+    def _encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """Positioned patch tokens [N, K, E] -> [N, 1 + K, E]: class token prepended, blocks, final norm."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
+        x = torch.cat([cls, patches], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(x)
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Every token through the encoder, none masked: [N, 1 + L, E] after the final norm (probes, embeddings)."""
+        return self._encode(self.patch_embed(self.input_norm(imgs)) + self.pos_embed[:, 1:])
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
@@ -171,6 +186,16 @@ class MaskedAutoencoderViT(nn.Module):
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def reconstruction(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For figures, in the units of the [0, 1] input `imgs`: the input, its visible patches (masked ones
+        zero), and the visible patches with the prediction in the masked ones."""
+        keep = (1 - mask)[..., None]
+        patches = self.patchify(self.input_norm(imgs).float())
+        if self.norm_pix_loss:  # the prediction is per-patch standardised: undo it with the patch's statistics
+            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+        filled = self.unpatchify(pred * (1 - keep) + patches * keep) * self.input_norm.std + self.input_norm.mean
+        return {"input": imgs, "masked": self.unpatchify(self.patchify(imgs) * keep), "reconstruction": filled}
 
     def patch_targets(self, imgs: torch.Tensor) -> torch.Tensor:
         target = self.patchify(imgs.float())
@@ -188,6 +213,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, mask_type: str = "random",
                 noise: torch.Tensor | None = None):
+        """Loss, prediction and mask for [0, 1] inputs; prediction and loss are in standardised units."""
+        imgs = self.input_norm(imgs)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, mask_type, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask

@@ -64,7 +64,7 @@ def test_medmnist_recipe_uses_adam_and_the_official_schedule(tmp_path):
     lrs = [json.loads(line)["lr"] for line in (out / "log.txt").read_text().splitlines()]
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])  # x0.1 at 50% and 75% of the epochs
     args = load_checkpoint(out / "best.pth")["args"]
-    assert args["optimizer"] == "adam" and args["augment"] is False and args["smoothing"] == 0.0
+    assert args["optimizer"] == "adam" and args["augment"] == "none" and args["smoothing"] == 0.0
 
 
 @pytest.mark.parametrize("name,shape", [("resnet18_3d", (2, 1, 16, 16, 16)), ("resnet50_3d", (2, 1, 16, 20, 12)),

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import models
+from models.load_pretrained import load_encoder
 from models.mae3d import REFERENCE_DECODER
+from models.patch_embed import auto_patch_size, stem_patch_size
+from models.registry import create_model
 from models.pos_embed import sincos_1d, split_embed_dim
 
 
@@ -174,3 +177,37 @@ def test_registry_lists_every_size_and_rejects_unknown_names():
     model = models.create_model("mae_vit_base_patch16", img_size=64, in_chans=2, decoder_depth=2)
     assert model.config["img_size"] == [64, 64, 64] and model.config["in_chans"] == 2
     assert len(model.decoder_blocks) == 2 and model.config["embed_dim"] == 768
+
+
+def test_stem_patch_sizes_follow_the_grid():
+    assert stem_patch_size((28, 28, 28)) == (4, 4, 4)  # 7^3 tokens
+    assert stem_patch_size((64, 64, 64)) == (16, 16, 16)
+    assert stem_patch_size((28, 28)) == (4, 4) and stem_patch_size((64, 64)) == (8, 8)
+    assert stem_patch_size((256, 256, 256)) == (16, 16, 16)
+    assert auto_patch_size((28, 28, 28)) == (7, 7, 7) and auto_patch_size((28, 28, 28), stem=True) == (4, 4, 4)
+
+
+def test_a_conv_stem_lets_nothing_of_the_masked_patches_reach_the_encoder():
+    """ConvMAE-style masking: changing masked voxels leaves the latent unchanged; changing visible ones does not."""
+    model = create_model("mae_vit_tiny_patch16", img_size=16, patch_size=4, depth=1, stem_channels=4,
+                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    noise = model.masking_noise(2, "random", torch.device("cpu"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latent, mask, _ = model.forward_encoder(x, 0.75, noise=noise)
+        removed = mask.view(2, 1, 4, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
+        masked_changed, _, _ = model.forward_encoder(x + removed * torch.randn_like(x), 0.75, noise=noise)
+        visible_changed, _, _ = model.forward_encoder(x + (1 - removed) * torch.randn_like(x), 0.75, noise=noise)
+    torch.testing.assert_close(masked_changed, latent)
+    assert not torch.allclose(visible_changed, latent, atol=1e-3)
+
+
+def test_a_classifier_with_a_stem_loads_its_mae_encoder(tmp_path):
+    arch = {"img_size": 28, "patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3, "stem_channels": 8}
+    mae = create_model("mae_vit_tiny_patch16", **arch, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    torch.save({"model": mae.encoder_state_dict(), "model_config": mae.config}, tmp_path / "encoder.pth")
+    classifier = create_model("vit3d", **arch, num_classes=3)
+    report = load_encoder(classifier, tmp_path / "encoder.pth")
+    assert report["new"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    torch.testing.assert_close(classifier.patch_embed.stem.stages[1][0].weight, mae.patch_embed.stem.stages[1][0].weight)
+    assert classifier(torch.rand(2, 1, 28, 28, 28)).shape == (2, 3)

@@ -52,6 +52,20 @@ def predicted_labels(scores: np.ndarray, task: str) -> np.ndarray:
     return scores.argmax(axis=-1)
 
 
+# Scores whose spread over the samples stays below this carry no information about the input.
+CONSTANT_SCORE_SPREAD = 1e-3
+
+
+def stays_at_prior(scores: np.ndarray, task: str) -> bool:
+    """True when the predictions do not depend on the input: every sample gets the same predicted class (for
+    multi-label: the same decision on every label), or the scores are nearly constant (what an untrained or
+    collapsed model outputs). Such a model's AUC comes from tiny differences and is noise, not a result."""
+    if task == REGRESSION or len(scores) < 2:
+        return False
+    predicted = predicted_labels(scores, task)
+    return bool((predicted == predicted[:1]).all()) or float(np.std(scores, axis=0).max()) < CONSTANT_SCORE_SPREAD
+
+
 def bootstrap_auc_ci(y_true: np.ndarray, scores: np.ndarray, task: str, rounds: int = 1000,
                      seed: int = 0) -> list[float] | None:
     """95% percentile interval of AUC over bootstrap resamples of the samples (None if too few)."""

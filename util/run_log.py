@@ -1,5 +1,6 @@
 """What a run reports, on rank 0 only: JSON lines in `log.txt` and tensorboard scalars."""
 import json
+import resource
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -34,3 +35,9 @@ def read_log(path: str | Path) -> list[dict]:
     """The JSON lines of a log.txt."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system, all threads) of this process and of its finished children (loader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime

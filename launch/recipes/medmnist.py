@@ -1,0 +1,138 @@
+"""From a MedMNIST-style set to a measured result: MAE self-pretraining on the training split (its labels,
+validation and test splits are never read), fine-tuning from its encoder.pth for each seed, and with
+--baseline the same architecture from scratch. Writes OUTPUT_DIR/results.json.
+
+    launch/recipes/medmnist.sh --data_flag adrenalmnist3d --size 28 --data_root DIR --output_dir OUT --baseline
+
+Every choice follows the data, not the flag's name: the architecture's patch size from the grid
+(`--model auto`), the augmentation from the training images (`--augment auto`: masks and label maps
+get geometry only), 2D or 3D and the number of channels and classes from the files. The steps are
+the commands a user would type (main_pretrain.py, main_finetune.py), run as subprocesses with this
+interpreter; their own outputs stay in OUTPUT_DIR/{pretrain,mae,scratch}.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The recipe (README: "Recipes that learn" says why each value is what it is).
+PRETRAIN = {"--model": "auto", "--mask_ratio": "0.75", "--decoder_embed_dim": "96", "--decoder_depth": "2",
+            "--decoder_num_heads": "3", "--batch_size": "64", "--blr": "6e-3", "--warmup_epochs": "5",
+            "--weight_decay": "0.05"}
+PRETRAIN_EPOCHS = 50
+FINETUNE = {"--model": "auto", "--recipe": "mae", "--augment": "auto"}
+FINETUNE_EPOCHS = 20
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(command: list[str], log: Path) -> dict:
+    """Run one step with its output in `log` (and on our stdout); its CPU and wall-clock seconds."""
+    cpu, wall = children_cpu_seconds(), time.perf_counter()
+    print(f"$ {' '.join(command)}", flush=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   bufsize=1)
+        for line in process.stdout:
+            out.write(line)
+            if "\r" not in line:  # progress bars stay in the log
+                sys.stdout.write(line)
+        code = process.wait()
+    if code != 0:
+        raise SystemExit(f"error: {command[1]} exited with {code}; its log: {log}")
+    return {"cpu_seconds": round(children_cpu_seconds() - cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1)}
+
+
+def flags(options: dict) -> list[str]:
+    return [item for pair in options.items() for item in pair]
+
+
+def summary(folder: Path, seeds: list[int], extra_cpu: float = 0.0) -> dict:
+    """Mean and std of test AUC and ACC over the seeds of one main_finetune.py --seeds run."""
+    runs = []
+    for seed in seeds:
+        result = json.loads((folder / (f"seed_{seed}" if len(seeds) > 1 else "") / "results.json").read_text())
+        runs.append({"seed": seed, "test_auc": result["test"]["auc"], "test_acc": result["test"]["acc"],
+                     "val_auc": result["val"]["auc"], "best_epoch": result["best_epoch"],
+                     "collapsed": result["collapsed"], "test_at_prior": result["test"]["at_prior"],
+                     "cpu_seconds": result["cpu_seconds"], "seconds": result["seconds"]})
+    auc, acc = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
+    finetune_cpu = sum(r["cpu_seconds"] for r in runs)
+    return {"test_auc_mean": float(np.mean(auc)), "test_auc_std": float(np.std(auc)),
+            "test_acc_mean": float(np.mean(acc)), "test_acc_std": float(np.std(acc)),
+            "collapsed_seeds": [r["seed"] for r in runs if r["collapsed"]], "per_seed": runs,
+            "cpu_seconds": round(extra_cpu + finetune_cpu, 1),
+            "cpu_seconds_one_seed": round(extra_cpu + finetune_cpu / len(runs), 1)}
+
+
+def probe_curve(log: Path) -> list[dict]:
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [{k: r[k] for k in ("step", "epoch", "probe_knn_auc", "probe_linear_auc")} for r in lines
+            if "probe_knn_auc" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_flag", required=True, help="a MedMNIST flag, 2D or 3D")
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--data_root", required=True, help="folder holding the flag's .npz")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--baseline", action="store_true", help="also fine-tune the same architecture from scratch")
+    parser.add_argument("--pretrain_epochs", type=int, default=PRETRAIN_EPOCHS)
+    parser.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS, help="fine-tuning epochs")
+    parser.add_argument("--probe_every", type=int, default=10, help="pretraining epochs between kNN/linear probes")
+    parser.add_argument("--train_samples", type=int, default=None,
+                        help="use N training samples in every step (smoke runs and label-efficiency studies)")
+    parser.add_argument("--num_workers", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.output_dir).resolve()  # the steps run from the repository root
+    out.mkdir(parents=True, exist_ok=True)
+    args.data_root = str(Path(args.data_root).resolve())
+    seeds = [int(s) for s in args.seeds.split(",")]
+    python = sys.executable
+    data = ["--data_flag", args.data_flag, "--size", str(args.size), "--data_root", args.data_root]
+    subset = ["--train_samples", str(args.train_samples)] if args.train_samples else []
+
+    pretrain_dir = out / "pretrain"
+    pretrain = run([python, "main_pretrain.py", *data, *flags(PRETRAIN), "--epochs", str(args.pretrain_epochs),
+                    "--probe_data_flag", args.data_flag, "--probe_root", args.data_root,
+                    "--probe_every", str(args.probe_every), "--num_workers", str(args.num_workers), *subset,
+                    "--vis_every", "0", "--keep_every", "0", "--output_dir", str(pretrain_dir)],
+                   out / "pretrain.log")
+    finetune = [python, "main_finetune.py", *data, *flags(FINETUNE), "--seeds", args.seeds, *subset,
+                "--num_workers", str(args.num_workers), "--epochs", str(args.epochs)]
+    steps = {"pretrain": pretrain}
+    steps["mae"] = run([*finetune, "--finetune", str(pretrain_dir / "encoder.pth"), "--output_dir", str(out / "mae")],
+                       out / "mae.log")
+    result = {"data_flag": args.data_flag, "size": args.size, "seeds": seeds,
+              "pretrain": {**pretrain, "epochs": args.pretrain_epochs, "flags": PRETRAIN,
+                           "probe": probe_curve(pretrain_dir / "log.txt")},
+              "mae": summary(out / "mae", seeds, extra_cpu=pretrain["cpu_seconds"])}
+    if args.baseline:
+        steps["scratch"] = run([*finetune, "--output_dir", str(out / "scratch")], out / "scratch.log")
+        result["scratch"] = summary(out / "scratch", seeds)
+        result["mae_minus_scratch_test_auc"] = result["mae"]["test_auc_mean"] - result["scratch"]["test_auc_mean"]
+    first = json.loads((out / "mae" / (f"seed_{seeds[0]}" if len(seeds) > 1 else "") / "results.json").read_text())
+    result.update({"data_profile": first["data_profile"], "augment": first["augment"],
+                   "model": first["model"], "model_config": first["model_config"], "steps": steps})
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    lines = [f"{name}: test AUC {result[name]['test_auc_mean']:.4f} +- {result[name]['test_auc_std']:.4f}, "
+             f"ACC {result[name]['test_acc_mean']:.4f} +- {result[name]['test_acc_std']:.4f}"
+             f"{' (COLLAPSED seeds: ' + str(result[name]['collapsed_seeds']) + ')' if result[name]['collapsed_seeds'] else ''}"
+             for name in ("mae", "scratch") if name in result]
+    print("\n".join(lines) + f"\nwrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
