@@ -22,7 +22,7 @@ from datasets.augment import finish_batch
 from datasets.probe_data import ProbeSet
 from datasets.volume_dataset import collate_volumes
 from models.mae3d import encoder_weights
-from util.checkpoint import atomic_save, plain_args
+from util.checkpoint import CheckpointError, atomic_save, plain_args
 from util.dist import DistInfo, all_reduce_sum, barrier
 from util.lr_sched import lr_at_step, set_lr
 from util.plotting import slice_grid
@@ -37,6 +37,10 @@ NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class UnreadableDataError(RuntimeError):
+    """Too many samples failed to load, or no optimizer step succeeded: the run refuses to report success."""
 
 
 class Preempted(RuntimeError):
@@ -100,6 +104,7 @@ class StepResult:
     loss: float | None  # global mean over ranks and micro-batches; None when the step was skipped
     grad_norm: float
     reason: str = ""  # why the step was skipped
+    failed: int = 0  # samples that failed to load in this step, summed over ranks
     sample: tuple | None = None  # (volume, pred, mask) of the last micro-batch, for figures
 
 
@@ -138,13 +143,16 @@ class Pretrainer:
         self.core = self.backend.module
         self.step = 0
         self.bad_steps_in_row = 0
+        self.applied_steps = 0  # optimizer steps that changed the weights, over the whole run (resumes included)
+        self.epoch_failures = 0  # samples of the current epoch that failed to load, over all ranks
+        self.max_failures = args.max_bad_samples * len(dataset)
         self.failed_sources: dict[str, str] = {}
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def client_state(self) -> dict:
-        return {"epoch": self.step // self.steps_per_epoch, "step": self.step, "args": plain_args(self.args),
-                **self.extra_state}
+        return {"epoch": self.step // self.steps_per_epoch, "step": self.step, "applied_steps": self.applied_steps,
+                "args": plain_args(self.args), **self.extra_state}
 
     def save(self, name: str) -> None:
         """A resume checkpoint (collective under DeepSpeed, rank 0 alone otherwise)."""
@@ -158,21 +166,41 @@ class Pretrainer:
             atomic_save({"model": weights, **state}, self.output_dir / "model.pth")
             atomic_save({"model": encoder_weights(weights), **state}, self.output_dir / "encoder.pth")
 
-    def latest_checkpoint(self) -> Path | None:
-        return self.backend.latest_checkpoint(self.output_dir)
+    def resume_newest(self, say) -> Path | None:
+        """Resume from the newest checkpoint that loads; newer ones that cannot be read are reported by path and
+        reason and passed over. None when there is none at all; CheckpointError when none of them loads."""
+        problems = []
+        for path in self.backend.checkpoint_candidates(self.output_dir):
+            try:
+                self.resume(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                say(f"warning: cannot resume from {err}")
+                continue
+            if problems:
+                say(f"warning: resuming from the newest readable checkpoint instead: {path}")
+            return path
+        if problems:
+            raise CheckpointError(f"no checkpoint in {self.output_dir} can be read ({'; '.join(problems)}); "
+                                  f"pass --resume none to start afresh")
+        return None
 
     def resume(self, path: Path) -> None:
-        self.step = int(self.backend.resume(path)["step"])
+        state = self.backend.resume(path)
+        self.step = int(state["step"])
+        self.applied_steps = int(state.get("applied_steps", self.step))
 
     # ---- one optimizer step ------------------------------------------------------------------
 
     def optimizer_step(self, micro_batches: list[dict], epoch: int, keep_sample: bool) -> StepResult:
         """Forward and backward every micro-batch on every rank, then update unless any loss was non-finite."""
         device = self.dist.device
-        empty = torch.tensor([float(any(b["volume"] is None for b in micro_batches))], device=device)
-        all_reduce_sum(empty)
-        if empty.item() > 0:  # a rank cannot run this step: all ranks skip it, before any collective
-            return StepResult(None, math.nan, "a rank had no loadable volume in its batch")
+        status = torch.tensor([float(any(b["volume"] is None for b in micro_batches)),
+                               float(sum(len(b["failed"]) for b in micro_batches))], device=device)
+        all_reduce_sum(status)
+        failed = int(status[1].item())
+        if status[0].item() > 0:  # a rank cannot run this step: all ranks skip it, before any collective
+            return StepResult(None, math.nan, "a rank had no loadable volume in its batch", failed)
         loss_sum, nonfinite, sample = 0.0, False, None
         input_dtype = getattr(self.backend, "input_dtype", torch.float32)
         for i, batch in enumerate(micro_batches):
@@ -195,10 +223,10 @@ class Pretrainer:
                 sample = (volume[0].detach(), pred[0].detach().float(), mask[0].detach())
         applied, grad_norm = self.backend.finish_step(skip=nonfinite)
         if nonfinite:
-            return StepResult(None, grad_norm, "non-finite loss")
+            return StepResult(None, grad_norm, "non-finite loss", failed)
         if not applied:
-            return StepResult(None, grad_norm, "non-finite gradient")
-        return StepResult(loss_sum / len(micro_batches), grad_norm, sample=sample)
+            return StepResult(None, grad_norm, "non-finite gradient", failed)
+        return StepResult(loss_sum / len(micro_batches), grad_norm, failed=failed, sample=sample)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -211,6 +239,7 @@ class Pretrainer:
         if self.step == 0:
             self._run_probe(run_log)
         while self.step < self.total_steps:
+            self.epoch_failures = 0
             self.sampler.set_epoch(epoch)
             self.loader.dataset.set_epoch(epoch)
             first = self.step - epoch * self.steps_per_epoch
@@ -229,6 +258,13 @@ class Pretrainer:
                 keep_sample = self.dist.is_main and self._is_vis_step(self.step + 1)
                 result = self.optimizer_step(micro_batches, epoch, keep_sample)
                 self.step += 1
+                self.applied_steps += result.loss is not None
+                self.epoch_failures += result.failed
+                if self.epoch_failures > self.max_failures:
+                    bar.close()
+                    self._stop_unreadable(f"{self.epoch_failures} samples of epoch {epoch} could not be loaded, "
+                                          f"more than --max_bad_samples {self.args.max_bad_samples:g} of "
+                                          f"{len(self.loader.dataset)}")
                 window.add(result, sum(int(b["index"].numel()) for b in micro_batches) * self.dist.world_size)
                 too_many_bad = self._count_bad_step(result)
                 bar.update(1)
@@ -255,6 +291,8 @@ class Pretrainer:
                     self._run_probe(run_log)
             epoch += 1
         bar.close()
+        if self.applied_steps == 0:
+            self._stop_unreadable(f"none of the {self.step} optimizer steps changed the weights")
         if self.probe and self.last_probe_step != self.step:
             self._run_probe(run_log)
         self.save("checkpoint-last.pth")
@@ -302,11 +340,18 @@ class Pretrainer:
         """Stop with a checkpoint of the last good state (skipped steps changed no weight)."""
         self.save("checkpoint-last.pth")
         barrier()
-        where = self.backend.latest_checkpoint(self.output_dir)
+        where = self.backend.checkpoint_candidates(self.output_dir)[0]
         raise NonFiniteLossError(
             f"{self.bad_steps_in_row} steps in a row had a {result.reason} (--max_bad_steps "
             f"{self.args.max_bad_steps}); stopped at step {self.step} and saved the last good state in {where}. "
             f"Lower the learning rate, use --clip_grad, or --precision bf16/fp32.")
+
+    def _stop_unreadable(self, what: str) -> None:
+        """Stop without writing model.pth or encoder.pth, naming every source that failed to load."""
+        failed = self.all_failed_sources()
+        listing = "".join(f"\n  {source}: {reason}" for source, reason in sorted(failed.items()))
+        raise UnreadableDataError(f"{what}; no encoder was written. Unreadable volumes ({len(failed)}):"
+                                  f"{listing or ' none'}")
 
     def _note_failures(self, failed: list[tuple[str, str]]) -> None:
         for source, reason in failed:

@@ -59,13 +59,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unwritable_reason(target: Path, overwrite: bool) -> str | None:
+    """Why `target` cannot be written as a file, checked before any volume is read so no work is lost."""
+    if target.is_dir():
+        return "is a directory"
+    if target.exists() and not overwrite:
+        return "exists; pass --overwrite to replace it"
+    parent = target.parent
+    if not parent.is_dir():
+        return f"its folder {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"its folder {parent} is not writable"
+    return None
+
+
 def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse before any work: existing outputs without --overwrite, unknown embedding formats."""
+    """Refuse before any work: outputs that cannot be written (or would be overwritten without --overwrite),
+    unknown embedding formats."""
     if args.explain and not args.output_csv:
         raise SystemExit("error: --explain explains predictions; give --output_csv too")
     for target in filter(None, (args.output_csv, args.embeddings)):
-        if Path(target).exists() and not args.overwrite:
-            raise SystemExit(f"error: {target} exists; pass --overwrite to replace it")
+        if reason := unwritable_reason(Path(target), args.overwrite):
+            raise SystemExit(f"error: {target} {reason}")
+    if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
+        raise SystemExit(f"error: --explain {args.explain} is a file, not a folder")
     if args.embeddings and Path(args.embeddings).suffix.lower() not in (".npy", ".h5"):
         raise SystemExit(f"error: --embeddings must end in .npy or .h5, got {args.embeddings}")
 

@@ -17,10 +17,11 @@ from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
 from datasets.pretrain_data import build_pretrain_dataset, medmnist_pretrain_dataset, phantom_corpus
 from medmnist.info import DEFAULT_ROOT
 from datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
-from engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer
+from engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer, UnreadableDataError
 from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
 from models.patch_embed import REFERENCE_PATCH, auto_patch_size
 from models.vit import AUTO_ARCHITECTURE
+from util.checkpoint import CheckpointError
 from util.cli import grid, int_tuple
 from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
@@ -70,6 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     optim.add_argument("--max_bad_steps", type=int, default=20,
                        help="stop after this many skipped (non-finite) steps in a row")
+    optim.add_argument("--max_bad_samples", type=float, default=0.1,
+                       help="stop, naming them, once more than this share of an epoch's samples failed to load "
+                            "(rather than train on a silently shrunken corpus); 1 never stops")
     optim.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
                        help="train with DeepSpeed ZeRO (launch/deepspeed/*.json); batch size, accumulation and "
                             "clipping still come from the flags above")
@@ -121,15 +125,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_checkpoint(args, trainer: Pretrainer) -> Path | None:
+def resume(args, trainer: Pretrainer, say) -> Path | None:
+    """The checkpoint the run resumed from, if any; a checkpoint that cannot be used stops the run in one line."""
     if args.resume in ("none", ""):
         return None
-    if args.resume == "auto":
-        return trainer.latest_checkpoint()
-    path = Path(args.resume)
-    if not path.exists():
-        raise SystemExit(f"error: --resume {path}: no such file")
-    return path
+    try:
+        if args.resume == "auto":
+            return trainer.resume_newest(say)
+        path = Path(args.resume)
+        if not path.exists():
+            raise SystemExit(f"error: --resume {path}: no such file")
+        trainer.resume(path)
+        return path
+    except CheckpointError as err:
+        raise SystemExit(f"error: cannot resume: {err}") from None
 
 
 def patch_size_arg(text: str) -> tuple[int, ...] | str:
@@ -173,6 +182,8 @@ def build_probe(args: argparse.Namespace, core: torch.nn.Module, config, say) ->
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not 0.0 <= args.max_bad_samples <= 1.0:
+        raise SystemExit(f"error: --max_bad_samples is a share of the epoch, 0..1; got {args.max_bad_samples}")
     dist_info = init_distributed(args.device)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -220,9 +231,8 @@ def main(args: argparse.Namespace) -> int:
                    "preprocess": config.to_dict() if config is not None else None}
     probe = build_probe(args, core, config, say)
     trainer = Pretrainer(args, core, dataset, dist_info, extra_state, preemption, probe)
-    checkpoint = resolve_checkpoint(args, trainer)
+    checkpoint = resume(args, trainer, say)
     if checkpoint is not None:
-        trainer.resume(checkpoint)
         say(f"resumed from {checkpoint} at step {trainer.step}")
 
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
@@ -239,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
     run_log = RunLog(output_dir, args.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
     try:
         trainer.train(run_log)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, UnreadableDataError) as err:
         run_log.close()
         shutdown()
         raise SystemExit(f"error: {err}") from None

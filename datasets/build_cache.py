@@ -34,7 +34,7 @@ from util.cli import grid, int_tuple
 PLAN_FILE = "plan.csv"
 PARTS_DIR = ".parts"
 MANIFEST_COLUMNS = ["index", "source", "status", "reason", "shard", "key", "modality", "original_size",
-                    "original_spacing", "intensity_low", "intensity_high", "seconds"]
+                    "original_spacing", "intensity_low", "intensity_high", "nonfinite_filled", "seconds"]
 
 _progress: "queue.Queue | None" = None  # set in each worker: one tick per finished volume
 
@@ -71,13 +71,18 @@ def load_plan(root: Path, sources: list[str], shard_size: int) -> pd.DataFrame:
     return plan
 
 
+def same_output(a: PreprocessConfig, b: PreprocessConfig) -> bool:
+    """Settings that change the cached arrays agree; the reading limit (max_voxels) may differ between runs."""
+    return {**a.to_dict(), "max_voxels": 0} == {**b.to_dict(), "max_voxels": 0}
+
+
 def write_meta(root: Path, config: PreprocessConfig, dtype: str) -> None:
     """Create cache.json, or check that an existing cache was built with the same settings."""
     meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "dtype": dtype, "preprocess": config.to_dict()}
     path = root / META_FILE
     if path.exists():
         existing = read_meta(root)
-        if existing["dtype"] != dtype or existing["preprocess"] != meta["preprocess"]:
+        if existing["dtype"] != dtype or not same_output(PreprocessConfig.from_dict(existing["preprocess"]), config):
             raise SystemExit(f"error: {root} holds a cache built with other settings "
                              f"({json.dumps(existing['preprocess'])}, dtype {existing['dtype']}); "
                              f"use another --output")
@@ -118,13 +123,14 @@ def build_shard(root: Path, shard: int, items: list[tuple[int, str]], config: Pr
             start = time.perf_counter()
             row = {"index": index, "source": source, "status": "skipped", "reason": "", "shard": "", "key": ""}
             try:
-                image = read_image(source)
+                image = read_image(source, config.max_voxels)
                 result = preprocess_image(image, config)
                 write_volume(group, volume_key(index), result.array, dtype, _volume_attrs(image, source, config, result))
                 row.update(status="ok", shard=final.name, key=volume_key(index), modality=result.modality,
                            original_size="x".join(map(str, image.GetSize())),
                            original_spacing="x".join(f"{s:.4g}" for s in image.GetSpacing()),
-                           intensity_low=result.intensity_range[0], intensity_high=result.intensity_range[1])
+                           intensity_low=result.intensity_range[0], intensity_high=result.intensity_range[1],
+                           nonfinite_filled=result.nonfinite_filled)
             except VolumeReadError as err:
                 row["reason"] = str(err)
             except Exception as err:  # one bad input of thousands must not stop the build
@@ -223,6 +229,11 @@ def summarise(manifest: pd.DataFrame, output: Path, seconds: float) -> str:
     if len(skipped):
         lines.append(f"skipped {len(skipped)}:")
         lines += [f"  {row.source}: {row.reason}" for row in skipped.itertuples()]
+    filled = manifest[pd.to_numeric(manifest["nonfinite_filled"], errors="coerce").fillna(0) > 0] \
+        if "nonfinite_filled" in manifest.columns else manifest.iloc[:0]
+    if len(filled):
+        lines.append(f"warning: NaN/Inf voxels replaced by the background value (--nonfinite fill) in {len(filled)}:")
+        lines += [f"  {row.source}: {int(float(row.nonfinite_filled))} voxels" for row in filled.itertuples()]
     return "\n".join(lines)
 
 

@@ -143,7 +143,14 @@ def _raw_array(path: Path, key: str, spec: InputSpec) -> np.ndarray:
 
 
 def load_case(text: str, base: Path, spec: InputSpec) -> np.ndarray:
-    """One row's model input: float32 (C, *input_size)."""
+    """One row's model input: float32 (C, *input_size), every value finite."""
+    array = _load_case(text, base, spec)
+    if not np.isfinite(array).all():
+        raise CaseError(f"{int((~np.isfinite(array)).sum())} non-finite values (NaN/Inf)")
+    return array
+
+
+def _load_case(text: str, base: Path, spec: InputSpec) -> np.ndarray:
     if not text.strip():
         raise CaseError("empty path")
     path, key = resolve(base, text)
@@ -179,10 +186,15 @@ class CaseDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, row: int) -> dict:
+        """Any failure reading or preprocessing this row is the row's error, never the run's: a CaseError
+        carries its own reason; anything else (a truncated .npy, a file that only looks like a zip, a
+        decoder bug) is reported by its type and message."""
         try:
             return {"row": row, "input": torch.from_numpy(load_case(self.paths[row], self.base, self.spec)), "error": ""}
-        except (CaseError, OSError, RuntimeError) as err:
-            return {"row": row, "input": None, "error": str(err) or type(err).__name__}
+        except CaseError as err:
+            return {"row": row, "input": None, "error": str(err)}
+        except Exception as err:  # noqa: BLE001 - one unreadable row must not lose the others
+            return {"row": row, "input": None, "error": f"{type(err).__name__}: {err}".rstrip(": ")}
 
 
 def collate_cases(items: list[dict]) -> dict:

@@ -1,31 +1,91 @@
-"""Truncation check for NIfTI-1 files, which ITK reads without complaint, filling the gap with garbage."""
+"""Checks on NIfTI-1 files that ITK does not make: truncation (ITK fills the gap with garbage), zero-length
+axes (ITK reads them as length 1) and non-finite voxels (ITK's NIfTI reader turns NaN and Inf into 0)."""
 import gzip
 import math
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 NIFTI1_HEADER_SIZE = 348
 NIFTI2_HEADER_SIZE = 540
 READ_BLOCK = 1 << 22
 
 
-def _expected_bytes(header: bytes) -> int | None:
-    """Header plus data size a NIfTI-1 header promises; None for anything else (NIfTI-2, Analyze)."""
+# NIfTI-1 datatype codes of the floating-point types, the only ones that can hold NaN or Inf
+FLOAT_DATATYPES = {16: "f4", 64: "f8"}
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+class NiftiHeader(NamedTuple):
+    endian: str
+    dims: tuple[int, ...]  # lengths of the used axes
+    datatype: int
+    bitpix: int
+    data_offset: int
+
+
+def _header_fields(header: bytes) -> NiftiHeader | None:
+    """The fields of a NIfTI-1 header these checks need; None for anything else (NIfTI-2, Analyze)."""
     for endian in "<>":
         if len(header) >= NIFTI1_HEADER_SIZE and struct.unpack(endian + "i", header[:4])[0] == NIFTI1_HEADER_SIZE:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "hh", header[70:74])
             vox_offset = struct.unpack(endian + "f", header[108:112])[0]
             ndim = max(0, min(dims[0], 7))
-            voxels = math.prod(max(d, 0) for d in dims[1:ndim + 1])
-            return max(int(vox_offset), NIFTI1_HEADER_SIZE) + voxels * max(bitpix, 0) // 8
+            return NiftiHeader(endian, tuple(dims[1:ndim + 1]), datatype, bitpix,
+                               max(int(vox_offset), NIFTI1_HEADER_SIZE))
     return None
+
+
+def _read_header(path: Path) -> NiftiHeader | None:
+    try:
+        with _open(path) as f:
+            return _header_fields(f.read(NIFTI1_HEADER_SIZE))
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def nifti_empty_axis(path: Path) -> str | None:
+    """A header with an axis of length 0 (ITK would read it as 1), or None."""
+    fields = _read_header(path)
+    if fields is None or all(d > 0 for d in fields.dims[:3]):
+        return None
+    return f"the header gives an axis of length 0 (dims {'x'.join(map(str, fields.dims))}): no voxels"
+
+
+def nifti_nonfinite_mask(path: Path) -> np.ndarray | None:
+    """Where the first 3D volume of a floating-point NIfTI-1 file holds NaN or Inf, read from the raw data, as a
+    (z, y, x) boolean array in SimpleITK's array order; None when the file has no floating-point data."""
+    fields = _read_header(path)
+    if fields is None or fields.datatype not in FLOAT_DATATYPES or len(fields.dims) < 3:
+        return None
+    shape = tuple(fields.dims[:3])
+    dtype = np.dtype(fields.endian + FLOAT_DATATYPES[fields.datatype])
+    with _open(path) as f:
+        f.read(fields.data_offset)
+        data = np.frombuffer(f.read(math.prod(shape) * dtype.itemsize), dtype=dtype)
+    if data.size != math.prod(shape):
+        return None  # truncated: nifti_truncation reports it
+    return ~np.isfinite(data).reshape(shape[::-1])
+
+
+def _expected_bytes(header: bytes) -> int | None:
+    """Header plus data size a NIfTI-1 header promises; None for anything else (NIfTI-2, Analyze)."""
+    fields = _header_fields(header)
+    if fields is None:
+        return None
+    return fields.data_offset + math.prod(max(d, 0) for d in fields.dims) * max(fields.bitpix, 0) // 8
 
 
 def is_nifti2(path: Path) -> bool:
     try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        with _open(path) as f:
             first = f.read(4)
     except (OSError, EOFError, zlib.error):
         return False
@@ -45,7 +105,7 @@ def nifti_truncation(path: Path) -> str | None:
     """Why a .nii/.nii.gz holds less data than its header says, or None when it is whole (or not NIfTI-1)."""
     compressed = path.name.lower().endswith(".gz")
     try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        with _open(path) as f:
             expected = _expected_bytes(f.read(NIFTI1_HEADER_SIZE))
     except (OSError, EOFError, zlib.error):
         return None  # not gzip or not NIfTI at all: the reader reports that itself

@@ -10,10 +10,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from datasets.orientation import image_to_array, to_canonical
-from datasets.reading import MODALITY_KEY, VolumeReadError, read_image
+from datasets.reading import MAX_VOXELS, MODALITY_KEY, VolumeReadError, read_image
 
 RESAMPLE_MODES = ("fit", "stretch", "spacing")
 MODALITIES = ("auto", "ct", "mr")
+NONFINITE_POLICIES = ("skip", "fill")
 CT_BACKGROUND_HU = -1024.0
 # CT windows in use in the field (REFERENCE.md §3), selectable by name.
 CT_WINDOWS = {
@@ -36,6 +37,8 @@ class PreprocessConfig:
     modality: str = "auto"
     ct_window: tuple[float, float] = CT_WINDOWS["wide"]
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    nonfinite: str = "skip"  # NaN/Inf voxels: skip the volume, or fill them with the background value
+    max_voxels: int = MAX_VOXELS  # larger headers are skipped before decoding
     version: int = 1
 
     def __post_init__(self):
@@ -52,6 +55,9 @@ class PreprocessConfig:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
         self.ct_window = tuple(float(v) for v in self.ct_window)
         self.mr_percentiles = tuple(float(v) for v in self.mr_percentiles)
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        self.max_voxels = int(self.max_voxels)
         if self.ct_window[0] >= self.ct_window[1]:
             raise ValueError(f"ct_window must be (low, high) with low < high, got {self.ct_window}")
 
@@ -132,12 +138,41 @@ class Preprocessed:
     array: np.ndarray  # (1, D, H, W) float32 in [0, 1]
     modality: str
     intensity_range: tuple[float, float]  # raw values mapped to 0 and 1
+    nonfinite_filled: int = 0  # NaN/Inf voxels replaced by the background value (config.nonfinite == "fill")
+
+
+def _fill_nonfinite(image: sitk.Image, raw: np.ndarray, nonfinite: np.ndarray, config: PreprocessConfig) -> sitk.Image:
+    """The image with its NaN/Inf voxels set to the background: air for CT, the lowest finite value for MR."""
+    finite = raw[~nonfinite]
+    modality = detect_modality(image, finite) if config.modality == "auto" else config.modality
+    filled = np.where(nonfinite, CT_BACKGROUND_HU if modality == "ct" else finite.min(), raw).astype(raw.dtype)
+    result = sitk.GetImageFromArray(filled)
+    result.CopyInformation(image)
+    for key in image.GetMetaDataKeys():
+        result.SetMetaData(key, image.GetMetaData(key))
+    return result
 
 
 def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocessed:
-    """Canonical orientation, anti-aliased resampling onto `config.size`, windowing to [0, 1]."""
+    """Canonical orientation, anti-aliased resampling onto `config.size`, windowing to [0, 1].
+
+    Non-finite voxels are found before any conversion (a cast or window would silently make them 0, which
+    in HU is soft tissue): the volume is refused, or with `nonfinite="fill"` they become the background."""
     image = to_canonical(image)
     raw = sitk.GetArrayViewFromImage(image)
+    if raw.size == 0:
+        raise VolumeReadError(f"no voxels (size {'x'.join(map(str, image.GetSize()))})")
+    nonfinite = ~np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else None
+    filled = 0
+    if nonfinite is not None and nonfinite.any():
+        filled = int(nonfinite.sum())
+        if filled == raw.size:
+            raise VolumeReadError(f"all {raw.size} voxels are non-finite (NaN/Inf)")
+        if config.nonfinite != "fill":
+            raise VolumeReadError(f"{filled} non-finite voxels (NaN/Inf); --nonfinite fill replaces them with "
+                                  f"the background value")
+        image = _fill_nonfinite(image, np.array(raw), nonfinite, config)
+        raw = sitk.GetArrayViewFromImage(image)
     low_value, high_value = float(raw.min()), float(raw.max())
     if low_value == high_value:
         raise VolumeReadError(f"all voxels have the same value ({low_value:g})")
@@ -145,12 +180,12 @@ def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocesse
     low, high = intensity_range(raw, modality, config)
     pad_value = CT_BACKGROUND_HU if modality == "ct" else low_value
     array = image_to_array(resample_to_grid(image, config, pad_value))
-    return Preprocessed(np.clip((array - low) / (high - low), 0.0, 1.0), modality, (low, high))
+    return Preprocessed(np.clip((array - low) / (high - low), 0.0, 1.0), modality, (low, high), filled)
 
 
 def load_volume(source: str, config: PreprocessConfig) -> np.ndarray:
     """Read and preprocess one source (file or DICOM folder): (1, D, H, W) float32 in [0, 1]."""
-    return preprocess_image(read_image(source), config).array
+    return preprocess_image(read_image(source, config.max_voxels), config).array
 
 
 def add_preprocess_args(parser) -> None:
@@ -164,6 +199,12 @@ def add_preprocess_args(parser) -> None:
                        help="ct: HU window; mr: percentiles; auto: DICOM tag, else CT if air-like HU values")
     group.add_argument("--ct_window", default="wide",
                        help=f"CT window: a preset ({', '.join(CT_WINDOWS)}) or LOW,HIGH in HU (default wide = -1000,1000)")
+    group.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default="skip",
+                       help="volumes with NaN/Inf voxels: skip them with the count as reason (default), or fill "
+                            "those voxels with the background (CT air, MR minimum) and warn")
+    group.add_argument("--max_voxels", type=int, default=MAX_VOXELS,
+                       help="skip, from the header and before decoding, volumes with more voxels than this "
+                            "(default %(default)s: about 8 GB while preprocessing)")
 
 
 def preprocess_config_from_args(args, size: tuple[int, int, int]) -> PreprocessConfig:
@@ -175,5 +216,5 @@ def preprocess_config_from_args(args, size: tuple[int, int, int]) -> PreprocessC
     if args.spacing is not None:
         values = tuple(float(v) for v in args.spacing.split(","))
         spacing = values * 3 if len(values) == 1 else values
-    return PreprocessConfig(size=size, resample=args.resample, spacing=spacing,
-                            modality=args.modality, ct_window=window)
+    return PreprocessConfig(size=size, resample=args.resample, spacing=spacing, modality=args.modality,
+                            ct_window=window, nonfinite=args.nonfinite, max_voxels=args.max_voxels)

@@ -7,9 +7,10 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
-from datasets.nifti_check import is_nifti2, nifti_truncation
+from datasets.nifti_check import is_nifti2, nifti_empty_axis, nifti_nonfinite_mask, nifti_truncation
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +18,9 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 DICOM_SUFFIXES = (".dcm", ".ima")
 SERIES_SEPARATOR = "::"  # "folder::SeriesInstanceUID" names one series of a folder holding several
 MODALITY_KEY = "0008|0060"
+# Headers promising more voxels than this are skipped before decoding: preprocessing holds a few float32
+# copies of a volume, so 2^29 voxels (e.g. 512 x 512 x 2048) needs roughly 8 GB; raise it on larger machines.
+MAX_VOXELS = 2 ** 29
 
 
 class VolumeReadError(ValueError):
@@ -65,9 +69,9 @@ def itk_reason(err: RuntimeError, path: Path) -> str:
     return "SimpleITK cannot read it: " + re.sub(r"^(sitk::ERROR:|ITK ERROR:)\s*", "", text.strip()).strip()
 
 
-def _read_dicom(source: str) -> sitk.Image:
+def _read_dicom(source: str, max_voxels: int) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(dicom_series_files(source))
+    reader.SetFileNames(_check_dicom(source, max_voxels))
     reader.MetaDataDictionaryArrayUpdateOn()
     image = reader.Execute()
     if reader.HasMetaDataKey(0, MODALITY_KEY):
@@ -75,7 +79,21 @@ def _read_dicom(source: str) -> sitk.Image:
     return image
 
 
-def _check_file(path: Path) -> sitk.ImageFileReader:
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def check_voxel_count(size: tuple[int, ...], max_voxels: int) -> None:
+    """Refuse, from the header alone, a volume too large to decode on this machine."""
+    count = 1
+    for length in size[:3]:
+        count *= int(length)
+    if count > max_voxels:
+        raise VolumeReadError(f"the header promises {count:,} voxels ({'x'.join(map(str, size))}), more than "
+                              f"--max_voxels {max_voxels:,}; skipped before decoding")
+
+
+def _check_file(path: Path, max_voxels: int) -> sitk.ImageFileReader:
     if path.stat().st_size == 0:
         raise VolumeReadError("empty file")
     reader = sitk.ImageFileReader()
@@ -83,9 +101,37 @@ def _check_file(path: Path) -> sitk.ImageFileReader:
     reader.ReadImageInformation()
     if reader.GetDimension() < 3:
         raise VolumeReadError(f"a {reader.GetDimension()}-D image, not a volume")
-    if path.name.lower().endswith((".nii", ".nii.gz")) and (reason := nifti_truncation(path)):
+    check_voxel_count(reader.GetSize(), max_voxels)
+    if _is_nifti(path) and (reason := nifti_empty_axis(path) or nifti_truncation(path)):
         raise VolumeReadError(reason)
     return reader
+
+
+def _check_dicom(source: str, max_voxels: int) -> list[str]:
+    """The series' files, after checking the voxel count its first header and file count promise."""
+    files = dicom_series_files(source)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    reader.ReadImageInformation()
+    columns, rows = reader.GetSize()[:2]
+    check_voxel_count((columns, rows, len(files)), max_voxels)
+    return files
+
+
+def restore_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
+    """Put back the NaN/Inf that ITK's NIfTI reader silently turned into 0, so later steps see the file's truth."""
+    mask = nifti_nonfinite_mask(path) if _is_nifti(path) else None
+    if mask is None or not mask.any() or mask.shape != sitk.GetArrayViewFromImage(image).shape[-3:]:
+        return image
+    array = sitk.GetArrayFromImage(image)
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
+        return image
+    array[mask] = np.nan
+    restored = sitk.GetImageFromArray(array)
+    restored.CopyInformation(image)
+    for key in image.GetMetaDataKeys():
+        restored.SetMetaData(key, image.GetMetaData(key))
+    return restored
 
 
 def first_volume(image: sitk.Image, source: str) -> sitk.Image:
@@ -105,28 +151,29 @@ def first_volume(image: sitk.Image, source: str) -> sitk.Image:
     return image
 
 
-def read_image(source: str) -> sitk.Image:
-    """Read a volume file or DICOM series folder as a scalar 3D SimpleITK image."""
+def read_image(source: str, max_voxels: int = MAX_VOXELS) -> sitk.Image:
+    """Read a volume file or DICOM series folder as a scalar 3D SimpleITK image, its non-finite voxels kept."""
     path, _ = split_series(source)
     if not path.exists():
         raise VolumeReadError("no such file or folder")
     try:
-        image = _read_dicom(source) if path.is_dir() else _check_file(path).Execute()
+        image = _read_dicom(source, max_voxels) if path.is_dir() else \
+            restore_nonfinite(_check_file(path, max_voxels).Execute(), path)
     except RuntimeError as err:
         raise VolumeReadError(itk_reason(err, path)) from None
     return first_volume(image, source)
 
 
-def probe(source: str) -> str | None:
+def probe(source: str, max_voxels: int = MAX_VOXELS) -> str | None:
     """Check a source from its header alone; the reason it cannot be used, or None."""
     path, _ = split_series(source)
     if not path.exists():
         return "no such file or folder"
     try:
         if path.is_dir():
-            dicom_series_files(source)
+            _check_dicom(source, max_voxels)
         else:
-            _check_file(path)
+            _check_file(path, max_voxels)
     except VolumeReadError as err:
         return str(err)
     except RuntimeError as err:

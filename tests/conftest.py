@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,3 +40,13 @@ def phantom_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("phantoms")
     write_phantom_corpus(folder, count=8, seed=0, size_range=(24, 40), progress=False)
     return folder
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A classifier from main_finetune.py on AdrenalMNIST3D (one quick epoch) and its test scores."""
+    out = tmp_path_factory.mktemp("ft")
+    run_cli(["main_finetune.py", "--data_flag", "adrenalmnist3d", "--data_root", str(shared_path("medmnist")),
+             "--model", "vit3d_tiny_patch14", "--epochs", "1", "--bootstrap", "0", "--output_dir", str(out)])
+    scores = pd.read_csv(next(out.glob("*_test_*.csv")), header=None, index_col=0).sort_index().values
+    return out / "best.pth", scores

@@ -15,16 +15,6 @@ from util.checkpoint import load_checkpoint
 VOLUMES = ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "ch2.nii.gz", "example_ct_dicom")
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-    """A classifier from main_finetune.py on AdrenalMNIST3D (one quick epoch) and its test scores."""
-    out = tmp_path_factory.mktemp("ft")
-    run_cli(["main_finetune.py", "--data_flag", "adrenalmnist3d", "--data_root", str(shared_path("medmnist")),
-             "--model", "vit3d_tiny_patch14", "--epochs", "1", "--bootstrap", "0", "--output_dir", str(out)])
-    scores = pd.read_csv(next(out.glob("*_test_*.csv")), header=None, index_col=0).sort_index().values
-    return out / "best.pth", scores
-
-
 def write_cases(folder, rows) -> str:
     path = folder / "cases.csv"
     pd.DataFrame(rows).to_csv(path, index=False)

@@ -5,7 +5,9 @@ renamed over it, so a crash at any moment leaves either the old file or the new 
 of one. Loading always uses `weights_only=True`: a checkpoint is untrusted input.
 """
 import os
+import pickle
 import random
+import re
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,37 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason, in one line."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return re.sub(r"\s+", " ", text[0]) if text else type(err).__name__
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """torch.load with weights_only=True; a missing file stays FileNotFoundError, anything else that stops the
+    load (truncation, corruption, a pickle that asks for code) becomes a one-line CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused: weights_only loading found more than tensors and plain values "
+                              f"(a crafted or foreign file: {_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def resume_candidates(folder: str | os.PathLike) -> list[Path]:
+    """checkpoint-last.pth, then the kept checkpoint-N.pth from the newest epoch down: the order in which
+    `--resume auto` tries them when the newer ones cannot be read."""
+    folder = Path(folder)
+    kept = [(int(m.group(1)), path) for path in folder.glob("checkpoint-*.pth")
+            if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", path.name))]
+    last = folder / "checkpoint-last.pth"
+    return ([last] if last.is_file() else []) + [path for _, path in sorted(kept, reverse=True)]
 
 
 def plain_args(args: Namespace | dict) -> dict:

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from util.checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state
+from util.checkpoint import (atomic_save, load_checkpoint, remove_stale_temporaries, resume_candidates, rng_state,
+                              set_rng_state)
+from util.deepspeed_checkpoint import consolidated_fp32_weights, use_weights_only_loading, validate_deepspeed_checkpoint
 from util.dist import DistInfo, barrier
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -96,11 +98,11 @@ class TorchBackend:
                          "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                          "rng": rng_state(), **client_state}, output_dir / name)
 
-    def latest_checkpoint(self, output_dir: Path) -> Path | None:
+    def checkpoint_candidates(self, output_dir: Path) -> list[Path]:
+        """The checkpoints `--resume auto` may use, newest first (util.checkpoint.resume_candidates)."""
         if self.dist.is_main:
             remove_stale_temporaries(output_dir)
-        last = output_dir / "checkpoint-last.pth"
-        return last if last.exists() else None
+        return resume_candidates(output_dir)
 
     def resume(self, path: Path) -> dict:
         checkpoint = load_checkpoint(path)
@@ -121,6 +123,7 @@ class DeepSpeedBackend:
 
     Resume uses DeepSpeed's own checkpoints (OUTPUT_DIR/deepspeed/, `latest` written last); at the
     end `full_state_dict` consolidates the fp32 weights (DeepSpeed's zero_to_fp32) for plain files.
+    Both read only files that pass weights_only loading (util.deepspeed_checkpoint).
     """
 
     CHECKPOINT_DIR = "deepspeed"
@@ -144,6 +147,7 @@ class DeepSpeedBackend:
         self.dist = dist_info
         self.engine, _, _, _ = deepspeed.initialize(model=module.to(dist_info.device), optimizer=optimizer,
                                                     config=config)
+        use_weights_only_loading(self.engine)
         self.module = self.engine.module
         self.model = self.engine
         self.optimizer = self.engine.optimizer
@@ -186,21 +190,21 @@ class DeepSpeedBackend:
                 if old.is_dir() and old.name != tag and old.name not in self.kept_tags:
                     shutil.rmtree(old, ignore_errors=True)
 
-    def latest_checkpoint(self, output_dir: Path) -> Path | None:
+    def checkpoint_candidates(self, output_dir: Path) -> list[Path]:
         folder = output_dir / self.CHECKPOINT_DIR
-        return folder if (folder / "latest").exists() else None
+        return [folder] if (folder / "latest").exists() else []
 
     def resume(self, path: Path) -> dict:
+        """Every file of the checkpoint passes weights_only loading before DeepSpeed reads any."""
+        validate_deepspeed_checkpoint(path)
         _, client_state = self.engine.load_checkpoint(str(path))
         set_rng_state(client_state["rng"])
         return client_state
 
     def full_state_dict(self, output_dir: Path) -> dict | None:
         """fp32 weights gathered from the last DeepSpeed checkpoint, on rank 0 (None elsewhere)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         barrier()
         if not self.dist.is_main:
             return None
-        state = get_fp32_state_dict_from_zero_checkpoint(str(output_dir / self.CHECKPOINT_DIR))
+        state = consolidated_fp32_weights(output_dir / self.CHECKPOINT_DIR)
         return {k: v.float() for k, v in state.items()}

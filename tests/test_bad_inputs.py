@@ -1,0 +1,276 @@
+"""Bad inputs and operations, as a new user makes them: every source and row accounted for with its reason,
+exit codes as documented, nothing silent, no traceback, no unpickled code.
+
+Cache: every source is a manifest row (ok, or skipped with the reason). Prediction: one output row per
+input row, exit 0 whatever the rows hold; outputs that cannot be written stop the run before any volume
+is read. Pretraining: exit 1 with the unreadable files named, and no encoder, when nothing (or too much)
+could be loaded. Resume: an unreadable checkpoint is named, `--resume auto` falls back to the newest
+readable one, a crafted one is refused in one line.
+"""
+import os
+import pickle
+import shutil
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from datasets.cache import VolumeCache
+from tests.conftest import run_cli
+from tests.volumes import write_bad_inputs
+from util.checkpoint import CheckpointError, load_checkpoint
+from util.deepspeed_checkpoint import consolidated_fp32_weights
+
+TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "28", "--patch_size", "14", "--decoder_embed_dim", "64",
+        "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--log_every", "1",
+        "--vis_every", "0", "--warmup_epochs", "1", "--lr", "1e-3"]
+
+
+class Payload:
+    """Unpickling this creates a marker file: proof that a loader ran code from the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def crafted_checkpoint(path: Path, marker: Path) -> None:
+    torch.save({"model": {}, "step": 1, "payload": Payload(marker)}, path)
+
+
+def float_volume(nonfinite: int = 0, shape=(12, 14, 16), seed: int = 0) -> np.ndarray:
+    """A grey-level float32 volume (z, y, x) with `nonfinite` NaN/Inf voxels, or all of them with -1."""
+    array = (np.random.default_rng(seed).random(shape) * 400 - 100).astype(np.float32)
+    flat = array.reshape(-1)
+    if nonfinite < 0:
+        flat[:] = np.nan
+    else:
+        flat[:nonfinite:2] = np.nan
+        flat[1:nonfinite:2] = np.inf
+    return array
+
+
+def write_sitk(array: np.ndarray, path: Path) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
+def write_header_only(path: Path, shape: tuple[int, ...]) -> Path:
+    """An honest NIfTI header promising an enormous int16 volume, without its data."""
+    image = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    image.header.set_data_shape(shape)
+    block = image.header.binaryblock
+    path.write_bytes(block + b"\0" * (352 - len(block)) + b"\0" * 64)
+    return path
+
+
+def write_zero_length_axis(path: Path) -> Path:
+    """A NIfTI whose header gives one axis length 0 (ITK reads it as length 1 and carries on)."""
+    write_sitk(float_volume(), path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<h", data, 40 + 2 * 3, 0)
+    path.write_bytes(bytes(data))
+    return path
+
+
+# ---- cache -----------------------------------------------------------------------------------------------
+
+
+def nonfinite_sources(folder: Path) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_sitk(float_volume(2), folder / "nan_inf.nii.gz")
+    write_sitk(float_volume(1), folder / "nan.mha")
+    write_sitk(float_volume(-1), folder / "all_nan.nii.gz")
+    write_zero_length_axis(folder / "zero_axis.nii")
+    write_header_only(folder / "enormous.nii", (2048, 2048, 2048))
+    return {"nan_inf.nii.gz": "2 non-finite voxels", "nan.mha": "1 non-finite voxels",
+            "all_nan.nii.gz": f"all {12 * 14 * 16} voxels are non-finite",
+            "zero_axis.nii": "axis of length 0", "enormous.nii": "more than --max_voxels"}
+
+
+def build(corpus: Path, output: Path, *extra: str, check: bool = True):
+    return run_cli(["-m", "datasets.build_cache", "--input", str(corpus), "--output", str(output), "--size", "16",
+                    "--workers", "1", *extra], check=check)
+
+
+def test_every_cache_source_is_in_the_manifest_with_its_reason(tmp_path, phantom_dir):
+    corpus = tmp_path / "corpus"
+    good = sorted(phantom_dir.glob("*.nii.gz"))[:2]
+    corpus.mkdir()
+    for path in good:
+        shutil.copy(path, corpus)
+    expected = {**write_bad_inputs(corpus / "broken", good[0]), **nonfinite_sources(corpus / "nonfinite")}
+    result = build(corpus, tmp_path / "cache")
+    manifest = pd.read_csv(tmp_path / "cache" / "manifest.csv", keep_default_na=False)
+    assert len(manifest) == len(good) + len(expected)
+    reasons = manifest.set_index(manifest["source"].map(os.path.basename))
+    assert (reasons.loc[[p.name for p in good], "status"] == "ok").all()
+    for name, fragment in expected.items():
+        assert reasons.loc[name, "status"] == "skipped" and fragment in reasons.loc[name, "reason"], \
+            (name, reasons.loc[name, "reason"])
+    assert result.returncode == 0 and f"skipped {len(expected)}" in result.stdout
+
+
+def test_nonfinite_fill_caches_the_background_and_says_so(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    array = float_volume(6)
+    write_sitk(array, corpus / "ct_with_nan.nii.gz")
+    write_sitk(np.nan_to_num(array, nan=-1024.0, posinf=-1024.0), corpus / "ct_with_air.nii.gz")
+    result = build(corpus, tmp_path / "cache", "--nonfinite", "fill", "--modality", "ct")
+    manifest = pd.read_csv(tmp_path / "cache" / "manifest.csv")
+    manifest = manifest.set_index(manifest["source"].map(os.path.basename))
+    assert (manifest["status"] == "ok").all()
+    assert manifest.loc["ct_with_nan.nii.gz", "nonfinite_filled"] == 6
+    assert manifest.loc["ct_with_air.nii.gz", "nonfinite_filled"] == 0
+    assert "warning: NaN/Inf voxels replaced" in result.stdout and "ct_with_nan.nii.gz: 6 voxels" in result.stdout
+    cache = VolumeCache(tmp_path / "cache")
+    cached = {os.path.basename(cache.source(i)): cache[i] for i in range(len(cache))}
+    with_nan, with_air = cached["ct_with_nan.nii.gz"], cached["ct_with_air.nii.gz"]
+    assert np.isfinite(with_nan).all()
+    np.testing.assert_allclose(with_nan, with_air, atol=1e-3)  # NaN became air (-1024 HU), exactly as if it were
+
+
+# ---- prediction ------------------------------------------------------------------------------------------
+
+
+def test_one_output_row_per_input_row_whatever_the_rows_hold(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    good = (np.random.default_rng(0).random((28, 28, 28)) > 0.98).astype(np.uint8) * 255
+    np.save(tmp_path / "good.npy", good)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "fake.npz").write_bytes(b"PK\x03\x04 this starts like a zip archive but is not one")
+    np.save(tmp_path / "nan.npy", np.full((28, 28, 28), np.nan, np.float32))
+    write_sitk(float_volume(2), tmp_path / "nan.nii.gz")
+    write_header_only(tmp_path / "enormous.nii", (2048, 2048, 2048))
+    rows = {"good": "good.npy", "empty": "empty.npy", "fake": "fake.npz", "nan_array": "nan.npy",
+            "nan_volume": "nan.nii.gz", "enormous": "enormous.nii", "missing": "missing.npy", "blank": ""}
+    pd.DataFrame({"id": list(rows), "path": list(rows.values())}).to_csv(tmp_path / "cases.csv", index=False)
+    result = run_cli(["main_predict.py", "--checkpoint", str(checkpoint), "--input_csv", str(tmp_path / "cases.csv"),
+                      "--output_csv", str(tmp_path / "out.csv")])
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False).set_index("id")
+    assert list(out.index) == list(rows) and "8 rows: 1 ok, 7 error" in result.stdout
+    assert out.loc["good", "status"] == "ok"
+    expected = {"empty": "EOFError", "fake": "BadZipFile", "nan_array": "uint8", "nan_volume": "2 non-finite",
+                "enormous": "more than --max_voxels", "missing": "no such file", "blank": "empty path"}
+    for row, fragment in expected.items():
+        assert out.loc[row, "status"] == "error" and fragment in out.loc[row, "error"], (row, out.loc[row, "error"])
+
+
+@pytest.mark.parametrize("make_output,extra,message", [
+    (lambda tmp: tmp / "no_such_folder" / "out.csv", [], "does not exist"),
+    (lambda tmp: tmp, ["--overwrite"], "is a directory"),
+])
+def test_an_unwritable_output_stops_before_any_volume_is_read(tmp_path, finetuned, make_output, extra, message):
+    checkpoint, _ = finetuned
+    pd.DataFrame({"path": ["a.npy"]}).to_csv(tmp_path / "cases.csv", index=False)
+    result = run_cli(["main_predict.py", "--checkpoint", str(checkpoint), "--input_csv", str(tmp_path / "cases.csv"),
+                      "--output_csv", str(make_output(tmp_path)), *extra], check=False)
+    assert result.returncode != 0 and message in result.stderr and "predict" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---- pretraining -----------------------------------------------------------------------------------------
+
+
+def pretrain(data: Path, out: Path, *extra: str, check: bool = False):
+    return run_cli(["main_pretrain.py", "--data_path", str(data), *TINY, "--output_dir", str(out), *extra],
+                   check=check)
+
+
+def test_pretraining_on_nothing_loadable_fails_and_writes_no_encoder(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for seed in (0, 1):  # headers fine, so they pass the start-up check; their data are NaN
+        write_sitk(float_volume(5, seed=seed), corpus / f"nan{seed}.nii.gz")
+    result = pretrain(corpus, tmp_path / "out", "--batch_size", "2", "--max_steps", "1", "--max_bad_samples", "1")
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "none of the 1 optimizer steps changed the weights" in result.stderr
+    assert "nan0.nii.gz" in result.stderr and "nan1.nii.gz" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "encoder.pth").exists() and "done:" not in result.stdout
+
+
+def test_pretraining_stops_when_too_many_samples_fail(tmp_path, phantom_dir):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(phantom_dir, corpus)
+    write_sitk(float_volume(3), corpus / "nan.nii.gz")
+    stopped = pretrain(corpus, tmp_path / "stopped", "--batch_size", "9", "--epochs", "1", "--max_bad_samples", "0.05")
+    assert stopped.returncode == 1 and "1 samples of epoch 0 could not be loaded" in stopped.stderr
+    assert "nan.nii.gz: 3 non-finite voxels" in stopped.stderr and not (tmp_path / "stopped" / "encoder.pth").exists()
+    tolerated = pretrain(corpus, tmp_path / "tolerated", "--batch_size", "9", "--epochs", "1", "--max_bad_samples", "0.2")
+    assert tolerated.returncode == 0 and "1 volume(s) could not be loaded" in tolerated.stdout
+
+
+def test_max_bad_samples_must_be_a_share(tmp_path, phantom_dir):
+    result = pretrain(phantom_dir, tmp_path / "out", "--max_bad_samples", "2")
+    assert result.returncode != 0 and "--max_bad_samples is a share of the epoch" in result.stderr
+
+
+# ---- resume ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, phantom_dir) -> Path:
+    """A finished pretraining run with checkpoint-last.pth (epoch 2) and a kept checkpoint-0.pth."""
+    out = tmp_path_factory.mktemp("two_epochs")
+    pretrain(phantom_dir, out, "--batch_size", "4", "--epochs", "2", "--keep_every", "1", check=True)
+    return out
+
+
+def test_resume_auto_falls_back_past_a_truncated_checkpoint(tmp_path, phantom_dir, two_epochs):
+    out = tmp_path / "run"
+    shutil.copytree(two_epochs, out)
+    last = out / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:4096])
+    (out / "checkpoint-1.pth").write_bytes(b"")
+    result = pretrain(phantom_dir, out, "--batch_size", "4", "--epochs", "3", "--keep_every", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"cannot resume from {last}: unreadable" in result.stdout
+    assert f"{out / 'checkpoint-1.pth'}: unreadable" in result.stdout
+    assert f"resumed from {out / 'checkpoint-0.pth'} at step 2" in result.stdout
+
+
+def test_no_readable_checkpoint_stops_in_one_line(tmp_path, phantom_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-last.pth").write_bytes(b"not a checkpoint")
+    result = pretrain(phantom_dir, out, "--batch_size", "4", "--epochs", "3")
+    assert result.returncode == 1 and "pass --resume none to start afresh" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, phantom_dir):
+    marker, crafted = tmp_path / "payload-ran", tmp_path / "crafted.pth"
+    crafted_checkpoint(crafted, marker)
+    pickle.loads(pickle.dumps(Payload(marker)))  # the payload works when unpickled without weights_only ...
+    assert marker.exists()
+    marker.unlink()
+    result = pretrain(phantom_dir, tmp_path / "out", "--batch_size", "4", "--epochs", "1", "--resume", str(crafted))
+    assert result.returncode == 1 and "error: cannot resume:" in result.stderr and "refused" in result.stderr
+    assert "Traceback" not in result.stderr and not marker.exists()  # ... and never ran here
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(crafted)
+    assert not marker.exists()
+
+
+def test_deepspeed_resume_and_consolidation_refuse_a_crafted_file(tmp_path, phantom_dir):
+    out, marker = tmp_path / "ds", tmp_path / "payload-ran"
+    deepspeed = ["--batch_size", "2", "--deepspeed", "launch/deepspeed/zero2_cpu.json", "--num_phantoms", "4"]
+    pretrain(phantom_dir, out, *deepspeed, "--epochs", "1", check=True)
+    folder = out / "deepspeed"
+    tag = folder / (folder / "latest").read_text().strip()
+    optimizer_states = next(tag.glob("*optim_states.pt"))
+    crafted_checkpoint(optimizer_states, marker)
+    result = pretrain(phantom_dir, out, *deepspeed, "--epochs", "2")
+    assert result.returncode == 1 and "error: cannot resume:" in result.stderr and "refused" in result.stderr
+    assert "Traceback" not in result.stderr and not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        consolidated_fp32_weights(folder)
+    assert not marker.exists()
