@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from datasets.orientation import image_to_array, to_canonical
-from datasets.reading import MAX_VOXELS, MODALITY_KEY, VolumeReadError, read_image
+from datasets.reading import MAX_VOXELS, MODALITY_KEY, VolumeReadError, image_like, read_image
 
 RESAMPLE_MODES = ("fit", "stretch", "spacing")
 MODALITIES = ("auto", "ct", "mr")
@@ -146,11 +146,7 @@ def _fill_nonfinite(image: sitk.Image, raw: np.ndarray, nonfinite: np.ndarray, c
     finite = raw[~nonfinite]
     modality = detect_modality(image, finite) if config.modality == "auto" else config.modality
     filled = np.where(nonfinite, CT_BACKGROUND_HU if modality == "ct" else finite.min(), raw).astype(raw.dtype)
-    result = sitk.GetImageFromArray(filled)
-    result.CopyInformation(image)
-    for key in image.GetMetaDataKeys():
-        result.SetMetaData(key, image.GetMetaData(key))
-    return result
+    return image_like(filled, image)
 
 
 def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocessed:

@@ -4,6 +4,7 @@ Errors are `VolumeReadError`s whose message is the reason alone (callers add the
 same text can go to a log line or into a manifest's `reason` column.
 """
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -85,9 +86,7 @@ def _is_nifti(path: Path) -> bool:
 
 def check_voxel_count(size: tuple[int, ...], max_voxels: int) -> None:
     """Refuse, from the header alone, a volume too large to decode on this machine."""
-    count = 1
-    for length in size[:3]:
-        count *= int(length)
+    count = math.prod(int(length) for length in size[:3])
     if count > max_voxels:
         raise VolumeReadError(f"the header promises {count:,} voxels ({'x'.join(map(str, size))}), more than "
                               f"--max_voxels {max_voxels:,}; skipped before decoding")
@@ -118,6 +117,15 @@ def _check_dicom(source: str, max_voxels: int) -> list[str]:
     return files
 
 
+def image_like(array: np.ndarray, template: sitk.Image) -> sitk.Image:
+    """`array` (SimpleITK's z, y, x order) as an image with the template's geometry and metadata."""
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(template)
+    for key in template.GetMetaDataKeys():
+        image.SetMetaData(key, template.GetMetaData(key))
+    return image
+
+
 def restore_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
     """Put back the NaN/Inf that ITK's NIfTI reader silently turned into 0, so later steps see the file's truth."""
     mask = nifti_nonfinite_mask(path) if _is_nifti(path) else None
@@ -127,11 +135,7 @@ def restore_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
     if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
         return image
     array[mask] = np.nan
-    restored = sitk.GetImageFromArray(array)
-    restored.CopyInformation(image)
-    for key in image.GetMetaDataKeys():
-        restored.SetMetaData(key, image.GetMetaData(key))
-    return restored
+    return image_like(array, image)
 
 
 def first_volume(image: sitk.Image, source: str) -> sitk.Image:
