@@ -4,15 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: demo test venv clean
+.PHONY: demo lint test venv clean
 
 venv: $(STAMP)
 
 # DeepSpeed builds from an sdist that imports torch, so it is installed after torch, in the same venv.
-$(STAMP): requirements.txt requirements-deepspeed.txt
+$(STAMP): requirements.txt requirements-deepspeed.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -r requirements-deepspeed.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 # The whole pipeline on built-in synthetic CT phantoms, a few minutes on 2 CPU cores:
@@ -24,7 +25,12 @@ demo: $(STAMP)
 		--patch_size 8 --batch_size 4 --epochs 30 --warmup_epochs 3 --lr 1.5e-3 --num_workers 2 \
 		--log_every 6 --vis_every 60 --keep_every 0 --output_dir demo_output/pretrain
 
-test: $(STAMP)
+# Layering (import-linter contracts in pyproject.toml) and lint (ruff) first: they take seconds.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 clean:

@@ -19,7 +19,7 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from datasets.medmnist_data import RAW_SCALE
+from datasets.stored import to_unit_float
 from datasets.transforms import NO_AUGMENT, AugmentConfig, augment_batch
 from util.checkpoint import atomic_save
 from util.dist import DistInfo, all_reduce_sum
@@ -27,15 +27,15 @@ from util.lr_sched import lr_at_step, multistep_lr, set_lr
 from util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
 from util.run_log import RunLog
 from util.sampler import ShardSampler
-from util.train_backend import DeepSpeedBackend, TorchBackend
+from util.train_backend import make_backend
 
 
 def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Optimizer:
     """AdamW with timm's layer-wise lr decay for ViTs (MAE fine-tuning), or plain Adam (MedMNIST recipe)."""
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    if hasattr(model, "group_matcher") and args.layer_decay < 1.0:
+    no_decay = model.no_weight_decay()
+    if args.layer_decay < 1.0:
         groups = param_groups_layer_decay(model, args.weight_decay, no_decay, layer_decay=args.layer_decay)
     else:
         groups = param_groups_weight_decay(model, args.weight_decay, no_decay)
@@ -52,7 +52,7 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 class Finetuner:
     def __init__(self, args: Namespace, model: torch.nn.Module, splits: dict[str, Dataset], task: str,
-                 num_classes: int, dist_info: DistInfo, augment_config: AugmentConfig = AugmentConfig()):
+                 num_classes: int, dist_info: DistInfo, augment_config: AugmentConfig = NO_AUGMENT):
         self.args = args
         self.task = task
         self.dist = dist_info
@@ -68,14 +68,11 @@ class Finetuner:
                                        drop_last=per_rank % args.batch_size == 1)
         self.steps_per_epoch = len(self.train_loader)
         optimizer = build_optimizer(model, args)
-        if args.deepspeed:
-            self.backend = DeepSpeedBackend(model, optimizer, dist_info, args.deepspeed, args.batch_size, 1,
-                                            args.clip_grad)
-            if self.backend.config.get("zero_optimization", {}).get("stage", 0) > 2:
-                raise SystemExit("error: fine-tuning takes ZeRO stage 1 or 2; stage 3 shards the weights, which "
-                                 "sharded evaluation cannot use (classifiers fit without it)")
-        else:
-            self.backend = TorchBackend(model, optimizer, dist_info, args.precision, 1, args.clip_grad)
+        self.backend = make_backend(model, optimizer, dist_info, args.deepspeed, args.precision, args.batch_size,
+                                    clip_grad=args.clip_grad)
+        if args.deepspeed and self.backend.config.get("zero_optimization", {}).get("stage", 0) > 2:
+            raise SystemExit("error: fine-tuning takes ZeRO stage 1 or 2; stage 3 shards the weights, which "
+                             "sharded evaluation cannot use (classifiers fit without it)")
         self.core = self.backend.module
         self.model = self.backend.model
         self.optimizer = self.backend.optimizer
@@ -99,7 +96,7 @@ class Finetuner:
 
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 batch -> floats in [0, 1] on the device (the normalisation saved with the model), augmented."""
-        x = images.to(self.device, non_blocking=True).float() * RAW_SCALE
+        x = to_unit_float(images.to(self.device, non_blocking=True))
         x = augment_batch(x, self.augment_config) if train and self.augment_config != NO_AUGMENT else x
         return x.to(getattr(self.backend, "input_dtype", torch.float32))
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from datasets.augment import finish_batch
 from datasets.probe_data import ProbeSet
-from datasets.volume_dataset import collate_volumes
+from datasets.volume_dataset import collate_volumes, single_threaded_worker
 from models.mae3d import encoder_weights
 from util.checkpoint import CheckpointError, atomic_save, plain_args
 from util.dist import DistInfo, all_reduce_sum, barrier
@@ -30,7 +29,7 @@ from util.preemption import PREEMPTED_FILE, PreemptionWatch
 from util.probe import probe_aucs
 from util.run_log import RunLog
 from util.sampler import ResumableDistributedSampler
-from util.train_backend import DeepSpeedBackend, TorchBackend
+from util.train_backend import make_backend
 
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
@@ -125,7 +124,7 @@ class Pretrainer:
         self.loader = DataLoader(dataset, batch_size=args.batch_size, sampler=self.sampler,
                                  num_workers=args.num_workers, collate_fn=collate_volumes,
                                  pin_memory=dist_info.device.type == "cuda",
-                                 worker_init_fn=_single_threaded_worker)
+                                 worker_init_fn=single_threaded_worker)
         self.steps_per_epoch = len(self.loader) // args.accum_iter
         if self.steps_per_epoch == 0:
             raise SystemExit(f"one epoch has {len(self.loader)} batches per rank, fewer than "
@@ -135,11 +134,8 @@ class Pretrainer:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
         optimizer = build_optimizer(core, args.weight_decay)
-        if args.deepspeed:
-            self.backend = DeepSpeedBackend(core, optimizer, dist_info, args.deepspeed, args.batch_size,
-                                            args.accum_iter, args.clip_grad)
-        else:
-            self.backend = TorchBackend(core, optimizer, dist_info, args.precision, args.accum_iter, args.clip_grad)
+        self.backend = make_backend(core, optimizer, dist_info, args.deepspeed, args.precision, args.batch_size,
+                                    args.accum_iter, args.clip_grad)
         self.core = self.backend.module
         self.step = 0
         self.bad_steps_in_row = 0
@@ -408,9 +404,3 @@ class _LogWindow:
             "data_wait_frac": min(1.0, self.data_wait / elapsed),
             "skipped_steps": self.skipped,
         }
-
-
-def _single_threaded_worker(_worker_id: int) -> None:
-    """Loader workers already run in parallel; more ITK threads each would oversubscribe the CPU."""
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    torch.set_num_threads(1)

@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
-from util.train_backend import AUTOCAST_DTYPES, resolve_precision
 from models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
+from util.atomic import atomic_write
 from util.dist import init_distributed, shutdown
 from util.explain import explain_predictions
 from util.metrics import MULTI_LABEL, scores_from_logits
 from util.sampler import ShardSampler
+from util.train_backend import AUTOCAST_DTYPES, resolve_precision
 
 EMBEDDING_TYPES = ("mean", "cls", "concat")
 
@@ -87,15 +88,14 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --embeddings must end in .npy or .h5, got {args.embeddings}")
 
 
-def embed(model: torch.nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Encoder features: the last block's tokens (through the encoder's final norm when the model has
-    one), pooled as `kind`. CNNs give their global-average-pooled features."""
-    if not hasattr(model, "forward_tokens"):
+def embed(model: torch.nn.Module, features: torch.Tensor, kind: str) -> torch.Tensor:
+    """The embedding of `model.forward_features` (models.contract): tokens [N, T, E] pooled as `kind`; feature
+    maps pooled as the head pools them."""
+    if features.dim() != 3:
         if kind != "mean":
-            raise SystemExit(f"error: --embedding_type {kind} needs a ViT; this model has pooled features only (mean)")
-        return model.forward_features(x)
-    tokens = model.norm(model.forward_tokens(x))
-    cls, mean = tokens[:, 0], tokens[:, 1:].mean(dim=1)
+            raise SystemExit(f"error: --embedding_type {kind} needs tokens; this model gives feature maps (mean)")
+        return model.forward_head(features, pre_logits=True)
+    cls, mean = features[:, 0], features[:, 1:].mean(dim=1)
     return {"cls": cls, "mean": mean, "concat": torch.cat([cls, mean], dim=-1)}[kind]
 
 
@@ -123,15 +123,17 @@ def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info, nam
             continue
         x = batch["input"].to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            scores = scores_from_logits(model(x).float(), task).cpu().numpy() if loaded.is_classifier else None
-            features = embed(model, x, args.embedding_type).float().cpu().numpy() if args.embeddings else None
+            features = model.forward_features(x)
+            logits = model.forward_head(features) if loaded.is_classifier else None
+            scores = None if logits is None else scores_from_logits(logits.float(), task).cpu().numpy()
+            embedding = embed(model, features, args.embedding_type).float().cpu().numpy() if args.embeddings else None
         overlays = [""] * len(batch["rows"])
         if args.explain:
             overlays = [str(path) for path in explain_predictions(model, x, scores, task, loaded.meta["class_names"],
                                                                   Path(args.explain), [names[r] for r in batch["rows"]])]
         for i, row in enumerate(batch["rows"]):
             results[row] = {"error": "", "scores": None if scores is None else scores[i],
-                            "embedding": None if features is None else features[i], "explanation": overlays[i]}
+                            "embedding": None if embedding is None else embedding[i], "explanation": overlays[i]}
     return results
 
 
@@ -170,15 +172,6 @@ def prediction_table(table: pd.DataFrame, results: dict, meta: dict, is_classifi
     return out
 
 
-def write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_embeddings(path: Path, table: pd.DataFrame, results: dict, id_col: str, kind: str) -> None:
     rows = range(len(table))
     dim = next(len(results[r]["embedding"]) for r in rows if not results[r]["error"])
@@ -187,7 +180,7 @@ def write_embeddings(path: Path, table: pd.DataFrame, results: dict, id_col: str
         for r in rows:
             if not results[r]["error"]:
                 array[r] = results[r]["embedding"]
-        write_atomic(path, lambda tmp: np.save(open(tmp, "wb"), array))
+        atomic_write(path, lambda tmp: np.save(tmp, array))
         return
     keys = table[id_col] if id_col in table.columns else pd.Series([str(r) for r in rows])
 
@@ -199,7 +192,7 @@ def write_embeddings(path: Path, table: pd.DataFrame, results: dict, id_col: str
                 if not results[r]["error"]:
                     f.create_dataset(str(keys.iloc[r]).replace("/", "_"), data=results[r]["embedding"])
 
-    write_atomic(path, write)
+    atomic_write(path, write)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -225,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
     if dist_info.is_main:
         if args.output_csv:
             output = prediction_table(table, results, loaded.meta, loaded.is_classifier, bool(args.explain))
-            write_atomic(Path(args.output_csv), lambda tmp: output.to_csv(tmp, index=False))
+            atomic_write(Path(args.output_csv), lambda tmp: output.to_csv(tmp, index=False))
         ok = sum(1 for r in results.values() if not r["error"])
         if args.embeddings and ok:
             write_embeddings(Path(args.embeddings), table, results, args.id_col, args.embedding_type)

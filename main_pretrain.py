@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
+from medmnist.info import DEFAULT_ROOT
 
 import models
 from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
 from datasets.pretrain_data import build_pretrain_dataset, medmnist_pretrain_dataset, phantom_corpus
-from medmnist.info import DEFAULT_ROOT
 from datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
 from engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer, UnreadableDataError
 from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
@@ -27,7 +27,6 @@ from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
 from util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
 from util.run_log import RunLog
-
 
 AUTO_MAE = "mae_vit_tiny_patch16"  # --model auto: its encoder is then shaped by AUTO_ARCHITECTURE
 
@@ -160,7 +159,7 @@ def build_probe(args: argparse.Namespace, core: torch.nn.Module, config, say) ->
         raise SystemExit("error: give --probe_data_flag or --probe_csv, not both")
     if args.deepspeed:
         raise SystemExit("error: the probes read the whole encoder on one rank; DeepSpeed shards it: drop --probe_*")
-    grid = tuple(core.config["img_size"])
+    grid = tuple(core.img_size)
     if args.probe_every < 1:
         raise SystemExit("error: --probe_every must be at least 1 (epochs)")
     try:
@@ -172,9 +171,9 @@ def build_probe(args: argparse.Namespace, core: torch.nn.Module, config, say) ->
             probe_set = medmnist_probe_set(args.probe_data_flag, args.probe_size or grid[0], args.probe_root)
     except ProbeDataError as err:
         raise SystemExit(f"error: probe: {err}") from None
-    if probe_set.grid != grid or probe_set.splits["train"][0].shape[1] != core.config["in_chans"]:
+    if probe_set.grid != grid or probe_set.splits["train"][0].shape[1] != core.in_chans:
         raise SystemExit(f"error: probe: {probe_set.name} has images of {probe_set.splits['train'][0].shape[1:]}, "
-                         f"the model takes ({core.config['in_chans']}, {', '.join(map(str, grid))})")
+                         f"the model takes ({core.in_chans}, {', '.join(map(str, grid))})")
     say(f"probe: {probe_set.describe()} ({probe_set.task}); kNN (cosine, k=20) and logistic regression on the "
         f"frozen encoder's mean token, every {args.probe_every} epochs")
     return FeatureProbe(probe_set, args.probe_every)

@@ -11,15 +11,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources  # noqa: E402
-from datasets.build_cache import build_cache  # noqa: E402
-from datasets.preprocess import PreprocessConfig  # noqa: E402
+from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from datasets.build_cache import build_cache
+from datasets.preprocess import PreprocessConfig
 
 
 def main() -> None:

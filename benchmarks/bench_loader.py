@@ -12,29 +12,25 @@ Every path runs once untimed first (warm page cache, workers started), then is t
 import argparse
 import json
 import os
-import sys
 import time
 from multiprocessing import get_context
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import h5py
+from torch.utils.data import DataLoader
 
-import h5py  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources  # noqa: E402
-from datasets.build_cache import build_cache  # noqa: E402
-from datasets.cache import VolumeCache  # noqa: E402
-from datasets.preprocess import PreprocessConfig  # noqa: E402
-from datasets.sources import list_sources  # noqa: E402
-from datasets.volume_dataset import CacheDataset, VolumeFileDataset, collate_volumes  # noqa: E402
-from engine_pretrain import _single_threaded_worker  # noqa: E402
+from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from datasets.build_cache import build_cache
+from datasets.cache import VolumeCache
+from datasets.preprocess import PreprocessConfig
+from datasets.sources import list_sources
+from datasets.volume_dataset import CacheDataset, VolumeFileDataset, collate_volumes, single_threaded_worker
 
 
 def make_loader(dataset, workers: int, batch_size: int) -> DataLoader:
     """Persistent workers, so that timed passes measure reading, not process start-up."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_volumes,
-                      worker_init_fn=_single_threaded_worker, persistent_workers=True)
+                      worker_init_fn=single_threaded_worker, persistent_workers=True)
 
 
 def loader_pass(loader: DataLoader) -> tuple[float, int]:

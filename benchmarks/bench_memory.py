@@ -20,8 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 REPO = Path(__file__).resolve().parents[1]
 MODES = {"ddp": None, "zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -52,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     import models
     from engine_pretrain import build_optimizer
     from util.dist import init_distributed, shutdown
-    from util.train_backend import DeepSpeedBackend, TorchBackend
+    from util.train_backend import make_backend
 
     dist_info = init_distributed("auto")
     baseline = rss_mb()
@@ -61,12 +59,11 @@ def worker(args: argparse.Namespace) -> None:
     params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, 0.05)
     cuda = dist_info.device.type == "cuda"
-    if args.mode == "ddp":
-        backend = TorchBackend(model, optimizer, dist_info, "bf16" if cuda else "fp32", 1, 1.0)
-    else:
+    config = None
+    if args.mode != "ddp":
         stage = MODES[args.mode]
-        config = REPO / "launch" / "deepspeed" / (f"zero{stage}.json" if cuda else f"zero{stage}_cpu.json")
-        backend = DeepSpeedBackend(model, optimizer, dist_info, str(config), 1, 1, 1.0)
+        config = str(REPO / "launch" / "deepspeed" / (f"zero{stage}.json" if cuda else f"zero{stage}_cpu.json"))
+    backend = make_backend(model, optimizer, dist_info, config, "bf16" if cuda else "fp32", 1, clip_grad=1.0)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     setup_peak = rss_mb()

@@ -11,18 +11,14 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-import models  # noqa: E402
-from models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER  # noqa: E402
-from util.cli import grid, int_tuple  # noqa: E402
+import models
+from models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
+from util.cli import grid, int_tuple
 
 H100_BF16_DENSE_TFLOPS = 989.0
 

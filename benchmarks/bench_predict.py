@@ -17,16 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
+import torch
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-import models  # noqa: E402
-from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources  # noqa: E402
-from datasets.preprocess import PreprocessConfig  # noqa: E402
-from datasets.sources import list_sources  # noqa: E402
-from util.checkpoint import atomic_save  # noqa: E402
+import models
+from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from datasets.preprocess import PreprocessConfig
+from datasets.sources import list_sources
+from util.checkpoint import atomic_save
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,19 +11,17 @@ HDF5 chunk cache, so every read decompresses as it does once per volume per epoc
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import h5py
+import numpy as np
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-
-from datasets.cache import STORAGE_DTYPES, decode, write_volume  # noqa: E402
-from datasets.phantoms import make_phantom  # noqa: E402
-from datasets.preprocess import PreprocessConfig, load_volume, preprocess_image  # noqa: E402
+from datasets.cache import STORAGE_DTYPES, write_volume
+from datasets.phantoms import make_phantom
+from datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
+from datasets.stored import to_unit_float
 
 SHARED = Path(os.environ.get("VOLMAE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SOURCES = ("example_ct.nii.gz", "example_mr_sm.nii.gz", "ch2.nii.gz")
@@ -58,13 +56,13 @@ def main() -> None:
             with h5py.File(path, "r", rdcc_nbytes=0) as f:  # every read decompresses, as in an epoch
                 for name, volume in volumes.items():
                     dataset = f["volumes"][name]
-                    error = decode(dataset[()]) - volume
+                    error = to_unit_float(dataset[()]) - volume
                     entry = results[dtype]
                     entry["max_abs_error"] = max(entry["max_abs_error"], float(np.abs(error).max()))
                     entry["rms_error"].append(float(np.sqrt((error ** 2).mean())))
                     entry["mib"].append(dataset.id.get_storage_size() / 2**20)
-                    entry["read_s"].append(timed(lambda: decode(dataset[()])))
-                    entry["crop_s"].append(timed(lambda: decode(dataset[:, 32:96, 32:96, 32:96])))
+                    entry["read_s"].append(timed(lambda d=dataset: to_unit_float(d[()])))
+                    entry["crop_s"].append(timed(lambda d=dataset: to_unit_float(d[:, 32:96, 32:96, 32:96])))
     summary = {}
     for dtype, entry in results.items():
         summary[dtype] = {
@@ -76,7 +74,7 @@ def main() -> None:
             "crop64_ms": round(1000 * float(np.mean(entry["crop_s"])), 2),
         }
     base = summary["float32"]
-    for dtype, entry in summary.items():
+    for entry in summary.values():
         entry["read_speedup_vs_float32"] = round(base["read_ms"] / entry["read_ms"], 2)
         entry["size_vs_float32"] = round(entry["mib_per_volume"] / base["mib_per_volume"], 3)
     print(json.dumps({"benchmark": "storage_dtype", "size": args.size, "volumes": list(volumes),

@@ -1,10 +1,7 @@
 """CT-sized synthetic sources for the data-pipeline benchmarks, kept between runs in a work folder."""
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets.phantoms import write_phantom_corpus  # noqa: E402
+from datasets.phantoms import write_phantom_corpus
 
 FULL_SOURCE = (512, 512, 300)  # x, y, z: a typical chest CT
 QUICK_SOURCE = (256, 256, 160)

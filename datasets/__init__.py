@@ -1,1 +1,1 @@
-"""Reading, preprocessing and serving volumes (and, later, the HDF5 cache and MedMNIST)."""
+"""Reading, preprocessing and caching volumes; MedMNIST, meta-CSV and prediction inputs; augmentation."""

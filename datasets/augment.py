@@ -8,6 +8,8 @@ one. Loader workers only read (cached volumes stay in their compact stored dtype
 import numpy as np
 import torch
 
+from datasets.stored import to_unit_float
+
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
@@ -26,14 +28,6 @@ def draw_params(rng: np.random.Generator | None, jitter: bool = True) -> dict:
         return {"flip": False, "gain": 1.0, "offset": 0.0}
     flip, gain, offset = bool(rng.random() < 0.5), float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.05, 0.05))
     return {"flip": flip, "gain": gain if jitter else 1.0, "offset": offset if jitter else 0.0}
-
-
-def to_unit_float(volume: torch.Tensor) -> torch.Tensor:
-    """Stored integers (full-range scaled) or floats -> float32 in [0, 1]."""
-    if volume.dtype in (torch.uint8, torch.uint16):
-        top = 255.0 if volume.dtype == torch.uint8 else 65535.0
-        return volume.float() * (1.0 / top)
-    return volume.float()
 
 
 def finish_batch(batch: dict, device: torch.device) -> torch.Tensor:

@@ -24,11 +24,20 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from datasets.cache import (CACHE_FORMAT, CACHE_VERSION, DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE,
-                            STORAGE_DTYPES, read_meta, write_volume)
+from datasets.cache import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    DEFAULT_STORAGE_DTYPE,
+    MANIFEST_FILE,
+    META_FILE,
+    STORAGE_DTYPES,
+    read_meta,
+    write_volume,
+)
 from datasets.preprocess import PreprocessConfig, add_preprocess_args, preprocess_config_from_args, preprocess_image
 from datasets.reading import VolumeReadError, read_image
 from datasets.sources import SourceListError, list_sources
+from util.atomic import atomic_write, remove_stale_temporaries
 from util.cli import grid, int_tuple
 
 PLAN_FILE = "plan.csv"
@@ -65,9 +74,7 @@ def load_plan(root: Path, sources: list[str], shard_size: int) -> pd.DataFrame:
         added = pd.DataFrame({"index": range(first_index, first_index + len(new)), "source": new,
                               "shard": [first_shard + i // shard_size for i in range(len(new))]})
         plan = pd.concat([plan, added], ignore_index=True)
-        tmp = plan_path.with_name(f".{PLAN_FILE}.tmp")
-        plan.to_csv(tmp, index=False)
-        tmp.replace(plan_path)
+        atomic_write(plan_path, lambda tmp: plan.to_csv(tmp, index=False))
     return plan
 
 
@@ -87,9 +94,7 @@ def write_meta(root: Path, config: PreprocessConfig, dtype: str) -> None:
                              f"({json.dumps(existing['preprocess'])}, dtype {existing['dtype']}); "
                              f"use another --output")
         return
-    tmp = path.with_name(f".{META_FILE}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
 
 def _init_worker(progress: "queue.Queue", itk_threads: int) -> None:
@@ -116,53 +121,56 @@ def build_shard(root: Path, shard: int, items: list[tuple[int, str]], config: Pr
     """Preprocess one shard's sources into shard-XXXXX.h5 (atomically), then record its manifest rows."""
     rows = []
     final = root / shard_name(shard)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as h5:
-        group = h5.create_group("volumes")
-        for index, source in items:
-            start = time.perf_counter()
-            row = {"index": index, "source": source, "status": "skipped", "reason": "", "shard": "", "key": ""}
-            try:
-                image = read_image(source, config.max_voxels)
-                result = preprocess_image(image, config)
-                write_volume(group, volume_key(index), result.array, dtype, _volume_attrs(image, source, config, result))
-                row.update(status="ok", shard=final.name, key=volume_key(index), modality=result.modality,
-                           original_size="x".join(map(str, image.GetSize())),
-                           original_spacing="x".join(f"{s:.4g}" for s in image.GetSpacing()),
-                           intensity_low=result.intensity_range[0], intensity_high=result.intensity_range[1],
-                           nonfinite_filled=result.nonfinite_filled)
-            except VolumeReadError as err:
-                row["reason"] = str(err)
-            except Exception as err:  # one bad input of thousands must not stop the build
-                row["reason"] = f"{type(err).__name__}: {err}"
-            row["seconds"] = round(time.perf_counter() - start, 3)
-            rows.append(row)
-            if _progress is not None:
-                _progress.put(row["status"])
-    if any(row["status"] == "ok" for row in rows):
-        tmp.replace(final)
-    else:
-        tmp.unlink()
+
+    def write_shard(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as h5:
+            group = h5.create_group("volumes")
+            for index, source in items:
+                rows.append(_build_volume(group, index, source, final.name, config, dtype))
+
+    atomic_write(final, write_shard)
+    if not any(row["status"] == "ok" for row in rows):
+        final.unlink()
     part = root / PARTS_DIR / f"{final.stem}.csv"
-    part_tmp = part.with_name(f".{part.name}.tmp")
-    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(part_tmp, index=False)
-    part_tmp.replace(part)  # the shard counts as done from here on
-    return rows
+    atomic_write(part, lambda tmp: pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(tmp, index=False))
+    return rows  # the shard counts as done once its part is in place
+
+
+def _build_volume(group: h5py.Group, index: int, source: str, shard: str, config: PreprocessConfig,
+                  dtype: str) -> dict:
+    """Read, preprocess and store one source; its manifest row says what happened."""
+    start = time.perf_counter()
+    row = {"index": index, "source": source, "status": "skipped", "reason": "", "shard": "", "key": ""}
+    try:
+        image = read_image(source, config.max_voxels)
+        result = preprocess_image(image, config)
+        write_volume(group, volume_key(index), result.array, dtype, _volume_attrs(image, source, config, result))
+        row.update(status="ok", shard=shard, key=volume_key(index), modality=result.modality,
+                   original_size="x".join(map(str, image.GetSize())),
+                   original_spacing="x".join(f"{s:.4g}" for s in image.GetSpacing()),
+                   intensity_low=result.intensity_range[0], intensity_high=result.intensity_range[1],
+                   nonfinite_filled=result.nonfinite_filled)
+    except VolumeReadError as err:
+        row["reason"] = str(err)
+    except Exception as err:  # one bad input of thousands must not stop the build
+        row["reason"] = f"{type(err).__name__}: {err}"
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    if _progress is not None:
+        _progress.put(row["status"])
+    return row
 
 
 def clean_temporaries(root: Path) -> None:
     """Leftovers of a killed run: never complete, never read."""
-    for leftover in [*root.glob(".shard-*.h5.tmp-*"), *(root / PARTS_DIR).glob(".*.tmp")]:
-        leftover.unlink(missing_ok=True)
+    remove_stale_temporaries(root)
+    remove_stale_temporaries(root / PARTS_DIR)
 
 
 def write_manifest(root: Path, plan: pd.DataFrame) -> pd.DataFrame:
     parts = [pd.read_csv(p, keep_default_na=False) for p in sorted((root / PARTS_DIR).glob("shard-*.csv"))]
     manifest = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
     manifest = manifest[manifest["index"].isin(plan["index"])].sort_values("index")
-    tmp = root / f".{MANIFEST_FILE}.tmp"
-    manifest.to_csv(tmp, index=False)
-    tmp.replace(root / MANIFEST_FILE)
+    atomic_write(root / MANIFEST_FILE, lambda tmp: manifest.to_csv(tmp, index=False))
     return manifest
 
 

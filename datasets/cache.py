@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from datasets.preprocess import PreprocessConfig
+from datasets.stored import to_unit_float
 
 CACHE_FORMAT = "volmae-hdf5-cache"
 CACHE_VERSION = 1
@@ -40,13 +41,6 @@ def encode(volume: np.ndarray, dtype: str) -> np.ndarray:
         top = np.iinfo(dtype).max
         return np.rint(np.clip(volume, 0.0, 1.0) * top).astype(dtype)
     return volume.astype(dtype)
-
-
-def decode(stored: np.ndarray) -> np.ndarray:
-    """Stored array -> [0, 1] float32."""
-    if stored.dtype.kind == "u":
-        return stored.astype(np.float32) * np.float32(1.0 / np.iinfo(stored.dtype).max)
-    return stored.astype(np.float32, copy=False)
 
 
 def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -123,7 +117,7 @@ class VolumeCache:
 
     def read(self, i: int, box: tuple[slice, ...] | None = None) -> np.ndarray:
         """Volume i (or a box of it) as float32 in [0, 1]."""
-        return decode(self.read_stored(i, box))
+        return to_unit_float(self.read_stored(i, box))
 
     def __getitem__(self, i: int) -> np.ndarray:
         if not -len(self) <= i < len(self):

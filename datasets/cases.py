@@ -26,6 +26,7 @@ from datasets.medmnist_data import to_channels_first
 from datasets.preprocess import PreprocessConfig, load_volume
 from datasets.reading import VolumeReadError
 from datasets.slices import load_stack, stack_input
+from datasets.stored import to_unit_float
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 
@@ -120,7 +121,7 @@ def _raw_array(path: Path, key: str, spec: InputSpec) -> np.ndarray:
             raise CaseError(f"the npz holds {len(names)} arrays ({', '.join(names)}); name one as file.npz::name")
     array = np.asarray(loaded)
     if spec.slice_stack and array.dtype == np.uint8 and array.ndim == 3 and array.shape != spec.input_size:
-        array = stack_input(array.astype(np.float32) / 255, *spec.slice_stack)[0]
+        array = stack_input(to_unit_float(array), *spec.slice_stack)[0]
     dims = len(spec.input_size)
     if dims == 3 and array.ndim == 4 and array.shape[0] == spec.in_chans:
         array = array[0] if spec.in_chans == 1 else array

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from datasets.stored import to_unit_float
+
 # At most this many distinct values: a mask or a label map, not an intensity image.
 MAX_LABEL_VALUES = 16
 PROFILE_SAMPLES = 256
@@ -50,10 +52,10 @@ class DataProfile:
         return {**asdict(self), "value_range": list(self.value_range), "is_label_like": self.is_label_like}
 
 
-def profile_images(images: np.ndarray, labels: np.ndarray | None = None, scale: float = 1.0,
+def profile_images(images: np.ndarray, labels: np.ndarray | None = None,
                    samples: int = PROFILE_SAMPLES) -> DataProfile:
-    """Profile (N, C, *grid) images (any dtype) from an evenly spread sample of at most `samples` images;
-    `scale` maps stored values to the model's [0, 1] units (1/255 for MedMNIST's uint8) for mean and std."""
+    """Profile (N, C, *grid) stored images (any dtype) from an evenly spread sample of at most `samples` images;
+    mean and std are in the model's [0, 1] units (datasets.stored)."""
     if len(images) == 0:
         raise ValueError("cannot profile an empty training set")
     pick = np.linspace(0, len(images) - 1, min(samples, len(images))).round().astype(int)
@@ -67,7 +69,7 @@ def profile_images(images: np.ndarray, labels: np.ndarray | None = None, scale: 
             counts = [int(c) for c in labels.sum(axis=0)]
         elif np.issubdtype(labels.dtype, np.integer):
             counts = [int(c) for c in np.bincount(labels.reshape(-1))]
-    scaled = sample.astype(np.float64) * scale
+    scaled = to_unit_float(sample).astype(np.float64)
     return DataProfile(distinct_values=int(min(len(distinct), MAX_LABEL_VALUES + 1)), value_range=(low, high),
                        nonzero_fraction=float((sample > low).mean()), class_counts=counts, samples=len(pick),
                        mean=float(scaled.mean()), std=float(scaled.std()))

@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from util.atomic import atomic_write
 from util.cli import int_tuple
 
 AIR_HU = -1000.0
@@ -107,9 +108,7 @@ def write_phantom_corpus(output_dir: str | Path, count: int = 24, seed: int = 0,
         path = output_dir / f"phantom_{i:03d}.nii.gz"
         if not path.exists():
             image = make_phantom(np.random.default_rng([seed, i]), size_range, size)
-            tmp = path.with_name(f".tmp_{path.name}")
-            sitk.WriteImage(image, str(tmp))
-            tmp.replace(path)
+            atomic_write(path, lambda tmp, image=image: sitk.WriteImage(image, str(tmp)))
         paths.append(path)
     return paths
 

@@ -6,7 +6,7 @@ from torch.utils.data import Dataset
 
 from datasets.cache import VolumeCache, is_cache
 from datasets.data_profile import DataProfile, profile_images
-from datasets.medmnist_data import RAW_SCALE, MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
+from datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
 from datasets.phantoms import write_phantom_corpus
 from datasets.preprocess import PreprocessConfig
 from datasets.reading import probe
@@ -71,6 +71,6 @@ def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, se
         raise SystemExit(f"error: {err}") from None
     if train_samples:
         images = images[subset_indices(len(images), train_samples)]
-    profile = profile_images(images, scale=RAW_SCALE)
+    profile = profile_images(images)
     dataset = ArrayPretrainDataset(images, f"{flag}_{size}:train", augment, seed, jitter=not profile.is_label_like)
     return dataset, spec, profile

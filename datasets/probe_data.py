@@ -12,9 +12,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from datasets.augment import crop_box
-from datasets.medmnist_data import RAW_SCALE, MedMNISTNotFound, MedMNISTSpec, load_split
+from datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
 from datasets.preprocess import PreprocessConfig, load_volume
 from datasets.reading import SERIES_SEPARATOR, VolumeReadError
+from datasets.stored import to_unit_float
 
 PROBE_SPLITS = ("train", "val")
 
@@ -44,7 +45,7 @@ def medmnist_probe_set(flag: str, size: int, root: str) -> ProbeSet:
         splits = {}
         for split in PROBE_SPLITS:
             images, labels = load_split(spec, split)
-            splits[split] = (images.astype(np.float32) * RAW_SCALE, labels)
+            splits[split] = (to_unit_float(images), labels)
     except (MedMNISTNotFound, ValueError) as err:
         raise ProbeDataError(str(err)) from None
     return ProbeSet(f"{flag} ({size})", spec.task, len(spec.class_names), splits)
@@ -82,7 +83,7 @@ def csv_probe_set(csv: Path, config: PreprocessConfig, grid: tuple[int, ...]) ->
             raise ProbeDataError(f"{csv}, row {row}: {record.path}: {err}") from None
         splits[record.split][0].append(volume)
         splits[record.split][1].append([index[record.label]])
-    for split, (images, labels) in splits.items():
+    for split, (_, labels) in splits.items():
         if len({label[0] for label in labels}) < (2 if split == "train" else 1):
             raise ProbeDataError(f"{csv}: the {split} split needs {'two classes' if split == 'train' else 'a row'}")
     task = "binary-class" if len(names) == 2 else "multi-class"

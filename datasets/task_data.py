@@ -19,6 +19,7 @@ from tqdm import tqdm
 from datasets.medmnist_data import MedMNISTSpec, load_split
 from datasets.reading import VolumeReadError
 from datasets.slices import load_stack, stack_input, to_uint8
+from datasets.stored import to_unit_float
 from util.metrics import MULTI_LABEL, REGRESSION
 
 TASKS = {"binary": "binary-class", "multiclass": "multi-class", "multilabel": MULTI_LABEL, "reg": REGRESSION}
@@ -48,7 +49,7 @@ def medmnist_task(spec: MedMNISTSpec, download: bool) -> TaskData:
 
 def _resize_stack(volumes: np.ndarray, slices: int, sparsing: str, size: int) -> np.ndarray:
     """MedMNIST (N, 1, D, H, W) uint8 -> (N, 1, slices, size, size) uint8."""
-    out = [stack_input(v[0].astype(np.float32) / 255, slices, sparsing, size) for v in volumes]
+    out = [stack_input(to_unit_float(v[0]), slices, sparsing, size) for v in volumes]
     return np.stack(out)
 
 

@@ -6,6 +6,7 @@ training: its item carries the error instead of a volume, `collate_volumes` drop
 batch and reports it, and the run counts it.
 """
 import numpy as np
+import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
@@ -141,3 +142,9 @@ def collate_volumes(items: list[dict] | dict) -> dict:
         **_stack_params(loaded),
         "failed": [(item["source"], item["error"]) for item in items if item["volume"] is None],
     }
+
+
+def single_threaded_worker(_worker_id: int) -> None:
+    """Loader workers already run in parallel; more ITK threads each would oversubscribe the CPU."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    torch.set_num_threads(1)

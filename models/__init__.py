@@ -1,5 +1,16 @@
-"""Architectures, created by name: `models.create_model('mae_vit_base_patch16', img_size=64)`."""
-from models.registry import create_model, list_models, register_model
-from models import mae3d, medvit3d, resnet2d, resnet3d, slivit, timm_vit, vit, vitmednet3d  # noqa: F401  (each registers its variants)
+"""Architectures, created by name: `models.create_model('mae_vit_base_patch16', img_size=64)`.
 
-__all__ = ["create_model", "list_models", "register_model"]
+Every classifier meets models.contract.Classifier. Each module of this package is imported here, so its
+`@register_model` classes are registered: adding a model is one new file (README: "Adding a model").
+"""
+import importlib
+import pkgutil
+
+from models.contract import GRAD_CAM, ROLLOUT, Classifier, ClassifierBase
+from models.registry import create_model, list_models, model_arguments, register_model
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["GRAD_CAM", "ROLLOUT", "Classifier", "ClassifierBase", "create_model", "list_models", "model_arguments",
+           "register_model"]

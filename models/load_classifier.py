@@ -1,17 +1,14 @@
 """Rebuild a model from a VolMAE checkpoint for inference: a fine-tuned classifier, or an MAE encoder.
 
-Classifiers come back exactly as trained (strict loading from the model name and configuration the
-checkpoint carries). An MAE checkpoint gives its encoder as a ViT with the encoder's final norm,
-for embeddings only.
+Both come back exactly as trained: strict loading into the model the checkpoint names, built from the
+configuration it carries. An MAE is kept whole; only its encoder (`forward_features`) is used, for embeddings.
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import models
-from models.load_pretrained import load_encoder
-from models.vit import VisionTransformer
+from models.registry import create_model
 from util.checkpoint import load_checkpoint
 
 CLASSIFIER_KIND = "volmae-classifier"
@@ -46,19 +43,19 @@ def load_for_inference(path: str | Path, allow_encoder: bool = False) -> LoadedM
     checkpoint = _read(path)
     meta = {k: v for k, v in checkpoint.items() if k != "model"}
     if checkpoint.get("kind") == CLASSIFIER_KIND:
-        model = models.create_model(checkpoint["model_name"], **checkpoint["model_config"])
+        model = create_model(checkpoint["model_name"], **checkpoint["model_config"])
         model.load_state_dict(checkpoint["model"], strict=True)
         return LoadedModel(model.eval(), meta, True)
     if str(checkpoint.get("model_name", "")).startswith("mae_") and allow_encoder:
-        config = checkpoint["model_config"]
-        encoder = VisionTransformer(
-            img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
-            embed_dim=config["embed_dim"], depth=config["depth"], num_heads=config["num_heads"],
-            mlp_ratio=config["mlp_ratio"], num_classes=1, global_pool="token",
-            input_mean=config.get("input_mean", 0.0), input_std=config.get("input_std", 1.0))
-        load_encoder(encoder, path)
-        meta["input_size"] = config["img_size"]
-        return LoadedModel(encoder.eval(), meta, False)
+        model = create_model(checkpoint["model_name"], **checkpoint["model_config"])
+        weights = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.startswith(("decoder_", "mask_token"))]  # encoder.pth has no decoder
+        if missing or unexpected:
+            raise NotAVolMAECheckpoint(f"{path}: weights do not fit {checkpoint['model_name']} (missing: "
+                                       f"{', '.join(missing[:8]) or '-'}; unexpected: {', '.join(unexpected[:8]) or '-'})")
+        meta["input_size"] = list(model.img_size)
+        return LoadedModel(model.eval(), meta, False)
     what = "an MAE pretraining checkpoint" if str(checkpoint.get("model_name", "")).startswith("mae_") else \
         "not a fine-tuned VolMAE classifier"
     hint = " (it gives embeddings with --embeddings, not predictions)" if "MAE" in what else \

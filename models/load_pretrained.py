@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models.patch_embed import to_tuple
 from models.pos_embed import sincos_pos_embed
 from util.checkpoint import load_checkpoint
 
@@ -39,7 +40,8 @@ def source_grid(checkpoint: dict, pos_embed: torch.Tensor, spatial_dims: int) ->
     """The patch grid the checkpoint was trained on: from its model_config, else a cube/square."""
     config = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
     if config and "img_size" in config and "patch_size" in config:
-        return tuple(i // p for i, p in zip(config["img_size"], config["patch_size"]))
+        img_size, patch_size = (to_tuple(config[k], spatial_dims, k) for k in ("img_size", "patch_size"))
+        return tuple(i // p for i, p in zip(img_size, patch_size))
     tokens = pos_embed.shape[1] - 1
     side = round(tokens ** (1 / spatial_dims))
     if side ** spatial_dims != tokens:

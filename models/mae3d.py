@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from models.patch_embed import InputNorm, PatchEmbed, to_tuple
 from models.pos_embed import sincos_pos_embed
 from models.registry import register_model
+from models.vit_encoder import ViTEncoder
 
 MAX_MASK_RATIO = 0.95
 MASK_TYPES = ("random", "tube")
@@ -24,42 +24,19 @@ DEFAULT_DECODER = {"decoder_embed_dim": 384, "decoder_depth": 4, "decoder_num_he
 REFERENCE_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(ViTEncoder):
     def __init__(self, img_size: int | Sequence[int] = 256, patch_size: int | Sequence[int] = 16,
                  in_chans: int = 1, spatial_dims: int | None = None, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 384,
                  decoder_depth: int = 4, decoder_num_heads: int = 6, mlp_ratio: float = 4.0,
                  norm_pix_loss: bool = False, input_mean: float = 0.0, input_std: float = 1.0,
                  stem_channels: int = 0):
-        super().__init__()
-        if spatial_dims is None:
-            spatial_dims = 3 if isinstance(img_size, int) else len(img_size)
-        self.spatial_dims = spatial_dims
+        super().__init__(img_size, patch_size, in_chans, spatial_dims, embed_dim, depth, num_heads, mlp_ratio,
+                         input_mean, input_std, stem_channels, learnable_pos=False)
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
-        self.config = {
-            "img_size": list(to_tuple(img_size, spatial_dims, "img_size")),
-            "patch_size": list(to_tuple(patch_size, spatial_dims, "patch_size")),
-            "in_chans": in_chans, "spatial_dims": spatial_dims, "embed_dim": embed_dim,
-            "depth": depth, "num_heads": num_heads, "decoder_embed_dim": decoder_embed_dim,
-            "decoder_depth": decoder_depth, "decoder_num_heads": decoder_num_heads,
-            "mlp_ratio": mlp_ratio, "norm_pix_loss": norm_pix_loss, "input_mean": input_mean, "input_std": input_std,
-            "stem_channels": stem_channels,
-        }
-        self.input_norm = InputNorm(input_mean, input_std)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, spatial_dims, stem_channels)
-        self.grid_size = self.patch_embed.grid_size
-        self.patch_size = self.patch_embed.patch_size
         num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-            for _ in range(depth)])
-        self.norm = norm_layer(embed_dim)
-
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
@@ -73,7 +50,6 @@ class MaskedAutoencoderViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, cls_token=True))
         self.decoder_pos_embed.data.copy_(
             sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, cls_token=True))
         proj = self.patch_embed.proj.weight.data
@@ -81,10 +57,6 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_linear_and_norm)
-
-    @property
-    def num_patches(self) -> int:
-        return self.patch_embed.num_patches
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, *grid*patch] -> [N, L, prod(patch)*C], patch voxels first, channel last."""
@@ -160,21 +132,9 @@ class MaskedAutoencoderViT(nn.Module):
         A convolutional stem sees the masked patches as zeros (ConvMAE), so nothing of them leaks."""
         ids_keep, mask, ids_restore = self.draw_mask(imgs.shape[0], mask_ratio, mask_type, imgs.device, noise)
         visible = (1 - mask).view(imgs.shape[0], *self.grid_size) if self.patch_embed.stem is not None else None
-        x = self.patch_embed(imgs, visible) + self.pos_embed[:, 1:]
+        x = self.embed_patches(imgs, visible)
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return self._encode(x), mask, ids_restore
-
-    def _encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Positioned patch tokens [N, K, E] -> [N, 1 + K, E]: class token prepended, blocks, final norm."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
-        x = torch.cat([cls, patches], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Every token through the encoder, none masked: [N, 1 + L, E] after the final norm (probes, embeddings)."""
-        return self._encode(self.patch_embed(self.input_norm(imgs)) + self.pos_embed[:, 1:])
+        return self.encode(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
@@ -193,16 +153,16 @@ class MaskedAutoencoderViT(nn.Module):
         keep = (1 - mask)[..., None]
         patches = self.patchify(self.input_norm(imgs).float())
         if self.norm_pix_loss:  # the prediction is per-patch standardised: undo it with the patch's statistics
-            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+            mean, std = patch_moments(patches)
+            pred = pred * std + mean
         filled = self.unpatchify(pred * (1 - keep) + patches * keep) * self.input_norm.std + self.input_norm.mean
         return {"input": imgs, "masked": self.unpatchify(self.patchify(imgs) * keep), "reconstruction": filled}
 
     def patch_targets(self, imgs: torch.Tensor) -> torch.Tensor:
         target = self.patchify(imgs.float())
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            mean, std = patch_moments(target)
+            target = (target - mean) / std
         return target
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -223,6 +183,11 @@ class MaskedAutoencoderViT(nn.Module):
         return encoder_weights(self.state_dict())
 
 
+def patch_moments(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std (MAE's norm_pix_loss: unbiased variance + 1e-6) of [N, L, P] patches."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+
+
 def encoder_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weights a classifier reuses: everything but the decoder and the mask token."""
     return {k: v for k, v in state_dict.items() if not k.startswith(("decoder_", "mask_token"))}
@@ -238,32 +203,8 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _mae(variant: dict, overrides: dict) -> MaskedAutoencoderViT:
-    """Reference encoder defaults (256^3, 1 channel, patch 16), our default decoder, then overrides."""
-    return MaskedAutoencoderViT(**{"img_size": 256, "patch_size": 16, "in_chans": 1, **DEFAULT_DECODER,
-                                   **variant, **overrides})
-
-
-@register_model
-def mae_vit_tiny_patch16(**overrides) -> MaskedAutoencoderViT:
-    return _mae({"embed_dim": 192, "depth": 12, "num_heads": 3}, overrides)
-
-
-@register_model
-def mae_vit_small_patch16(**overrides) -> MaskedAutoencoderViT:
-    return _mae({"embed_dim": 384, "depth": 12, "num_heads": 6}, overrides)
-
-
-@register_model
-def mae_vit_base_patch16(**overrides) -> MaskedAutoencoderViT:
-    return _mae({"embed_dim": 768, "depth": 12, "num_heads": 12}, overrides)
-
-
-@register_model
-def mae_vit_large_patch16(**overrides) -> MaskedAutoencoderViT:
-    return _mae({"embed_dim": 1024, "depth": 24, "num_heads": 16}, overrides)
-
-
-@register_model
-def mae_vit_huge_patch16(**overrides) -> MaskedAutoencoderViT:
-    return _mae({"embed_dim": 1280, "depth": 32, "num_heads": 16}, overrides)
+# reference encoder defaults (256^3, 1 channel, patch 16) with our default decoder
+for _size, _shape in {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+                      "huge": (1280, 32, 16)}.items():
+    register_model(f"mae_vit_{_size}_patch16", img_size=256, patch_size=16, in_chans=1, **DEFAULT_DECODER,
+                   embed_dim=_shape[0], depth=_shape[1], num_heads=_shape[2])(MaskedAutoencoderViT)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
+from models.contract import ClassifierBase
 from models.registry import register_model
 
 
@@ -107,15 +108,18 @@ class LTB(nn.Module):
         return x + self.drop_path(self.mlp(self.mlp_norm(x)))
 
 
-class MedViT3D(nn.Module):
+@register_model("medvit3d_small", dims=(48, 96, 192, 384), depths=(2, 2, 6, 2), heads=(3, 6, 12, 12))
+@register_model("medvit3d_tiny")
+class MedViT3D(ClassifierBase):
+    # Grad-CAM reads the second stage (1/4 of the input): the last one is 1/16 (2 voxels across at 28^3), too
+    # coarse to localise; on the blob test this lifted the mass inside the blob from 2.3x to 10.7x its share
+    cam_layer = "stages.1"
+
     def __init__(self, dims=(32, 64, 128, 256), depths=(1, 1, 3, 1), heads=(2, 4, 8, 8), reductions=(8, 4, 2, 1),
-                 in_chans: int = 1, num_classes: int = 2, drop_path_rate: float = 0.1, **_ignored):
+                 in_chans: int = 1, num_classes: int = 2, drop_path_rate: float = 0.1):
         super().__init__()
         self.spatial_dims = 3
         self.num_classes = num_classes
-        self.config = {"dims": list(dims), "depths": list(depths), "heads": list(heads),
-                       "reductions": list(reductions), "in_chans": in_chans, "num_classes": num_classes,
-                       "drop_path_rate": drop_path_rate}
         self.stem = nn.Sequential(ConvBN(in_chans, dims[0] // 2, 3, stride=2), ConvBN(dims[0] // 2, dims[0], 3))
         rates = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
         stages = []
@@ -128,22 +132,10 @@ class MedViT3D(nn.Module):
         self.norm = nn.BatchNorm3d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes)
 
-    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's feature map (Grad-CAM's target)."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map."""
         return self.norm(self.stages(self.stem(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_maps(x).mean(dim=(2, 3, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
-
-
-@register_model
-def medvit3d_tiny(**overrides) -> MedViT3D:
-    return MedViT3D(**overrides)
-
-
-@register_model
-def medvit3d_small(**overrides) -> MedViT3D:
-    return MedViT3D(**{"dims": (48, 96, 192, 384), "depths": (2, 2, 6, 2), "heads": (3, 6, 12, 12), **overrides})
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3, 4))
+        return x if pre_logits else self.head(x)

@@ -1,10 +1,14 @@
 """3D ResNet-18/50 as in the MedMNIST experiments: 3x3x3 convolutions throughout and a stride-1
 3x3x3 stem without max-pooling (what their 2D->3D converted ResNets use on 28^3 and 64^3), built
 from torchvision's video-ResNet blocks."""
+import torch
 import torch.nn as nn
 from torchvision.models.video.resnet import BasicBlock, Bottleneck, Conv3DSimple, VideoResNet
 
+from models.contract import ClassifierBase
 from models.registry import register_model
+
+LAYOUTS = {18: (BasicBlock, [2, 2, 2, 2]), 50: (Bottleneck, [3, 4, 6, 3])}
 
 
 class MedMNISTStem(nn.Sequential):
@@ -13,27 +17,22 @@ class MedMNISTStem(nn.Sequential):
                          nn.BatchNorm3d(64), nn.ReLU(inplace=True))
 
 
-class ResNet3D(VideoResNet):
-    def __init__(self, block, layers: list[int], in_chans: int = 1, num_classes: int = 2, **_ignored):
+@register_model("resnet50_3d", depth=50)
+@register_model("resnet18_3d", depth=18)
+class ResNet3D(ClassifierBase, VideoResNet):
+    cam_layer = "layer4"
+
+    def __init__(self, depth: int = 18, in_chans: int = 1, num_classes: int = 2):
+        if depth not in LAYOUTS:
+            raise ValueError(f"depth must be one of {sorted(LAYOUTS)}, got {depth}")
+        block, layers = LAYOUTS[depth]
         super().__init__(block, [Conv3DSimple] * 4, layers, lambda: MedMNISTStem(in_chans), num_classes)
         self.spatial_dims = 3
         self.num_classes = num_classes
-        self.config = {"in_chans": in_chans, "num_classes": num_classes, "spatial_dims": 3}
 
-    def forward_features(self, x):
-        x = self.stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.avgpool(x).flatten(1)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
-    def forward(self, x):
-        return self.fc(self.forward_features(x))
-
-
-@register_model
-def resnet18_3d(**overrides) -> ResNet3D:
-    return ResNet3D(BasicBlock, [2, 2, 2, 2], **overrides)
-
-
-@register_model
-def resnet50_3d(**overrides) -> ResNet3D:
-    return ResNet3D(Bottleneck, [3, 4, 6, 3], **overrides)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.avgpool(x).flatten(1)
+        return x if pre_logits else self.fc(x)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
+from models.contract import ClassifierBase
 from models.registry import register_model
 from util.checkpoint import load_checkpoint
 
@@ -31,19 +32,20 @@ def attention_with_head_width(dim_head: int) -> type:
     return HeadWidthAttention
 
 
-class SLIViT(nn.Module):
+@register_model("slivit")
+class SLIViT(ClassifierBase):
+    cam_layer = "backbone.stages"  # one 2D map per slice
+    weight_source_args = ("pretrained", "fe_path")
+
     def __init__(self, img_size=(28, 256, 256), in_chans: int = 1, num_classes: int = 2,
                  backbone: str = "convnext_tiny", pretrained: bool = False, fe_path: str | None = None,
                  depth: int = 5, dim: int = 256, heads: int = 20, dim_head: int = 64, mlp_dim: int = 512,
-                 drop_path_rate: float = 0.0, **_ignored):
+                 drop_path_rate: float = 0.0):
         super().__init__()
         self.num_slices = int(img_size[0])
         self.spatial_dims = 3
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.config = {"img_size": list(img_size), "in_chans": in_chans, "num_classes": num_classes,
-                       "backbone": backbone, "depth": depth, "dim": dim, "heads": heads, "dim_head": dim_head,
-                       "mlp_dim": mlp_dim, "drop_path_rate": drop_path_rate}
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, in_chans=3)
         if fe_path:
             self.backbone.load_state_dict(load_checkpoint(fe_path)["backbone"])
@@ -69,49 +71,41 @@ class SLIViT(nn.Module):
             slices = slices.expand(-1, 3, -1, -1)
         return self.backbone(slices).reshape(n, s, -1)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1 + S, dim): the class token, then one token per slice."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1 + S, dim) after the final norm: the class token, then one token per slice."""
         tokens = self.to_token(self.slice_features(x))
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return x
+        return self.norm(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.forward_tokens(x))[:, 0]
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x[:, 0] if pre_logits else self.head(x[:, 0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
-
-
-@register_model
-def slivit(**overrides) -> SLIViT:
-    return SLIViT(**overrides)
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
 
 
-class SliceBackboneClassifier(nn.Module):
+@register_model("slivit_backbone")
+class SliceBackboneClassifier(ClassifierBase):
     """SLIViT's 2D backbone pretraining model: the timm ConvNeXt and a linear head. Its `backbone`
     weights are what `--fe_path` loads into SLIViT."""
+    cam_layer = "backbone.stages"
+    weight_source_args = ("pretrained",)
 
     def __init__(self, img_size=(256, 256), in_chans: int = 3, num_classes: int = 4, backbone: str = "convnext_tiny",
-                 pretrained: bool = False, drop_path_rate: float = 0.0, **_ignored):
+                 pretrained: bool = False, drop_path_rate: float = 0.0):
         super().__init__()
         self.spatial_dims = 2
         self.num_classes = num_classes
-        self.config = {"img_size": list(img_size), "in_chans": in_chans, "num_classes": num_classes,
-                       "backbone": backbone, "drop_path_rate": drop_path_rate}
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, in_chans=in_chans,
                                           drop_path_rate=drop_path_rate)
         self.head = nn.Linear(self.backbone.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        return self.backbone.forward_features(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
-@register_model
-def slivit_backbone(**overrides) -> SliceBackboneClassifier:
-    return SliceBackboneClassifier(**overrides)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.backbone.forward_head(x, pre_logits=True)
+        return x if pre_logits else self.head(x)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
+from models.contract import ClassifierBase
 from models.pos_embed import sincos_1d
 from models.registry import register_model
 
@@ -33,19 +34,18 @@ def shifted_copies(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(copies, dim=1)
 
 
-class ViTMedNet3D(nn.Module):
+@register_model("vitmednet3d")
+class ViTMedNet3D(ClassifierBase):
+    cam_layer = "cnn"
+
     def __init__(self, img_size=(28, 28, 28), in_chans: int = 1, num_classes: int = 2, cnn_channels: int = 32,
                  backbone: str = "resnet50", dim: int = 256, depth: int = 8, heads: int = 8,
-                 drop_path_rate: float = 0.0, **_ignored):
+                 drop_path_rate: float = 0.0):
         super().__init__()
         if in_chans != 1:
             raise ValueError("3DViTMedNet takes single-channel volumes")
         self.spatial_dims = 3
         self.num_classes = num_classes
-        self.config = {"img_size": list(img_size) if not isinstance(img_size, int) else [img_size] * 3,
-                       "in_chans": in_chans, "num_classes": num_classes, "cnn_channels": cnn_channels,
-                       "backbone": backbone, "dim": dim, "depth": depth, "heads": heads,
-                       "drop_path_rate": drop_path_rate}
         self.cnn = nn.Sequential(
             nn.Conv3d(7, cnn_channels, 5, padding=2), nn.BatchNorm3d(cnn_channels), nn.ReLU(inplace=True),
             nn.Conv3d(cnn_channels, cnn_channels, 5, padding=2), nn.BatchNorm3d(cnn_channels), nn.ReLU(inplace=True))
@@ -74,7 +74,8 @@ class ViTMedNet3D(nn.Module):
         position = torch.from_numpy(sincos_1d(tokens.shape[-1], torch.arange(length).numpy())).to(tokens)
         return tokens + position + self.plane_embed[:, plane]
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm: [cls, D slices, sep, H slices, sep, W slices, sep]."""
         features = self.cnn(shifted_copies(x))
         n = x.shape[0]
         sep = self.sep_token.expand(n, -1, -1)
@@ -84,15 +85,10 @@ class ViTMedNet3D(nn.Module):
         tokens = torch.cat(parts, dim=1)
         for block in self.blocks:
             tokens = block(tokens)
-        return tokens
+        return self.norm(tokens)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.forward_tokens(x))[:, 0]
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x[:, 0] if pre_logits else self.head(x[:, 0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
-
-
-@register_model
-def vitmednet3d(**overrides) -> ViTMedNet3D:
-    return ViTMedNet3D(**overrides)
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "sep_token", "plane_embed"}

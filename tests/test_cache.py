@@ -21,6 +21,7 @@ from datasets.reading import read_image
 from datasets.volume_dataset import CacheDataset, collate_volumes
 from tests.conftest import REPO, run_cli, shared_path
 from tests.volumes import reoriented_copy, write_bad_inputs
+from util.atomic import TEMPORARY_GLOB
 
 HALF_STEP = 0.5 / 65535 + 1e-7  # uint16 storage rounds to the nearest of 65536 levels
 
@@ -171,7 +172,7 @@ def test_a_killed_build_resumes_without_duplicates_or_rework(tmp_path):
     assert set(manifest["status"]) == {"ok"}
     for name, mtime in done_before.items():
         assert (output / name).stat().st_mtime_ns == mtime, f"{name} was rebuilt"
-    assert not list(output.glob(".*tmp*")) and not list(parts.glob(".*tmp*"))
+    assert not list(output.glob(TEMPORARY_GLOB)) and not list(parts.glob(TEMPORARY_GLOB))
     assert len(VolumeCache(output)) == 12
 
 

@@ -1,6 +1,5 @@
 """main_finetune.py on real MedMNIST files: outputs, metrics against the medmnist Evaluator, loading."""
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -13,7 +12,6 @@ from models.load_pretrained import CheckpointMismatchError, adapt_pos_embed, loa
 from models.pos_embed import sincos_pos_embed
 from tests.conftest import run_cli, shared_path
 from util.checkpoint import load_checkpoint
-
 
 
 def finetune(tmp_path, name, *extra, check=True):

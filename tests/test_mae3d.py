@@ -8,8 +8,8 @@ import models
 from models.load_pretrained import load_encoder
 from models.mae3d import REFERENCE_DECODER
 from models.patch_embed import auto_patch_size, stem_patch_size
-from models.registry import create_model
 from models.pos_embed import sincos_1d, split_embed_dim
+from models.registry import create_model
 
 
 def tiny(**overrides):
@@ -175,7 +175,7 @@ def test_registry_lists_every_size_and_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown model"):
         models.create_model("mae_vit_gigantic")
     model = models.create_model("mae_vit_base_patch16", img_size=64, in_chans=2, decoder_depth=2)
-    assert model.config["img_size"] == [64, 64, 64] and model.config["in_chans"] == 2
+    assert model.config["img_size"] == 64 and model.config["in_chans"] == 2 and model.img_size == (64, 64, 64)
     assert len(model.decoder_blocks) == 2 and model.config["embed_dim"] == 768
 
 

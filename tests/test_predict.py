@@ -132,7 +132,7 @@ def test_embeddings_are_the_classifier_features(tmp_path, finetuned):
     model = load_for_inference(checkpoint).model
     with torch.no_grad():
         x = torch.from_numpy(images[:, None].astype(np.float32) / 255)
-        np.testing.assert_allclose(embeddings[:3], model.forward_tokens(x)[:, 1:].mean(1).numpy(), atol=1e-5)
+        np.testing.assert_allclose(embeddings[:3], model.forward_features(x)[:, 1:].mean(1).numpy(), atol=1e-5)
         logits = model.head(model.head_norm(model.fc_norm(torch.from_numpy(embeddings[:3]))))  # the head on them
     probs = pd.read_csv(tmp_path / "pred.csv")[["prob_normal", "prob_hyperplasia"]].values[:3]
     np.testing.assert_allclose(torch.softmax(logits, -1).numpy(), probs, atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO, run_cli, shared_path
 from tests.slurm_cluster import local_slurm
+from util.atomic import TEMPORARY_GLOB
 from util.checkpoint import load_checkpoint
 from util.dist import rank_environment
 from util.preemption import EXIT_PREEMPTED
@@ -99,7 +100,7 @@ def test_kill_9_then_rerun_resumes_and_ends_with_the_same_loss(corpus, tmp_path,
     saved = load_checkpoint(out / "checkpoint-last.pth")["step"]
     assert saved in (6, 9)  # a kill while step 9 is being written leaves a half file beside the step-6 one
     result = run_cli(command)
-    assert f"at step {saved}" in result.stdout and not list(out.glob(".checkpoint-last.pth.tmp*"))
+    assert f"at step {saved}" in result.stdout and not list(out.glob(TEMPORARY_GLOB))
     final = losses(out)
     assert final[16] == pytest.approx(uninterrupted[16], rel=1e-5)
     assert all(final[s] == pytest.approx(uninterrupted[s], rel=1e-5) for s in range(saved + 1, 17))

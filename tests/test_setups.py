@@ -9,9 +9,10 @@ import SimpleITK as sitk
 import torch
 
 import models
-from benchmarks.bench_explain_blob import evaluate
+from datasets.blobs import blob_volumes
 from datasets.slices import slice_indices
 from tests.conftest import run_cli, shared_path
+from util.explain_check import blob_explanation_ratio
 
 
 @pytest.mark.parametrize("name,options", [
@@ -36,7 +37,7 @@ def test_slivit_makes_one_token_per_slice():
     model = models.create_model("slivit", img_size=(7, 32, 32), backbone="convnext_atto", num_classes=2)
     x = torch.rand(2, 1, 7, 32, 32)
     with torch.no_grad():
-        assert model.forward_tokens(x).shape == (2, 1 + 7, 256)
+        assert model.forward_features(x).shape == (2, 1 + 7, 256)
         single = model.slice_features(x[:, :, 3:4])  # a slice's feature depends on that slice alone
         torch.testing.assert_close(model.slice_features(x)[:, 3], single[:, 0], atol=1e-5, rtol=1e-5)
 
@@ -162,6 +163,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def blob_ratio(name: str, seed: int, size: int = 16) -> dict:
+    train_set, test_set = blob_volumes(320, size, 2.5, seed), blob_volumes(32, size, 2.5, seed + 1)
+    options = {"img_size": size, "depth": 4} if name.startswith("vit3d") else {}
+    torch.manual_seed(seed)
+    return blob_explanation_ratio(models.create_model(name, num_classes=2, **options), train_set, test_set)
+
+
 @pytest.mark.parametrize("name,seeds,least_median,least_each", [
     ("vit3d_tiny_patch4", (0, 1, 2), 6.0, 2.0),  # 13-18x measured per seed; one run elsewhere gave 5.3x
     ("medvit3d_tiny", (0,), 2.5, 2.5),  # 4.3-4.4x over seeds 0-2: stable, one seed suffices
@@ -169,8 +177,7 @@ def one_thread():
 def test_explanations_put_their_mass_on_the_blob(one_thread, name, seeds, least_median, least_each):
     """Label = a bright blob somewhere in noise; the map's mass inside the blob must far exceed its share
     (1 = a uniform map). A statistic over seeds with margin, since a single training run can land low."""
-    results = [evaluate(name, size=16, train_count=320, test_count=32, epochs=8, radius=2.5, seed=seed)
-               for seed in seeds]
+    results = [blob_ratio(name, seed) for seed in seeds]
     ratios = [result["ratio"] for result in results]
     assert all(result["test_accuracy"] >= 0.9 for result in results), results
     assert float(np.median(ratios)) > least_median and min(ratios) > least_each, ratios

@@ -6,9 +6,11 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
 
 def image_from_xyz(array_xyz: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                   direction=tuple(np.eye(3).ravel())) -> sitk.Image:
+                   direction=IDENTITY) -> sitk.Image:
     """An image whose index (i, j, k) holds array_xyz[i, j, k]."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz.transpose(2, 1, 0)))
     image.SetSpacing([float(s) for s in spacing])
@@ -33,7 +35,7 @@ def reoriented_copy(image: sitk.Image, perm: tuple[int, int, int], flips: tuple[
     spacing = [image.GetSpacing()[p] for p in perm]
     direction = np.stack([old_direction[:, p] * (-1 if f else 1) for p, f in zip(perm, flips)], axis=1)
     first = [0, 0, 0]
-    for k, (p, f) in enumerate(zip(perm, flips)):
+    for p, f in zip(perm, flips):
         first[p] = int(size[p] - 1) if f else 0
     origin = image.TransformIndexToPhysicalPoint(first)
     return image_from_xyz(new, spacing, origin, direction)

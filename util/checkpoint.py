@@ -1,8 +1,7 @@
 """Checkpoints as plain dicts of tensors and Python values, written atomically.
 
-A checkpoint is written to a hidden temporary file beside its destination, flushed to disk and
-renamed over it, so a crash at any moment leaves either the old file or the new one, never half
-of one. Loading always uses `weights_only=True`: a checkpoint is untrusted input.
+A checkpoint is written atomically (util.atomic): a crash at any moment leaves either the old file or
+the new one, never half of one. Loading always uses `weights_only=True`: a checkpoint is untrusted input.
 """
 import os
 import pickle
@@ -15,26 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from util.atomic import atomic_write
+
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the half-written checkpoints a killed run left behind; call before this run saves anything."""
-    stale = sorted(Path(folder).glob(".*.tmp-*"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class CheckpointError(ValueError):

@@ -1,5 +1,7 @@
 """Visual explanations: attention rollout for ViTs, Grad-CAM for convolutional and hybrid models.
 
+The model says which, and where to read it (models.contract: `explain_method`, `cam_layer` by submodule
+name); nothing here knows an architecture.
 Every map is upsampled to the input grid and normalised to [0, 1]. Rollout follows Abnar & Zuidema:
 per block, the head-averaged attention plus the identity (residual), rows renormalised, multiplied
 through the blocks; the class token's row over the patch tokens is the map. timm's blocks use fused
@@ -14,15 +16,16 @@ import torch.nn.functional as F
 
 from util.plotting import plt
 
-ROLLOUT = "attention rollout"
+METHOD_NAMES = {"rollout": "attention rollout", "grad_cam": "Grad-CAM"}
 MONTAGE_SLICES = 36  # evenly spaced axial slices in a montage; every slice of a 28^3 volume
-GRAD_CAM = "Grad-CAM"
 
 
 def method_for(model: torch.nn.Module) -> str:
-    from models.vit import VisionTransformer
-
-    return ROLLOUT if isinstance(model, VisionTransformer) else GRAD_CAM
+    """The model's explanation method (models.contract), as shown in titles."""
+    if getattr(model, "explain_method", None) not in METHOD_NAMES:
+        raise ValueError(f"{type(model).__name__} does not say how to explain it: it needs explain_method "
+                         f"({' or '.join(METHOD_NAMES)}) and cam_layer (README: Adding a model)")
+    return METHOD_NAMES[model.explain_method]
 
 
 def _attention_probs(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -35,12 +38,12 @@ def _attention_probs(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_rollout(model, x: torch.Tensor) -> torch.Tensor:
-    """(N, *patch grid) relevance of each patch for the class token."""
+    """(N, *patch grid) relevance of each patch for the class token, through the blocks named by cam_layer."""
     captured = []
     hooks = [block.attn.register_forward_hook(lambda module, args, _out: captured.append(_attention_probs(module, args[0])))
-             for block in model.blocks]
+             for block in model.get_submodule(model.cam_layer)]
     try:
-        model.forward_tokens(x)
+        model.forward_features(x)
     finally:
         for hook in hooks:
             hook.remove()
@@ -53,38 +56,10 @@ def attention_rollout(model, x: torch.Tensor) -> torch.Tensor:
     return rollout[:, 0, 1:].reshape(x.shape[0], *model.grid_size)
 
 
-def grad_cam_target(model) -> torch.nn.Module:
-    """The convolutional feature map Grad-CAM reads: the last one, except for MedViT-3D, whose last
-    stage is 1/16 of the input (2 voxels across at 28^3), too coarse to localise; its second stage
-    (1/4) is used. On the blob test that lifted the mass inside the blob from 2.3x to 10.7x its share."""
-    from models.medvit3d import MedViT3D
-    from models.resnet2d import ResNet2D
-    from models.resnet3d import ResNet3D
-    from models.slivit import SLIViT, SliceBackboneClassifier
-    from models.vitmednet3d import ViTMedNet3D
-
-    if isinstance(model, SliceBackboneClassifier):
-        return model.backbone.stages
-    if isinstance(model, ResNet3D):
-        return model.layer4
-    if isinstance(model, ResNet2D):
-        return model.net.layer4
-    if isinstance(model, MedViT3D):
-        return model.stages[1]
-    if isinstance(model, ViTMedNet3D):
-        return model.cnn
-    if isinstance(model, SLIViT):
-        return model.backbone.stages
-    raise ValueError(f"no explanation method for {type(model).__name__}")
-
-
 def grad_cam(model, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """(N, *map grid): ReLU of the feature maps weighted by their mean gradient for each sample's class."""
-    from models.slivit import SLIViT
-
+    """(N, *map grid): ReLU of the cam_layer maps weighted by their mean gradient for each sample's class."""
     store = {}
-    target = grad_cam_target(model)
-    hook = target.register_forward_hook(lambda _m, _a, out: store.update(maps=out))
+    hook = model.get_submodule(model.cam_layer).register_forward_hook(lambda _m, _a, out: store.update(maps=out))
     try:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
@@ -96,15 +71,15 @@ def grad_cam(model, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         hook.remove()
     weights = grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)
     cam = F.relu((weights * maps).sum(dim=1)).detach()
-    if isinstance(model, SLIViT):  # one 2D map per slice: (N*S, h, w) -> (N, S, h, w)
-        cam = cam.reshape(x.shape[0], x.shape[2], *cam.shape[1:])
+    if cam.shape[0] != x.shape[0]:  # a 2D backbone over the slices of each volume: (N*S, h, w) -> (N, S, h, w)
+        cam = cam.reshape(x.shape[0], cam.shape[0] // x.shape[0], *cam.shape[1:])
     return cam
 
 
 def explain(model, x: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
     """(N, *input grid) maps in [0, 1] for each sample's class."""
     model.eval()
-    if method_for(model) == ROLLOUT:
+    if method_for(model) == METHOD_NAMES["rollout"]:
         maps = attention_rollout(model, x)
     else:
         maps = grad_cam(model, x, classes)

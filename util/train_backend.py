@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from util.checkpoint import (atomic_save, load_checkpoint, remove_stale_temporaries, resume_candidates, rng_state,
-                              set_rng_state)
+from util.atomic import remove_stale_temporaries
+from util.checkpoint import atomic_save, load_checkpoint, resume_candidates, rng_state, set_rng_state
 from util.deepspeed_checkpoint import consolidated_fp32_weights, use_weights_only_loading, validate_deepspeed_checkpoint
 from util.dist import DistInfo, barrier
 
@@ -208,3 +208,12 @@ class DeepSpeedBackend:
             return None
         state = consolidated_fp32_weights(output_dir / self.CHECKPOINT_DIR)
         return {k: v.float() for k, v in state.items()}
+
+
+def make_backend(module: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
+                 deepspeed_config: str | None, precision: str, batch_size: int, accum_iter: int = 1,
+                 clip_grad: float | None = None) -> TorchBackend | DeepSpeedBackend:
+    """DeepSpeed when a config is given (its JSON sets the precision), else plain PyTorch or DDP."""
+    if deepspeed_config:
+        return DeepSpeedBackend(module, optimizer, dist_info, deepspeed_config, batch_size, accum_iter, clip_grad)
+    return TorchBackend(module, optimizer, dist_info, precision, accum_iter, clip_grad)

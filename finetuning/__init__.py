@@ -1,0 +1,1 @@
+"""The parts of main_finetune.py: its command line, recipes, setups, model choice and reporting."""

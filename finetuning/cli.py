@@ -1,0 +1,97 @@
+"""main_finetune.py's command line; flags left unset take the recipe's values (finetuning.recipes)."""
+import argparse
+
+from medmnist.info import DEFAULT_ROOT
+
+from datasets.transforms import PRESETS
+from finetuning.recipes import PRETRAINED_LAYER_DECAY, RECIPES
+from finetuning.setups import SETUPS
+
+
+def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--setup", choices=tuple(SETUPS), default="medmnist", help="data protocol and default recipe")
+    data.add_argument("--data_flag", default="adrenalmnist3d", help="any MedMNIST flag, 3D or 2D")
+    data.add_argument("--size", type=int, default=28, help="3D: 28 or 64; 2D: 28, 64, 128 or 224")
+    data.add_argument("--data_root", default=DEFAULT_ROOT, help=f"medmnist root folder (default {DEFAULT_ROOT})")
+    data.add_argument("--download", action="store_true", help="download missing files with the medmnist package")
+    data.add_argument("--num_workers", type=int, default=0, help="the data are in memory: 0 is usually fastest")
+    data.add_argument("--train_samples", type=int, default=None,
+                      help="train on a random subset of N training samples (label-efficiency studies, smoke runs)")
+    slivit = parser.add_argument_group("SLIViT setups")
+    slivit.add_argument("--meta", default=None, help="meta CSV: pid, path (volume, DICOM or slice folder; 2D "
+                        "images for slivit_backbone), label columns, optional split (train/val/test)")
+    slivit.add_argument("--label", default=None, help="comma-separated label column(s)")
+    slivit.add_argument("--task", choices=("auto", "binary", "multiclass", "multilabel", "reg"), default="auto")
+    slivit.add_argument("--split_ratio", default="0.85,0.15,0", help="train,val,test by patient when no split column")
+    slivit.add_argument("--split_file", default=None, help="MedMNIST split file (split,index,image_id) for a flag")
+    slivit.add_argument("--slices", type=int, default=None, help="slices per volume (default: the flag's depth, or 28)")
+    slivit.add_argument("--sparsing", choices=("eq", "mid"), default="eq", help="evenly spaced or middle slices")
+    slivit.add_argument("--slice_size", type=int, default=256, help="each slice resized to S x S")
+    slivit.add_argument("--backbone", default=None, help="timm backbone: convnext_tiny (slivit), resnet50 (vitmednet3d)")
+    slivit.add_argument("--fe_path", default=None, help="SLIViT: backbone.pth from --setup slivit_backbone")
+    slivit.add_argument("--elastic", type=float, default=0.0, help="vitmednet setup: elastic deformation strength")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="vit3d_tiny_patch4", help="auto (the --finetune encoder's architecture, or "
+                       "models.vit.AUTO_ARCHITECTURE with a patch size chosen from the grid), vit3d_*, vit_*, resnet18_3d, resnet50_3d, medvit3d_*, "
+                       "slivit, vitmednet3d, timm_vit_base_patch16_224")
+    model.add_argument("--patch_size", type=int, default=None, help="override the model's patch size")
+    model.add_argument("--global_pool", choices=("avg", "token", "concat"), default="avg",
+                       help="ViT feature: mean of patch tokens (default), the class token, or both (TANGERINE)")
+    model.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate (recipe default)")
+    model.add_argument("--head_norm", choices=("batch", "none"), default="batch",
+                       help="ViTs: batch norm (no affine) before the head, MAE's linear-probe trick; without it a "
+                            "small ViT can sit at the class prior for many epochs (README: recipes)")
+    model.add_argument("--finetune", default=None, help="MAE checkpoint or encoder.pth to start from")
+    model.add_argument("--pretrained", action="store_true", help="timm models: timm's weights from the local cache")
+    model.add_argument("--pretrained_file", default=None, help="timm models: weights from this local file")
+
+    optim = parser.add_argument_group("optimisation (defaults from --recipe)")
+    optim.add_argument("--recipe", choices=tuple(RECIPES), default=None, help="default: the setup's")
+    optim.add_argument("--optimizer", choices=("adamw", "adam"))
+    optim.add_argument("--schedule", choices=("cosine", "multistep", "constant"))
+    optim.add_argument("--patience", type=int, default=None, help="early stop after N epochs without a lower val loss")
+    optim.add_argument("--epochs", type=int)
+    optim.add_argument("--batch_size", type=int, help="per rank")
+    optim.add_argument("--blr", type=float, help="lr = blr * effective batch / 256 (cosine recipes)")
+    optim.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    optim.add_argument("--min_lr", type=float, default=1e-6)
+    optim.add_argument("--layer_decay", type=float, help=f"default: {PRETRAINED_LAYER_DECAY} with --finetune, else 1")
+    optim.add_argument("--weight_decay", type=float)
+    optim.add_argument("--warmup_epochs", type=float)
+    optim.add_argument("--smoothing", type=float, help="label smoothing")
+    optim.add_argument("--class_weights", choices=("none", "balanced"), default="none")
+    optim.add_argument("--augment", choices=("auto", *PRESETS), default=None,
+                       help="auto: chosen from the training images (masks and label maps: flips; grey levels: "
+                            "full); none; flips; geometric (flips, 90-degree turns, nearest-neighbour affine); full "
+                            "(the setup's pipeline: affine, noise, gamma)")
+    optim.add_argument("--normalize", choices=("auto", "none"), default="auto",
+                       help="ViTs from scratch: auto standardises the input with the training images' mean and std "
+                            "(inside the model); with --finetune the encoder's own statistics always apply")
+    optim.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="--augment none")
+    optim.add_argument("--clip_grad", type=float, default=None)
+    optim.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    optim.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed ZeRO-1/2")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--seeds", default="0", help="comma-separated; each seed is a full run, then mean and std")
+    run.add_argument("--output_dir", default="./output_finetune")
+    run.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
+    run.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the AUC confidence interval")
+    run.add_argument("--explain", type=int, default=0, metavar="N",
+                     help="save explanations (attention rollout / Grad-CAM) of the first N test samples")
+    run.add_argument("--device", default="auto")
+    return parser
+
+
+def parse_args(argv: list[str], description: str = __doc__) -> argparse.Namespace:
+    """Flags left unset take the chosen recipe's values."""
+    parser = get_args_parser(description)
+    args = parser.parse_args(argv)
+    args.recipe = args.recipe or SETUPS[args.setup].recipe
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args

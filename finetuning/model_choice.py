@@ -1,0 +1,91 @@
+"""Which model a fine-tuning run builds, with which arguments, and from which pretrained weights.
+
+Nothing here knows an architecture: the run offers what it knows (data shape, recipe, flags) and each
+model takes the arguments its constructor names (models.model_arguments). Flags a user sets for the model
+(--patch_size, --backbone, --fe_path, --pretrained_file) are passed as given, so one the model does not
+take is an error naming it.
+"""
+import argparse
+
+import torch
+
+from datasets.data_profile import DataProfile
+from datasets.task_data import TaskData
+from models import create_model, model_arguments
+from models.load_pretrained import CheckpointMismatchError, load_encoder
+from models.patch_embed import auto_patch_size
+from models.vit import AUTO_ARCHITECTURE
+from util.checkpoint import load_checkpoint
+
+EXPLICIT_MODEL_FLAGS = ("patch_size", "backbone", "fe_path", "pretrained_file")
+
+
+def pretrained_config(path: str | None) -> dict | None:
+    """The model_config a --finetune checkpoint carries (VolMAE checkpoints do; others, e.g. TANGERINE's, not)."""
+    if not path:
+        return None
+    try:
+        config = load_checkpoint(path).get("model_config")
+    except Exception as err:  # torch raises several types for files that are not checkpoints
+        raise SystemExit(f"error: --finetune {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    return config if isinstance(config, dict) else None
+
+
+def auto_architecture(args: argparse.Namespace, data: TaskData, encoder: dict | None) -> tuple[str, dict]:
+    """`--model auto`: a ViT shaped as the pretrained encoder of --finetune; without one, the small hybrid ViT
+    of models.vit.AUTO_ARCHITECTURE with the patch size chosen from the data's grid, as `main_pretrain.py
+    --model auto` builds it, so that a from-scratch baseline has the MAE's architecture."""
+    name = "vit3d" if len(data.input_size) == 3 else "vit2d"
+    if not args.finetune:
+        stem = AUTO_ARCHITECTURE["stem_channels"] > 0
+        return name, {**AUTO_ARCHITECTURE, "patch_size": list(auto_patch_size(data.input_size, stem))}
+    keys = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "stem_channels")
+    if encoder is None or not all(k in encoder for k in keys[:-1]):
+        raise SystemExit(f"error: --model auto takes the architecture from a VolMAE checkpoint's model_config; "
+                         f"{args.finetune} has none: name the model (e.g. --model vit3d_base_patch16)")
+    return name, {k: encoder.get(k, 0) if k == "stem_channels" else encoder[k] for k in keys}
+
+
+def input_normalization(args: argparse.Namespace, profile: DataProfile, encoder: dict | None) -> dict:
+    """Models that standardise their [0, 1] input inside (those taking input_mean/input_std: the ViTs) get the
+    pretrained encoder's statistics (it learned with them), else, with --normalize auto, the training images'.
+    Others (convolutional, with batch norm) take [0, 1] as it is."""
+    if "input_mean" not in model_arguments(args.model):
+        return {}
+    if args.finetune:
+        return {k: encoder[k] for k in ("input_mean", "input_std") if encoder and k in encoder}
+    return profile.normalization if args.normalize == "auto" else {}
+
+
+def model_options(args: argparse.Namespace, data: TaskData) -> dict:
+    """The constructor arguments of args.model: what the run offers, where the model takes it, plus the
+    model flags the user set."""
+    offered = {"in_chans": data.in_chans, "num_classes": len(data.class_names), "img_size": list(data.input_size),
+               "drop_path_rate": args.drop_path, "global_pool": args.global_pool,
+               "head_norm": args.head_norm == "batch", "pretrained": args.pretrained,
+               **args.normalization, **args.architecture}
+    accepted = set(model_arguments(args.model))
+    options = {k: v for k, v in offered.items() if k in accepted}
+    options.update({k: getattr(args, k) for k in EXPLICIT_MODEL_FLAGS if getattr(args, k) is not None})
+    return options
+
+
+def build_model(args: argparse.Namespace, data: TaskData, say) -> torch.nn.Module:
+    """The classifier, with the --finetune encoder's weights loaded when one is given."""
+    try:
+        model = create_model(args.model, **model_options(args, data))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if model.spatial_dims != len(data.input_size):
+        raise SystemExit(f"error: {args.model} is a {model.spatial_dims}D model and the data are "
+                         f"{len(data.input_size)}D")
+    if args.finetune:
+        try:
+            loaded = load_encoder(model, args.finetune)
+        except CheckpointMismatchError as err:
+            raise SystemExit(f"error: --finetune {err}") from None
+        grids = loaded["pos_embed_grids"]
+        say(f"loaded {loaded['loaded']} tensors from {args.finetune}; new: {', '.join(loaded['new']) or 'none'}; "
+            f"dropped {len(loaded['dropped'])} (decoder and unused); pos_embed grid "
+            f"{grids[0] if grids else '-'} -> {grids[1] if grids else '-'}")
+    return model

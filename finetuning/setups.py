@@ -1,0 +1,89 @@
+"""Setups: each is one object saying where its data come from, its default recipe, its full augmentation
+pipeline and what it writes besides the classifier. main_finetune.py knows them only through SETUPS."""
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from datasets.data_profile import DataProfile, choose_augment
+from datasets.medmnist_data import MedMNISTSpec
+from datasets.task_data import TaskData, medmnist_task, meta_image_task, meta_volume_task, slivit_medmnist_task
+from datasets.transforms import VITMEDNET_AUGMENT, AugmentConfig, describe, preset
+from util.checkpoint import atomic_save
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    return [c.strip() for c in (args.label or "").split(",") if c.strip()]
+
+
+def _ratio(args: argparse.Namespace) -> tuple[float, ...]:
+    return tuple(float(v) for v in args.split_ratio.split(","))
+
+
+def _spec(args: argparse.Namespace) -> MedMNISTSpec:
+    return MedMNISTSpec(args.data_flag, args.size, args.data_root)
+
+
+def medmnist_data(args: argparse.Namespace, _output_dir: Path) -> TaskData:
+    return medmnist_task(_spec(args), args.download)
+
+
+def vitmednet_data(args: argparse.Namespace, _output_dir: Path) -> TaskData:
+    spec = _spec(args)
+    if not spec.is_3d:
+        raise ValueError(f"the 3DViTMedNet setup takes MedMNIST3D flags; {spec.flag} is 2D")
+    return medmnist_task(spec, args.download)
+
+
+def slivit_data(args: argparse.Namespace, output_dir: Path) -> TaskData:
+    if args.meta:
+        if not _labels(args):
+            raise ValueError("--setup slivit with --meta needs --label")
+        return meta_volume_task(Path(args.meta), _labels(args), args.task, _ratio(args), args.slices or 28,
+                                args.sparsing, args.slice_size, 0, output_dir)
+    return slivit_medmnist_task(_spec(args), args.slices or args.size, args.sparsing, args.slice_size, args.download,
+                                args.split_file)
+
+
+def slice_backbone_data(args: argparse.Namespace, output_dir: Path) -> TaskData:
+    if not args.meta or not _labels(args):
+        raise ValueError("--setup slivit_backbone needs --meta and --label (the one-hot pathology columns)")
+    return meta_image_task(Path(args.meta), _labels(args), _ratio(args), args.slice_size, 0, output_dir)
+
+
+def save_backbone(output_dir: Path, model: torch.nn.Module, data: TaskData) -> None:
+    """backbone.pth: the ConvNeXt that `--setup slivit --fe_path` loads into SLIViT."""
+    atomic_save({"backbone": model.backbone.state_dict(), "backbone_name": model.config["backbone"],
+                 "class_names": data.class_names}, output_dir / "backbone.pth")
+
+
+def no_extra_outputs(_output_dir: Path, _model: torch.nn.Module, _data: TaskData) -> None:
+    """Nothing besides the classifier and its reports."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    recipe: str
+    build_data: Callable[[argparse.Namespace, Path], TaskData]
+    full_augment: Callable[[argparse.Namespace], AugmentConfig] = lambda _args: AugmentConfig()
+    extra_outputs: Callable[[Path, torch.nn.Module, TaskData], None] = no_extra_outputs
+
+
+SETUPS = {setup.name: setup for setup in (
+    Setup("medmnist", "mae", medmnist_data),
+    Setup("vitmednet", "vitmednet", vitmednet_data, lambda args: replace(VITMEDNET_AUGMENT, elastic=args.elastic)),
+    Setup("slivit", "slivit", slivit_data),
+    Setup("slivit_backbone", "slivit", slice_backbone_data, extra_outputs=save_backbone),
+)}
+
+
+def resolve_augment(args: argparse.Namespace, profile: DataProfile) -> tuple[AugmentConfig, dict]:
+    """The run's augmentation, and a record of what was chosen and why (printed and kept in results.json):
+    `auto` picks from the training images (datasets.data_profile), `full` is the setup's pipeline."""
+    name, why = (args.augment, "set by the recipe or the command line") if args.augment != "auto" \
+        else choose_augment(profile)
+    config = preset(name, SETUPS[args.setup].full_augment(args))
+    return config, {"preset": name, "requested": args.augment, "reason": why, "does": describe(config)}

@@ -1,0 +1,51 @@
+"""README, "Adding a model": its example file, dropped into models/ with no other file touched, fine-tunes,
+predicts and explains through the mains."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, run_cli, shared_path
+
+EXAMPLE_FILE = REPO / "models" / "readme_example_tiny_cnn3d.py"
+
+
+def readme_example() -> str:
+    """The python block under README's "Adding a model" heading."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Adding a model", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.fixture
+def example_model():
+    code = readme_example()
+    assert len(code.strip().splitlines()) <= 25, "the README promises a short example"
+    EXAMPLE_FILE.write_text(code)
+    try:
+        yield "tiny_cnn3d"
+    finally:
+        EXAMPLE_FILE.unlink(missing_ok=True)
+
+
+def test_the_readme_example_model_fine_tunes_predicts_and_explains(tmp_path, example_model):
+    root = shared_path("medmnist")
+    out = tmp_path / "ft"
+    run_cli(["main_finetune.py", "--data_flag", "adrenalmnist3d", "--data_root", str(root), "--model", example_model,
+             "--epochs", "1", "--train_samples", "64", "--bootstrap", "0", "--explain", "2", "--output_dir", str(out)])
+    assert (out / "best.pth").exists() and (out / "results.json").exists()
+    assert sorted(p.name for p in (out / "explain").glob("*_overlay.png")) == ["test000_overlay.png", "test001_overlay.png"]
+
+    images = np.load(root / "adrenalmnist3d.npz")["test_images"][:2]
+    for i, image in enumerate(images):
+        np.save(tmp_path / f"case{i}.npy", image)
+    pd.DataFrame({"id": ["a", "b"], "path": ["case0.npy", "case1.npy"]}).to_csv(tmp_path / "cases.csv", index=False)
+    run_cli(["main_predict.py", "--checkpoint", str(out / "best.pth"), "--input_csv", str(tmp_path / "cases.csv"),
+             "--output_csv", str(tmp_path / "pred.csv"), "--explain", str(tmp_path / "maps"),
+             "--embeddings", str(tmp_path / "emb.npy")])
+    predictions = pd.read_csv(tmp_path / "pred.csv")
+    assert list(predictions["status"]) == ["ok", "ok"]
+    assert all(Path(p).exists() for p in predictions["explanation"])
+    assert np.load(tmp_path / "emb.npy").shape == (2, 16)
