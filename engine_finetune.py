@@ -39,9 +39,9 @@ def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Opti
         groups = param_groups_layer_decay(model, args.weight_decay, no_decay, layer_decay=args.layer_decay)
     else:
         groups = param_groups_weight_decay(model, args.weight_decay, no_decay)
-    if args.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=args.lr)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    if args.optimizer == "adam":  # fused: one kernel for all parameters (engine_pretrain.build_optimizer)
+        return torch.optim.Adam(groups, lr=args.lr, fused=True)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -122,7 +122,7 @@ class Finetuner:
         all_reduce_sum(total)
         return float(total[0] / total[1])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, split: str) -> np.ndarray:
         """Model outputs (logits) for every sample of a split, in dataset order, gathered from all ranks."""
         self.core.eval()

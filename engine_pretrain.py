@@ -1,6 +1,6 @@
 """The MAE pretraining loop: optimizer steps with accumulation, guards, logging and checkpoints.
 
-Masks are drawn from a generator seeded by (seed, epoch, sample index), not from the global
+Masks are a pure function of (seed, epoch, sample index) (util.keyed_random), not of the global
 random stream, so a resumed run and a run on another number of ranks mask every sample exactly as
 an uninterrupted single-process run would.
 """
@@ -23,6 +23,7 @@ from datasets.volume_dataset import collate_volumes, single_threaded_worker
 from models.mae3d import encoder_weights
 from util.checkpoint import CheckpointError, atomic_save, plain_args
 from util.dist import DistInfo, all_reduce_sum, barrier
+from util.keyed_random import keyed_uniform
 from util.lr_sched import lr_at_step, set_lr
 from util.plotting import slice_grid
 from util.preemption import PREEMPTED_FILE, PreemptionWatch
@@ -52,21 +53,19 @@ class Preempted(RuntimeError):
 
 
 def build_optimizer(model: torch.nn.Module, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95) as in MAE; no weight decay on norms, biases and tokens."""
+    """AdamW (0.9, 0.95) as in MAE; no weight decay on norms, biases and tokens. Fused: one kernel for all
+    parameters instead of a loop of small operations per tensor (on CPU a fifth of a ViT-B step; README)."""
     from timm.optim import param_groups_weight_decay
 
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
 
 
 def masking_noise(core, indices: torch.Tensor, epoch: int, seed: int, mask_type: str,
                   device: torch.device) -> torch.Tensor:
-    """Per-sample masking noise from a generator keyed on (seed, epoch, dataset index)."""
-    rows = []
-    for index in indices.tolist():
-        generator = torch.Generator().manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-        rows.append(core.masking_noise(1, mask_type, torch.device("cpu"), generator))
-    return torch.cat(rows).to(device, non_blocking=True)
+    """Masking noise of a batch, each sample's a function of (seed, epoch, dataset index) alone."""
+    raw = keyed_uniform([seed, epoch], indices, core.noise_count(mask_type))
+    return core.expand_noise(raw, mask_type).to(device, non_blocking=True)
 
 
 class FeatureProbe:

@@ -106,7 +106,6 @@ def explanation_names(table: pd.DataFrame, id_col: str) -> list[str]:
     return [re.sub(r"[^A-Za-z0-9._-]", "_", str(value)) or f"row{row}" for row, value in enumerate(table[id_col])]
 
 
-@torch.no_grad()
 def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info, names: list[str]) -> dict[int, dict]:
     """This rank's rows: {row: {"scores", "embedding", "error", "explanation"}}."""
     device = dist_info.device
@@ -122,7 +121,9 @@ def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info, nam
         if batch["input"] is None:
             continue
         x = batch["input"].to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        # explanations need gradients; otherwise inference mode (no autograd bookkeeping at all)
+        with torch.no_grad() if args.explain else torch.inference_mode(), \
+                torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             features = model.forward_features(x)
             logits = model.forward_head(features) if loaded.is_classifier else None
             scores = None if logits is None else scores_from_logits(logits.float(), task).cpu().numpy()

@@ -82,17 +82,27 @@ class MaskedAutoencoderViT(ViTEncoder):
         x = x.permute(order)
         return x.reshape(n, self.in_chans, *(g * p for g, p in zip(self.grid_size, self.patch_size)))
 
-    def masking_noise(self, n: int, mask_type: str, device: torch.device,
-                      generator: torch.Generator | None) -> torch.Tensor:
-        """[N, L] noise whose argsort gives the keep order; tube noise is shared along depth."""
+    def noise_count(self, mask_type: str) -> int:
+        """Random numbers per sample a mask needs: one per patch, or one per depth column for tubes."""
         if mask_type == "random":
-            return torch.rand(n, self.num_patches, device=device, generator=generator)
+            return self.num_patches
         if mask_type == "tube":
             if self.spatial_dims != 3:
                 raise ValueError("tube masking needs a 3D model")
-            plane = torch.rand(n, 1, math.prod(self.grid_size[1:]), device=device, generator=generator)
-            return plane.expand(n, self.grid_size[0], -1).reshape(n, self.num_patches)
+            return math.prod(self.grid_size[1:])
         raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+
+    def expand_noise(self, raw: torch.Tensor, mask_type: str) -> torch.Tensor:
+        """[N, noise_count] -> [N, L] noise whose argsort gives the keep order; tube noise is shared along depth."""
+        if mask_type == "tube":
+            return raw[:, None].expand(-1, self.grid_size[0], -1).reshape(raw.shape[0], self.num_patches)
+        return raw
+
+    def masking_noise(self, n: int, mask_type: str, device: torch.device,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """[N, L] masking noise from `generator` (the global RNG if None)."""
+        raw = torch.rand(n, self.noise_count(mask_type), device=device, generator=generator)
+        return self.expand_noise(raw, mask_type)
 
     def num_visible(self, mask_ratio: float, mask_type: str) -> int:
         """Tokens kept per sample: int(L*(1-ratio)); for tubes, whole depth columns of that share."""
@@ -131,8 +141,9 @@ class MaskedAutoencoderViT(ViTEncoder):
         """Standardised inputs -> (latent of the visible patches with the class token, mask, restore ids).
         A convolutional stem sees the masked patches as zeros (ConvMAE), so nothing of them leaks."""
         ids_keep, mask, ids_restore = self.draw_mask(imgs.shape[0], mask_ratio, mask_type, imgs.device, noise)
-        visible = (1 - mask).view(imgs.shape[0], *self.grid_size) if self.patch_embed.stem is not None else None
-        x = self.embed_patches(imgs, visible)
+        if self.patch_embed.stem is None:
+            return self.encode(self.embed_kept(self.patchify(imgs), ids_keep)), mask, ids_restore
+        x = self.embed_patches(imgs, (1 - mask).view(imgs.shape[0], *self.grid_size))
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.encode(x), mask, ids_restore
 

@@ -9,6 +9,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from models.patch_embed import InputNorm, PatchEmbed
@@ -51,6 +52,17 @@ class ViTEncoder(nn.Module):
     def embed_patches(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         """Standardised input -> positioned patch tokens [N, L, E]; `visible` masks a stem (models.patch_embed)."""
         return self.patch_embed(x, visible) + self.pos_embed[:, 1:]
+
+    def embed_kept(self, patches: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Patchified input [N, L, prod(patch) * C] (patch voxels first, channel last: the MAE's patchify)
+        -> positioned tokens of the kept patches [N, K, E]. Without a stem the projection is a linear map of
+        each patch alone, so a masked patch need not be projected at all: at 90% masking a tenth of the work."""
+        if self.patch_embed.stem is not None:
+            raise ValueError("a convolutional stem sees neighbouring patches: use embed_patches with `visible`")
+        kept = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        proj = self.patch_embed.proj
+        weight = proj.weight.movedim(1, -1).reshape(proj.weight.shape[0], -1)
+        return F.linear(kept, weight, proj.bias) + self.pos_embed[0, 1:][ids_keep]
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
         """Positioned patch tokens [N, K, E] -> [N, 1 + K, E]: class token prepended, blocks, final norm."""

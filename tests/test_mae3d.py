@@ -211,3 +211,14 @@ def test_a_classifier_with_a_stem_loads_its_mae_encoder(tmp_path):
     assert report["new"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     torch.testing.assert_close(classifier.patch_embed.stem.stages[1][0].weight, mae.patch_embed.stem.stages[1][0].weight)
     assert classifier(torch.rand(2, 1, 28, 28, 28)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("img_size,patch,in_chans", [(16, 4, 1), ((8, 12, 16), (2, 4, 8), 2)])
+def test_projecting_only_the_kept_patches_equals_projecting_all_then_keeping(img_size, patch, in_chans):
+    model = models.create_model("mae_vit_tiny_patch16", img_size=img_size, patch_size=patch, in_chans=in_chans,
+                                depth=1, decoder_depth=1)
+    imgs = torch.rand(2, in_chans, *model.img_size)
+    ids_keep, _, _ = model.draw_mask(2, 0.75, "random", torch.device("cpu"))
+    all_tokens = model.embed_patches(imgs)
+    expected = torch.gather(all_tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, all_tokens.shape[-1]))
+    torch.testing.assert_close(model.embed_kept(model.patchify(imgs), ids_keep), expected, atol=1e-5, rtol=1e-5)

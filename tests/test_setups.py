@@ -181,3 +181,4 @@ def test_explanations_put_their_mass_on_the_blob(one_thread, name, seeds, least_
     ratios = [result["ratio"] for result in results]
     assert all(result["test_accuracy"] >= 0.9 for result in results), results
     assert float(np.median(ratios)) > least_median and min(ratios) > least_each, ratios
+

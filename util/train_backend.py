@@ -77,8 +77,11 @@ class TorchBackend:
             return False, math.nan
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = self.clip_grad if self.clip_grad is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        if self.clip_grad is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad))
+        else:  # the norm for the logs, without clip_grad_norm_'s multiplication of every gradient by 1
+            grad_norm = float(torch.nn.utils.get_total_norm(
+                [p.grad for p in self.module.parameters() if p.grad is not None]))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
             self.scaler.update()
