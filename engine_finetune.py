@@ -39,9 +39,10 @@ def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Opti
         groups = param_groups_layer_decay(model, args.weight_decay, no_decay, layer_decay=args.layer_decay)
     else:
         groups = param_groups_weight_decay(model, args.weight_decay, no_decay)
-    if args.optimizer == "adam":  # fused: one kernel for all parameters (engine_pretrain.build_optimizer)
-        return torch.optim.Adam(groups, lr=args.lr, fused=True)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
+    fused = not args.deepspeed  # one kernel for all parameters (engine_pretrain.build_optimizer)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=args.lr, fused=fused)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=fused)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
