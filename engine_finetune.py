@@ -76,6 +76,9 @@ class Finetuner:
                              "sharded evaluation cannot use (classifiers fit without it)")
         self.core = self.backend.module
         self.model = self.backend.model
+        # what is evaluated and saved: the classifier, without an auxiliary reconstruction decoder (models.joint_mae)
+        self.classifier = getattr(self.core, "classifier", self.core)
+        self.reconstruction_weight = args.mae_loss_weight if self.classifier is not self.core else 0.0
         self.optimizer = self.backend.optimizer
         if task == MULTI_LABEL:
             self.criterion = torch.nn.BCEWithLogitsLoss()
@@ -113,7 +116,13 @@ class Finetuner:
         for i, (images, labels, _) in enumerate(bar):
             set_lr(self.optimizer, self.lr_at(epoch * self.steps_per_epoch + i, epoch))
             with self.backend.autocast():
-                loss = self.criterion(self.model(self.inputs(images, train=True)).float(), self.targets(labels))
+                x = self.inputs(images, train=True)
+                if self.reconstruction_weight:
+                    logits, reconstruction = self.model(x, with_reconstruction=True)
+                    loss = self.criterion(logits.float(), self.targets(labels)) + \
+                        self.reconstruction_weight * reconstruction.float()
+                else:
+                    loss = self.criterion(self.model(x).float(), self.targets(labels))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {i}: lower the learning rate")
             self.backend.backward(loss)
@@ -126,14 +135,14 @@ class Finetuner:
     @torch.inference_mode()
     def predict(self, split: str) -> np.ndarray:
         """Model outputs (logits) for every sample of a split, in dataset order, gathered from all ranks."""
-        self.core.eval()
+        self.classifier.eval()
         dataset = self.splits[split]
         loader = DataLoader(dataset, batch_size=self.args.batch_size * 2, num_workers=self.args.num_workers,
                             sampler=ShardSampler(len(dataset), self.dist.rank, self.dist.world_size))
         indices, scores = [], []
         for images, _, index in loader:
             with self.backend.autocast():
-                logits = self.core(self.inputs(images, train=False)).float()
+                logits = self.classifier(self.inputs(images, train=False)).float()
             scores.append(logits.cpu().numpy())
             indices.append(index.numpy())
         part = (np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64),
@@ -175,7 +184,7 @@ class Finetuner:
             improved = best["state"] is None or key > best["key"]  # an undefined (NaN) score keeps the first
             if improved:
                 best = {"key": key, "score": score, "epoch": epoch,
-                        "state": {k: v.detach().cpu().clone() for k, v in self.core.state_dict().items()}}
+                        "state": {k: v.detach().cpu().clone() for k, v in self.classifier.state_dict().items()}}
                 if self.dist.is_main:
                     atomic_save({"model": best["state"], "epoch": epoch, metric: score, **checkpoint_extra}, best_path)
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, metric: score,
@@ -191,7 +200,7 @@ class Finetuner:
                 if self.dist.is_main:
                     tqdm.write(f"early stop: validation loss has not improved for {stale} epochs")
                 break
-        self.core.load_state_dict(best["state"])
+        self.classifier.load_state_dict(best["state"])
         epochs_run = epoch + 1
         collapsed = prior_epochs == epochs_run
         if collapsed and self.dist.is_main:

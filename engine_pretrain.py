@@ -29,10 +29,11 @@ from util.plotting import slice_grid
 from util.preemption import PREEMPTED_FILE, PreemptionWatch
 from util.probe import probe_aucs
 from util.run_log import RunLog
-from util.sampler import ResumableDistributedSampler
+from util.sampler import ResumableDistributedSampler, ShardSampler
 from util.train_backend import make_backend
 
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+HOLDOUT_MASK_EPOCH = -1  # the held-out volumes' masks are keyed on this instead of an epoch: the same every time
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,9 +64,10 @@ def build_optimizer(model: torch.nn.Module, weight_decay: float, fused: bool = T
 
 
 def masking_noise(core, indices: torch.Tensor, epoch: int, seed: int, mask_type: str,
-                  device: torch.device) -> torch.Tensor:
-    """Masking noise of a batch, each sample's a function of (seed, epoch, dataset index) alone."""
-    raw = keyed_uniform([seed, epoch], indices, core.noise_count(mask_type))
+                  device: torch.device, view: int = 0) -> torch.Tensor:
+    """Masking noise of a batch, each sample's a function of (seed, epoch, dataset index) alone; `view` > 0 gives
+    other masks of the same samples (the contrastive term's second view)."""
+    raw = keyed_uniform([seed, epoch] + ([view] if view else []), indices, core.noise_count(mask_type))
     return core.expand_noise(raw, mask_type).to(device, non_blocking=True)
 
 
@@ -111,10 +113,13 @@ class Pretrainer:
     """Owns the model, optimizer, backend and schedule of one pretraining run."""
 
     def __init__(self, args: Namespace, core: torch.nn.Module, dataset: Dataset, dist_info: DistInfo,
-                 extra_state: dict, preemption: PreemptionWatch, probe: FeatureProbe | None = None):
+                 extra_state: dict, preemption: PreemptionWatch, probe: FeatureProbe | None = None,
+                 holdout: Dataset | None = None):
         self.args = args
         self.probe = probe
         self.last_probe_step = -1
+        self.holdout = holdout  # volumes never trained on: their reconstruction loss every --val_every epochs
+        self.last_holdout_step = -1
         self.dist = dist_info
         self.extra_state = extra_state  # model name, config, data and preprocessing: saved with every checkpoint
         self.output_dir = Path(args.output_dir)
@@ -204,9 +209,12 @@ class Pretrainer:
             with self.backend.accumulating(last):
                 volume = finish_batch(batch, device)
                 noise = masking_noise(self.core, batch["index"], epoch, self.args.seed, self.args.mask_type, device)
+                views = {"second_noise": masking_noise(self.core, batch["index"], epoch, self.args.seed,
+                                                       self.args.mask_type, device, view=1)} \
+                    if getattr(self.core, "needs_second_view", False) else {}
                 with self.backend.autocast():
                     loss, pred, mask = self.backend.model(volume.to(input_dtype), self.args.mask_ratio,
-                                                          self.args.mask_type, noise=noise)
+                                                          self.args.mask_type, noise=noise, **views)
                 local = loss.detach().float()
                 finite = bool(torch.isfinite(local))
                 stats = torch.tensor([local.item() if finite else 0.0, float(not finite)], device=device,
@@ -234,6 +242,7 @@ class Pretrainer:
         epoch = self.step // self.steps_per_epoch
         if self.step == 0:
             self._run_probe(run_log)
+            self._run_holdout(run_log)
         while self.step < self.total_steps:
             self.epoch_failures = 0
             self.sampler.set_epoch(epoch)
@@ -285,12 +294,16 @@ class Pretrainer:
                     self.save(f"checkpoint-{finished - 1}.pth")
                 if self.probe and (finished % self.probe.every == 0 or self.step == self.total_steps):
                     self._run_probe(run_log)
+                if self.holdout is not None and (finished % self.args.val_every == 0 or self.step == self.total_steps):
+                    self._run_holdout(run_log)
             epoch += 1
         bar.close()
         if self.applied_steps == 0:
             self._stop_unreadable(f"none of the {self.step} optimizer steps changed the weights")
         if self.probe and self.last_probe_step != self.step:
             self._run_probe(run_log)
+        if self.holdout is not None and self.last_holdout_step != self.step:
+            self._run_holdout(run_log)
         self.save("checkpoint-last.pth")
         self.save_final()
         barrier()
@@ -307,6 +320,39 @@ class Pretrainer:
             tqdm.write(f"probe at step {self.step}: kNN AUC {record['probe_knn_auc']:.4f}, "
                        f"linear AUC {record['probe_linear_auc']:.4f} ({record['probe_seconds']:.1f} s)")
         barrier()
+
+    @torch.no_grad()
+    def holdout_loss(self) -> float:
+        """The reconstruction loss on the held-out volumes, each with a mask fixed for the whole run, averaged over
+        volumes on all ranks."""
+        training = self.core.training
+        self.core.eval()
+        loader = DataLoader(self.holdout, batch_size=self.args.batch_size, collate_fn=collate_volumes,
+                            sampler=ShardSampler(len(self.holdout), self.dist.rank, self.dist.world_size))
+        device = self.dist.device
+        total = torch.zeros(2, device=device, dtype=torch.float64)
+        for batch in loader:
+            if batch["volume"] is None:
+                continue
+            volume = finish_batch(batch, device)
+            noise = masking_noise(self.core, batch["index"], HOLDOUT_MASK_EPOCH, self.args.seed, self.args.mask_type,
+                                  device)
+            with self.backend.autocast():
+                loss, _, _ = self.core(volume.to(getattr(self.backend, "input_dtype", torch.float32)),
+                                       self.args.mask_ratio, self.args.mask_type, noise=noise)
+            total += torch.tensor([loss.float().item() * len(volume), len(volume)], device=device, dtype=torch.float64)
+        all_reduce_sum(total)
+        self.core.train(training)
+        return float(total[0] / total[1]) if total[1] > 0 else math.nan
+
+    def _run_holdout(self, run_log: RunLog) -> None:
+        if self.holdout is None:
+            return
+        self.last_holdout_step = self.step
+        loss = self.holdout_loss()
+        run_log.scalars({"step": self.step, "epoch": self.step // self.steps_per_epoch, "val_loss": loss}, self.step)
+        if self.dist.is_main:
+            tqdm.write(f"held-out reconstruction loss at step {self.step}: {loss:.4f} ({len(self.holdout)} volumes)")
 
     def _stop_if_requested(self, bar: tqdm) -> None:
         reason = self.preemption.requested()

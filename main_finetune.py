@@ -22,11 +22,18 @@ import numpy as np
 import torch
 
 from datasets.data_profile import profile_images
+from datasets.labelled_volumes import fraction_of_patients
 from datasets.medmnist_data import ArrayDataset, MedMNISTNotFound, subset_indices
 from datasets.task_data import TaskData
 from engine_finetune import Finetuner
 from finetuning.cli import parse_args
-from finetuning.model_choice import auto_architecture, build_model, input_normalization, pretrained_config
+from finetuning.model_choice import (
+    auto_architecture,
+    build_model,
+    input_normalization,
+    pretrained_config,
+    with_reconstruction,
+)
 from finetuning.recipes import PRETRAINED_LAYER_DECAY
 from finetuning.reporting import aggregate, headline, write_explanations, write_results, write_split_outputs
 from finetuning.setups import SETUPS, resolve_augment
@@ -38,6 +45,24 @@ from util.metrics import REGRESSION
 from util.run_log import RunLog, cpu_seconds
 
 
+def training_subset(args, seed: int, data: TaskData, say) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """The training split, or with --train_fraction the samples of that fraction of its patients (each sample its
+    own patient where the data name none), drawn for this seed."""
+    images, labels = data.splits["train"]
+    groups = data.groups["train"] if data.groups is not None else np.arange(len(images)).astype(str)
+    if args.train_fraction is None:
+        return (images, labels), {}
+    try:
+        keep = fraction_of_patients(groups, labels, args.train_fraction, seed)
+    except ValueError as err:
+        raise SystemExit(f"error: --train_fraction: {err}") from None
+    used = {"train_fraction": args.train_fraction, "train_samples_used": int(len(keep)),
+            "train_patients_used": int(len(set(groups[keep])))}
+    say(f"seed {seed}: training on {len(keep)} samples of {used['train_patients_used']} patients "
+        f"({args.train_fraction:g} of {len(set(groups))})")
+    return (images[keep], labels[keep]), used
+
+
 def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, augment, report: dict) -> dict:
     """Train one seed, keep its best epoch, evaluate it on val and test and write its outputs."""
     start, cpu_start = time.perf_counter(), cpu_seconds()
@@ -47,25 +72,28 @@ def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, augme
     output_dir.mkdir(parents=True, exist_ok=True)
     say = print if dist_info.is_main else (lambda *a, **k: None)
     model = build_model(args, data, say)
-    splits = {name: ArrayDataset(*data.splits[name]) for name in ("train", "val", "test")}
-    trainer = Finetuner(args, model, splits, data.task, len(data.class_names), dist_info, augment)
+    train, used = training_subset(args, seed, data, say)
+    splits = {"train": ArrayDataset(*train), **{name: ArrayDataset(*data.splits[name]) for name in ("val", "test")}}
+    trainer = Finetuner(args, with_reconstruction(args, model, say), splits, data.task, len(data.class_names),
+                        dist_info, augment)
     extra = {"kind": CLASSIFIER_KIND, "model_name": args.model, "model_config": model.config,
              "class_names": data.class_names, "task": data.task, "data": data.data, "setup": args.setup,
-             "input_size": list(data.input_size), "args": plain_args(args)}
+             "input_size": list(data.input_size), "args": plain_args(args),
+             "preprocess": data.preprocess.to_dict() if data.preprocess is not None else None}
     run_log = RunLog(output_dir, args.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
     selection = trainer.fit(run_log, output_dir / "best.pth", extra)
     run_log.close()
     evaluated = [split for split in ("val", "test") if len(data.splits[split][0])]
     scores = {split: trainer.scores(split) for split in evaluated}
     result = {"setup": args.setup, "data": data.data, "model": args.model, "finetune": args.finetune,
-              "model_config": model.config, "recipe": args.recipe, "seed": seed, **report, **selection}
+              "model_config": model.config, "recipe": args.recipe, "seed": seed, **report, **used, **selection}
     if dist_info.is_main:
         for split in evaluated:
             result[split] = write_split_outputs(output_dir, split, data, data.splits[split][1], scores[split], seed,
                                                 args.bootstrap)
-        SETUPS[args.setup].extra_outputs(output_dir, trainer.core, data)
+        SETUPS[args.setup].extra_outputs(output_dir, trainer.classifier, data)
         if args.explain and "test" in scores:
-            write_explanations(output_dir, trainer.core, data, scores["test"], args.explain)
+            write_explanations(output_dir, trainer.classifier, data, scores["test"], args.explain)
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["cpu_seconds"] = round(cpu_seconds() - cpu_start, 1)
         write_results(output_dir, result)
@@ -105,7 +133,7 @@ def main(args) -> None:
         args.lr = effective_lr(args.blr, None, args.batch_size * dist_info.world_size)
     seeds = [int(s) for s in str(args.seeds).split(",")]
     augment, augment_report = resolve_augment(args, profile)
-    report = {"data_profile": profile.to_dict(), "augment": augment_report}
+    report = {"data_profile": profile.to_dict(), "augment": augment_report, **data.report}
     if dist_info.is_main:
         source = data.data.get("flag") or data.data.get("meta")
         print(f"{args.setup} setup, {source} ({data.task}, {len(data.class_names)} output(s)) at "

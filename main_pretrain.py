@@ -15,7 +15,13 @@ from medmnist.info import DEFAULT_ROOT
 
 import models
 from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
-from datasets.pretrain_data import build_pretrain_dataset, medmnist_pretrain_dataset, phantom_corpus
+from datasets.pretrain_data import (
+    build_pretrain_dataset,
+    hold_out,
+    medmnist_pretrain_dataset,
+    phantom_corpus,
+    volume_profile,
+)
 from datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
 from engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer, UnreadableDataError
 from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
@@ -50,6 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="convolutional stem of this many channels before the patch projection (ConvMAE-style "
                             "masked convolutions; needs power-of-two patches); 0: the reference linear patch "
                             "embedding (default: 0, or the auto architecture's with --model auto)")
+    model.add_argument("--contrast_weight", type=float, default=None,
+                       help="add this times an InfoNCE term between two masked views of each volume, on the mean "
+                            "visible token (default 0: MAE alone)")
+    model.add_argument("--contrast_temperature", type=float, default=None, help="InfoNCE temperature (default 0.2)")
     model.add_argument("--decoder_embed_dim", type=int, default=None, help="default: the model's (see README)")
     model.add_argument("--decoder_depth", type=int, default=None)
     model.add_argument("--decoder_num_heads", type=int, default=None)
@@ -83,8 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "paths or .csv with a 'path' column read on the fly; default: synthetic CT "
                            "phantoms written to OUTPUT_DIR/phantoms")
     data.add_argument("--normalize", choices=("auto", "none"), default="auto",
-                      help="auto: with --data_flag, standardise inputs with the training images' mean and std "
-                           "(inside the model, recorded in its config); volumes keep their windowed [0, 1]")
+                      help="auto: standardise inputs with the mean and std of the training images (a sample of at "
+                           "most 64 volumes), inside the model and recorded in its config; none: windowed [0, 1]")
     data.add_argument("--no_augment", action="store_true",
                       help="no random crop (when --input_size is smaller than a cache's grid), "
                            "left-right flip or intensity jitter")
@@ -96,6 +106,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="with --data_flag: pretrain on a random subset of N training images (smoke runs)")
     data.add_argument("--data_root", default=DEFAULT_ROOT, help="medmnist root folder, with --data_flag")
     data.add_argument("--num_workers", type=int, default=4)
+    data.add_argument("--val_fraction", type=float, default=0.0,
+                      help="hold this share of the volumes out of training and report their reconstruction loss "
+                           "(fixed masks) as val_loss every --val_every epochs; 0: none (default)")
+    data.add_argument("--val_every", type=int, default=10, help="epochs between held-out losses")
     add_preprocess_args(parser)
 
     probe = parser.add_argument_group("probes: frozen-feature kNN and linear AUCs on labelled data, at step 0 and "
@@ -208,11 +222,25 @@ def main(args: argparse.Namespace) -> int:
                                                  preprocess_config_from_args(args, input_size),
                                                  not args.no_augment, args.seed, dist_info.is_main)
         data_info = {"source": "volumes", "data_path": args.data_path}
+        if args.normalize == "auto":
+            profile = volume_profile(dataset)
+            normalization = profile.normalization
+            say(f"volumes as model input: {profile.describe()}; standardised inside the model")
+
+    holdout = None
+    if args.val_fraction:
+        try:
+            dataset, holdout = hold_out(dataset, args.val_fraction)
+        except ValueError as err:
+            raise SystemExit(f"error: --val_fraction: {err}") from None
+        if args.val_every < 1:
+            raise SystemExit("error: --val_every must be at least 1 (epochs)")
 
     overrides = {"img_size": input_size, "in_chans": in_chans, "norm_pix_loss": args.norm_pix_loss, **normalization}
     if args.model == "auto":
         overrides.update(AUTO_ARCHITECTURE)
-    for key in ("depth", "stem_channels", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+    for key in ("depth", "stem_channels", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+                "contrast_weight", "contrast_temperature"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     overrides["patch_size"] = resolve_patch_size(args, input_size, overrides.get("stem_channels", 0) > 0)
@@ -229,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
     extra_state = {"model_name": args.model, "model_config": core.config, "data": data_info,
                    "preprocess": config.to_dict() if config is not None else None}
     probe = build_probe(args, core, config, say)
-    trainer = Pretrainer(args, core, dataset, dist_info, extra_state, preemption, probe)
+    trainer = Pretrainer(args, core, dataset, dist_info, extra_state, preemption, probe, holdout)
     checkpoint = resume(args, trainer, say)
     if checkpoint is not None:
         say(f"resumed from {checkpoint} at step {trainer.step}")
@@ -238,7 +266,9 @@ def main(args: argparse.Namespace) -> int:
     say(f"model {args.model}: {n_params / 1e6:.1f}M trainable parameters, grid {core.grid_size}, "
         f"{core.num_visible(args.mask_ratio, args.mask_type)}/{core.num_patches} patches visible")
     grid_note = f", grid {config.size}, {config.resample}" if config is not None else ""
-    say(f"data: {len(dataset)} volumes from {args.data_path} ({type(dataset).__name__}{grid_note}) -> {input_size}; "
+    held = f", {len(holdout)} held out for val_loss" if holdout is not None else ""
+    kind = type(getattr(dataset, "dataset", dataset)).__name__
+    say(f"data: {len(dataset)} volumes{held} from {args.data_path} ({kind}{grid_note}) -> {input_size}; "
         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
     engine = f"DeepSpeed ZeRO-{trainer.backend.config.get('zero_optimization', {}).get('stage', 0)}" \
         if args.deepspeed else ("DDP" if dist_info.distributed else "single process")

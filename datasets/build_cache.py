@@ -34,11 +34,12 @@ from datasets.cache import (
     read_meta,
     write_volume,
 )
-from datasets.preprocess import PreprocessConfig, add_preprocess_args, preprocess_config_from_args, preprocess_image
+from datasets.preprocess import AUTO, PreprocessConfig, add_preprocess_args, preprocess_config_from_args, preprocess_image
+from datasets.preprocess_choice import choose_preprocess, survey_headers
 from datasets.reading import VolumeReadError, read_image
 from datasets.sources import SourceListError, list_sources
 from util.atomic import atomic_write, remove_stale_temporaries
-from util.cli import grid, int_tuple
+from util.cli import grid, int_tuple_or_auto
 
 PLAN_FILE = "plan.csv"
 PARTS_DIR = ".parts"
@@ -174,13 +175,14 @@ def write_manifest(root: Path, plan: pd.DataFrame) -> pd.DataFrame:
     return manifest
 
 
-def build_cache(input_path: str, output: str | os.PathLike, config: PreprocessConfig, workers: int = 1,
+def build_cache(input_path: str | list[str], output: str | os.PathLike, config: PreprocessConfig, workers: int = 1,
                 dtype: str = DEFAULT_STORAGE_DTYPE, shard_size: int | None = None, progress: bool = True,
                 itk_threads: int | None = None) -> pd.DataFrame:
-    """Build (or finish) the cache; returns the manifest. ITK threads per worker default to cores / workers."""
+    """Build (or finish) the cache of a corpus location or of a list of sources; returns the manifest.
+    ITK threads per worker default to cores / workers."""
     root = Path(output)
     (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    sources = list_sources(input_path)
+    sources = list(input_path) if isinstance(input_path, list) else list_sources(input_path)
     write_meta(root, config, dtype)
     plan = load_plan(root, sources, shard_size or default_shard_size(len(sources), workers))
     clean_temporaries(root)
@@ -250,14 +252,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="folder (searched recursively), .txt of paths, or .csv with a 'path' column")
     parser.add_argument("--output", required=True, help="cache folder (created; re-run to resume)")
-    parser.add_argument("--size", type=int_tuple, default=(256,), help="N or D,H,W voxels (default 256)")
+    parser.add_argument("--size", type=int_tuple_or_auto, default=(256,),
+                        help="N or D,H,W voxels (default 256); auto (with --resample auto): chosen from the headers")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
                         help="stored dtype (default uint16: 0.015 HU max error, half of float32's size)")
     parser.add_argument("--itk_threads", type=int, default=None, help="SimpleITK threads per worker (default: cores / workers)")
     parser.add_argument("--shard_size", type=int, default=None,
                         help="volumes per shard (default: enough shards to keep every worker busy, at most 64)")
-    add_preprocess_args(parser)
+    add_preprocess_args(parser, allow_auto=True)
     return parser
 
 
@@ -265,12 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.workers < 1:
         raise SystemExit("error: --workers must be at least 1")
-    config = preprocess_config_from_args(args, grid(args.size))
+    if args.size == AUTO and args.resample != AUTO:
+        raise SystemExit("error: --size auto is chosen together with the resampling: add --resample auto")
+    size = None if args.size == AUTO else grid(args.size)
+    config = preprocess_config_from_args(args, size or (1, 1, 1))
     start = time.perf_counter()
     try:
-        manifest = build_cache(args.input, args.output, config, args.workers, args.dtype, args.shard_size,
+        sources = list_sources(args.input)
+        if args.resample == AUTO:
+            choice = choose_preprocess(survey_headers(sources, config.max_voxels), config, size)
+            config = choice.config
+            print(f"preprocessing: {choice.reason}")
+        manifest = build_cache(sources, args.output, config, args.workers, args.dtype, args.shard_size,
                                itk_threads=args.itk_threads)
-    except SourceListError as err:
+    except (SourceListError, VolumeReadError) as err:
         raise SystemExit(f"error: {err}") from None
     print(summarise(manifest, Path(args.output), time.perf_counter() - start))
     if not (manifest["status"] == "ok").any():

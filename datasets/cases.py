@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.augment import crop_box
-from datasets.cache import VolumeCache, is_cache
+from datasets.cache import VolumeCache, encode, is_cache
 from datasets.medmnist_data import to_channels_first
 from datasets.preprocess import PreprocessConfig, load_volume
 from datasets.reading import VolumeReadError
@@ -47,6 +47,7 @@ class InputSpec:
     raw_scale: float | None  # arrays in the training data's raw form are multiplied by this
     preprocess: PreprocessConfig | None  # for volume files
     slice_stack: tuple[int, str, int] | None = None  # (slices, sparsing, slice size) of the SLIViT setup
+    stored_dtype: str | None = None  # volumes trained on went through a cache in this dtype: so do these
 
     @classmethod
     def from_meta(cls, meta: dict) -> "InputSpec":
@@ -57,7 +58,7 @@ class InputSpec:
             PreprocessConfig(size=input_size) if len(input_size) == 3 else None
         in_chans = int(data.get("in_chans", meta.get("model_config", {}).get("in_chans", 1)))
         stack = (int(data["slices"]), str(data["sparsing"]), int(data["slice_size"])) if "sparsing" in data else None
-        return cls(input_size, in_chans, data.get("raw_scale"), config, stack)
+        return cls(input_size, in_chans, data.get("raw_scale"), config, stack, data.get("stored_dtype"))
 
 
 def read_cases(csv_path: str | Path, path_col: str = "path", id_col: str = "id") -> pd.DataFrame:
@@ -176,6 +177,8 @@ def _load_case(text: str, base: Path, spec: InputSpec) -> np.ndarray:
         volume = load_volume(f"{path}{'::' + key if key else ''}", spec.preprocess)
     except VolumeReadError as err:
         raise CaseError(str(err)) from None
+    if spec.stored_dtype:  # the same rounding the training volumes had in their cache
+        volume = to_unit_float(encode(volume, spec.stored_dtype))
     return _fit_grid(volume, spec.input_size)
 
 

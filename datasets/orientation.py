@@ -24,6 +24,18 @@ def to_canonical(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
 
 
+def canonical_geometry(size: tuple[int, ...], spacing: tuple[float, ...], direction: tuple[float, ...],
+                       ) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """(size, spacing) in the canonical (D, H, W) array order from a header's (x, y, z) index order alone:
+    the index axis whose direction cosine points most along S becomes D, along P becomes H, along L becomes W,
+    as `to_canonical` then `image_to_array` would arrange the decoded image."""
+    cosines = np.abs(np.asarray(direction, dtype=np.float64).reshape(3, 3))
+    order = [int(np.argmax(cosines[physical])) for physical in (2, 1, 0)]  # physical z, y, x rows
+    if sorted(order) != [0, 1, 2]:
+        order = [2, 1, 0]  # oblique beyond telling: the stored order
+    return tuple(int(size[i]) for i in order), tuple(float(spacing[i]) for i in order)
+
+
 def image_to_array(image: sitk.Image) -> np.ndarray:
     """(C, D, H, W) float32 copy of a scalar 3D image, SimpleITK's (x, y, z) order reversed."""
     return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)[None]

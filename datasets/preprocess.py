@@ -184,12 +184,20 @@ def load_volume(source: str, config: PreprocessConfig) -> np.ndarray:
     return preprocess_image(read_image(source, config.max_voxels), config).array
 
 
-def add_preprocess_args(parser) -> None:
-    """The volume preprocessing flags, shared by the cache builder and the on-the-fly loader."""
+AUTO = "auto"
+
+
+def add_preprocess_args(parser, default_resample: str = "fit", allow_auto: bool = False) -> None:
+    """The volume preprocessing flags, shared by the cache builder, the on-the-fly loader and the volumes setup.
+    With `allow_auto`, `--resample auto` lets the headers of the set choose (datasets.preprocess_choice)."""
     group = parser.add_argument_group("volume preprocessing")
-    group.add_argument("--resample", choices=RESAMPLE_MODES, default="fit",
-                       help="fit: isotropic, largest extent fits, rest padded (default); "
-                            "stretch: each axis to the grid; spacing: given mm, centre crop/pad")
+    modes = RESAMPLE_MODES + ((AUTO,) if allow_auto else ())
+    group.add_argument("--resample", choices=modes, default=default_resample,
+                       help="fit: isotropic, largest extent fits, rest padded; stretch: each axis to the grid; "
+                            "spacing: given mm, centre crop/pad"
+                            + ("; auto: chosen from the set's headers (a common spacing when the physical extents "
+                               "differ, else fit), printed with the reason" if allow_auto else "")
+                            + " (default: %(default)s)")
     group.add_argument("--spacing", default=None, help="mm per voxel (D,H,W or one value) for --resample spacing")
     group.add_argument("--modality", choices=MODALITIES, default="auto",
                        help="ct: HU window; mr: percentiles; auto: DICOM tag, else CT if air-like HU values")
@@ -204,6 +212,8 @@ def add_preprocess_args(parser) -> None:
 
 
 def preprocess_config_from_args(args, size: tuple[int, int, int]) -> PreprocessConfig:
+    """The configuration the flags name; with `--resample auto`, the fit placeholder that keeps the windows and
+    limits for the automatic choice to start from."""
     if args.ct_window in CT_WINDOWS:
         window = CT_WINDOWS[args.ct_window]
     else:
@@ -212,5 +222,6 @@ def preprocess_config_from_args(args, size: tuple[int, int, int]) -> PreprocessC
     if args.spacing is not None:
         values = tuple(float(v) for v in args.spacing.split(","))
         spacing = values * 3 if len(values) == 1 else values
-    return PreprocessConfig(size=size, resample=args.resample, spacing=spacing, modality=args.modality,
+    resample = "fit" if args.resample == AUTO else args.resample
+    return PreprocessConfig(size=size, resample=resample, spacing=spacing, modality=args.modality,
                             ct_window=window, nonfinite=args.nonfinite, max_voxels=args.max_voxels)

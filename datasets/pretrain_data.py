@@ -1,7 +1,9 @@
 """What `main_pretrain.py --data_path` points at, turned into a Dataset: a cache, or volume files."""
+import copy
 import logging
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from datasets.cache import VolumeCache, is_cache
@@ -58,6 +60,20 @@ def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], con
     return VolumeFileDataset(readable_sources(data_path, is_main, config.max_voxels), config, augment, seed), config
 
 
+def volume_profile(dataset: Dataset, samples: int = 64) -> DataProfile:
+    """What a volume corpus looks like as model input (datasets.data_profile), from at most `samples` volumes
+    spread evenly over it: the statistics `--normalize auto` standardises with."""
+    pick = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int)
+    volumes = []
+    for i in dict.fromkeys(pick.tolist()):
+        volume = dataset.cache.read_stored(i) if isinstance(dataset, CacheDataset) else dataset[i]["volume"]
+        if volume is not None:
+            volumes.append(np.asarray(volume))
+    if not volumes:
+        raise SystemExit("error: none of the volumes sampled to profile the corpus could be loaded")
+    return profile_images(np.stack(volumes))
+
+
 def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, seed: int,
                               train_samples: int | None = None, download: bool = False,
                               ) -> tuple[Dataset, MedMNISTSpec, DataProfile]:
@@ -74,3 +90,41 @@ def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, se
     profile = profile_images(images)
     dataset = ArrayPretrainDataset(images, f"{flag}_{size}:train", augment, seed, jitter=not profile.is_label_like)
     return dataset, spec, profile
+
+
+class IndexSubset(Dataset):
+    """Some samples of an epoch-seeded pretraining dataset. Items keep their original index, on which masks and
+    augmentation are keyed, so a sample is treated the same with or without a held-out part."""
+
+    def __init__(self, dataset: Dataset, indices: np.ndarray):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[self.indices[index]]
+
+    def __getitems__(self, indices: list[int]):
+        chosen = [self.indices[i] for i in indices]
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(chosen)
+        return [self.dataset[i] for i in chosen]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def hold_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(training part, held-out part without augmentation): a fixed random `fraction` of the samples (at least
+    one) is kept out of training, to measure the reconstruction loss on volumes the model never learned from."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out share must be in (0, 1), got {fraction}")
+    if len(dataset) < 2:
+        raise ValueError(f"holding out part of {len(dataset)} volume(s) leaves nothing to train on")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    count = min(len(dataset) - 1, max(1, round(fraction * len(dataset))))
+    plain = copy.copy(dataset)
+    plain.augment = False
+    return IndexSubset(dataset, np.sort(order[count:])), IndexSubset(plain, np.sort(order[:count]))

@@ -6,6 +6,7 @@ same text can go to a log line or into a manifest's `reason` column.
 import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 DICOM_SUFFIXES = (".dcm", ".ima")
 SERIES_SEPARATOR = "::"  # "folder::SeriesInstanceUID" names one series of a folder holding several
 MODALITY_KEY = "0008|0060"
+POSITION_KEY = "0020|0032"  # ImagePositionPatient
 # Headers promising more voxels than this are skipped before decoding: preprocessing holds a few float32
 # copies of a volume, so 2^29 voxels (e.g. 512 x 512 x 2048) needs roughly 8 GB; raise it on larger machines.
 MAX_VOXELS = 2 ** 29
@@ -166,6 +168,48 @@ def read_image(source: str, max_voxels: int = MAX_VOXELS) -> sitk.Image:
     except RuntimeError as err:
         raise VolumeReadError(itk_reason(err, path)) from None
     return first_volume(image, source)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A volume's geometry as its header states it, in SimpleITK's (x, y, z) index order."""
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]  # 3x3, row-major
+
+
+def _first_three(reader: sitk.ImageFileReader) -> Header:
+    dims = reader.GetDimension()
+    direction = [reader.GetDirection()[row * dims + col] for row in range(3) for col in range(3)]
+    return Header(tuple(reader.GetSize()[:3]), tuple(reader.GetSpacing()[:3]), tuple(direction))
+
+
+def _dicom_header(source: str, max_voxels: int) -> Header:
+    """The series geometry from its first and last files: the slice spacing is their distance over the gaps."""
+    files = _check_dicom(source, max_voxels)
+    readers = []
+    for name in (files[0], files[-1]):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        readers.append(reader)
+    first = _first_three(readers[0])
+    spacing = list(first.spacing)
+    if len(files) > 1 and all(r.HasMetaDataKey(POSITION_KEY) for r in readers):
+        positions = [np.array([float(v) for v in r.GetMetaData(POSITION_KEY).split("\\")]) for r in readers]
+        spacing[2] = float(np.linalg.norm(positions[1] - positions[0])) / (len(files) - 1) or spacing[2]
+    return Header((first.size[0], first.size[1], len(files)), tuple(spacing), first.direction)
+
+
+def read_header(source: str, max_voxels: int = MAX_VOXELS) -> Header:
+    """A source's geometry without decoding its voxels (a DICOM series: two of its files)."""
+    path, _ = split_series(source)
+    if not path.exists():
+        raise VolumeReadError("no such file or folder")
+    try:
+        return _dicom_header(source, max_voxels) if path.is_dir() else _first_three(_check_file(path, max_voxels))
+    except RuntimeError as err:
+        raise VolumeReadError(itk_reason(err, path)) from None
 
 
 def probe(source: str, max_voxels: int = MAX_VOXELS) -> str | None:

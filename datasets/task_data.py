@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets.medmnist_data import MedMNISTSpec, load_split
+from datasets.preprocess import PreprocessConfig
 from datasets.reading import VolumeReadError
 from datasets.slices import load_stack, stack_input, to_uint8
 from datasets.stored import to_unit_float
@@ -39,7 +40,10 @@ class TaskData:
     in_chans: int
     data: dict  # stored in checkpoints: how inputs were made
     medmnist: MedMNISTSpec | None = None  # when the splits are MedMNIST's own (Evaluator CSVs)
-    notes: list[str] = field(default_factory=list)
+    preprocess: PreprocessConfig | None = None  # volume files: how prediction must preprocess them
+    groups: dict[str, np.ndarray] | None = None  # split -> the patient of each sample (label-fraction subsets)
+    sources: dict[str, np.ndarray] | None = None  # split -> the file of each sample, when samples are files
+    report: dict = field(default_factory=dict)  # what results.json records about the data (excluded rows, ...)
 
 
 def medmnist_task(spec: MedMNISTSpec, download: bool) -> TaskData:
@@ -122,22 +126,30 @@ def label_arrays(table: pd.DataFrame, labels: list[str], task: str, csv: Path) -
     return values.to_numpy(np.int64), names
 
 
-def assign_splits(table: pd.DataFrame, ratio: tuple[float, float, float], seed: int, csv: Path) -> pd.Series:
-    """The CSV's `split` column, or a patient-grouped split by `pid` in the given train/val/test ratio."""
+def assign_splits(table: pd.DataFrame, ratio: tuple[float, float, float], seed: int, csv: Path,
+                  group: str = "pid") -> pd.Series:
+    """The CSV's `split` column, or a split by patient (the `group` column: all rows of a patient land in one
+    split) in the given train/val/test ratio."""
     if "split" in table.columns:
         bad = ~table["split"].isin(SPLITS)
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0]) + 2
             raise TaskDataError(f"{csv}, row {row}: split {table['split'].iloc[row - 2]!r} is not train, val or test")
         return table["split"]
-    if "pid" not in table.columns:
-        raise TaskDataError(f"{csv}: needs a 'pid' column to split by patient (or a 'split' column)")
-    patients = np.random.default_rng(seed).permutation(table["pid"].astype(str).unique())
+    if group not in table.columns:
+        raise TaskDataError(f"{csv}: needs a '{group}' column to split by patient (name it with --group), or a "
+                            f"'split' column")
+    empty = table[group].astype(str).str.strip() == ""
+    if empty.any():
+        raise TaskDataError(f"{csv}, row {int(np.flatnonzero(empty.to_numpy())[0]) + 2}: empty '{group}'")
+    if len(ratio) != 3 or min(ratio) < 0 or sum(ratio) <= 0:
+        raise TaskDataError(f"--split_ratio must be three non-negative shares (train,val,test), got {ratio}")
+    patients = np.random.default_rng(seed).permutation(table[group].astype(str).unique())
     bounds = np.cumsum(np.array(ratio) / sum(ratio) * len(patients)).round().astype(int)
     assignment = {}
     for i, patient in enumerate(patients):
         assignment[patient] = SPLITS[int(np.searchsorted(bounds, i, side="right"))] if i < bounds[-1] else "test"
-    return table["pid"].astype(str).map(assignment)
+    return table[group].astype(str).map(assignment)
 
 
 def _resolve_paths(table: pd.DataFrame, column: str, csv: Path) -> None:

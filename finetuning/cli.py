@@ -3,9 +3,11 @@ import argparse
 
 from medmnist.info import DEFAULT_ROOT
 
+from datasets.preprocess import AUTO, add_preprocess_args
 from datasets.transforms import PRESETS
 from finetuning.recipes import PRETRAINED_LAYER_DECAY, RECIPES
 from finetuning.setups import SETUPS
+from util.cli import int_tuple_or_auto
 
 
 def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -19,12 +21,30 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     data.add_argument("--num_workers", type=int, default=0, help="the data are in memory: 0 is usually fastest")
     data.add_argument("--train_samples", type=int, default=None,
                       help="train on a random subset of N training samples (label-efficiency studies, smoke runs)")
+    meta = parser.add_argument_group("labels CSV (volumes and SLIViT setups)")
+    meta.add_argument("--meta", default=None, help="labels CSV: path (volume file or DICOM folder; SLIViT also slice "
+                      "folders, 2D images for slivit_backbone), label columns, the patient column, optional split "
+                      "(train/val/test)")
+    meta.add_argument("--label", default=None, help="comma-separated label column(s): one 0/1 column is binary, "
+                      "integers or names multi-class, several 0/1 columns multi-label")
+    meta.add_argument("--group", default="pid", help="the patient column: no patient is in two splits "
+                      "(default %(default)s); a split column, if present, wins")
+    meta.add_argument("--task", choices=("auto", "binary", "multiclass", "multilabel", "reg"), default="auto")
+    meta.add_argument("--split_ratio", default=None, help="train,val,test shares of the patients when there is no "
+                      "split column (default: volumes 0.7,0.15,0.15; slivit 0.85,0.15,0)")
+    meta.add_argument("--split_seed", type=int, default=0, help="seed of the patient split (default %(default)s)")
+    meta.add_argument("--train_fraction", type=float, default=None,
+                      help="train on this fraction of the training patients (label-efficiency studies): a random "
+                           "draw per seed, among patients with and without a positive label separately")
+    volumes = parser.add_argument_group("volumes setup")
+    volumes.add_argument("--input_size", type=int_tuple_or_auto, default="auto",
+                         help="grid N or D,H,W; auto: chosen with the resampling from the headers (default)")
+    volumes.add_argument("--volume_cache", default=None,
+                         help="HDF5 cache of the preprocessed volumes, shared by runs on the same CSV and settings "
+                              "(default OUTPUT_DIR/volume_cache)")
+    volumes.add_argument("--cache_workers", type=int, default=1, help="processes that decode volumes into the cache")
+    add_preprocess_args(parser, default_resample=AUTO, allow_auto=True)
     slivit = parser.add_argument_group("SLIViT setups")
-    slivit.add_argument("--meta", default=None, help="meta CSV: pid, path (volume, DICOM or slice folder; 2D "
-                        "images for slivit_backbone), label columns, optional split (train/val/test)")
-    slivit.add_argument("--label", default=None, help="comma-separated label column(s)")
-    slivit.add_argument("--task", choices=("auto", "binary", "multiclass", "multilabel", "reg"), default="auto")
-    slivit.add_argument("--split_ratio", default="0.85,0.15,0", help="train,val,test by patient when no split column")
     slivit.add_argument("--split_file", default=None, help="MedMNIST split file (split,index,image_id) for a flag")
     slivit.add_argument("--slices", type=int, default=None, help="slices per volume (default: the flag's depth, or 28)")
     slivit.add_argument("--sparsing", choices=("eq", "mid"), default="eq", help="evenly spaced or middle slices")
@@ -45,6 +65,11 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
                        help="ViTs: batch norm (no affine) before the head, MAE's linear-probe trick; without it a "
                             "small ViT can sit at the class prior for many epochs (README: recipes)")
     model.add_argument("--finetune", default=None, help="MAE checkpoint or encoder.pth to start from")
+    model.add_argument("--mae_loss_weight", type=float, default=0.0,
+                       help="keep the MAE's masked reconstruction loss while fine-tuning, at this weight against the "
+                            "classification loss (SSAT); --finetune must then be the MAE with its decoder (model.pth)")
+    model.add_argument("--mae_mask_ratio", type=float, default=None,
+                       help="mask ratio of that loss (default: the pretraining's)")
     model.add_argument("--pretrained", action="store_true", help="timm models: timm's weights from the local cache")
     model.add_argument("--pretrained_file", default=None, help="timm models: weights from this local file")
 

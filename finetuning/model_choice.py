@@ -12,6 +12,7 @@ import torch
 from datasets.data_profile import DataProfile
 from datasets.task_data import TaskData
 from models import create_model, model_arguments
+from models.joint_mae import ClassifierWithReconstruction
 from models.load_pretrained import CheckpointMismatchError, load_encoder
 from models.patch_embed import auto_patch_size
 from models.vit import AUTO_ARCHITECTURE
@@ -89,3 +90,27 @@ def build_model(args: argparse.Namespace, data: TaskData, say) -> torch.nn.Modul
             f"dropped {len(loaded['dropped'])} (decoder and unused); pos_embed grid "
             f"{grids[0] if grids else '-'} -> {grids[1] if grids else '-'}")
     return model
+
+
+def with_reconstruction(args: argparse.Namespace, model: torch.nn.Module, say) -> torch.nn.Module:
+    """With --mae_loss_weight, the classifier joined to its MAE's decoder (models.joint_mae), so that fine-tuning
+    keeps the masked reconstruction loss; the MAE, decoder included, comes from --finetune."""
+    if not args.mae_loss_weight:
+        return model
+    if not args.finetune:
+        raise SystemExit("error: --mae_loss_weight keeps the MAE's loss: give the pretraining run with --finetune")
+    checkpoint = load_checkpoint(args.finetune)
+    weights = {k.removeprefix("module."): v for k, v in checkpoint.get("model", {}).items()}
+    if not str(checkpoint.get("model_name", "")).startswith("mae_") or not any(k.startswith("decoder_") for k in weights):
+        raise SystemExit(f"error: --mae_loss_weight needs the MAE with its decoder: --finetune {args.finetune} has "
+                         f"none (give main_pretrain.py's model.pth or a checkpoint-*.pth, not encoder.pth)")
+    mae = create_model(checkpoint["model_name"], **{**checkpoint["model_config"], "contrast_weight": 0.0})
+    mae.load_state_dict({k: v for k, v in weights.items() if not k.startswith("contrast_head")}, strict=True)
+    mask_ratio = args.mae_mask_ratio if args.mae_mask_ratio is not None else \
+        float((checkpoint.get("args") or {}).get("mask_ratio", 0.75))
+    try:
+        joint = ClassifierWithReconstruction(model, mae, mask_ratio)
+    except ValueError as err:
+        raise SystemExit(f"error: --mae_loss_weight: {err}") from None
+    say(f"fine-tuning keeps the MAE's reconstruction loss (weight {args.mae_loss_weight:g}, mask ratio {mask_ratio:g})")
+    return joint

@@ -29,6 +29,8 @@ def write_split_outputs(output_dir: Path, split: str, data: TaskData, labels: np
     table = pd.DataFrame(scores, columns=[f"score_{name}" for name in data.class_names])
     for i, column in enumerate(np.asarray(labels).T):
         table.insert(i, f"label_{i}" if labels.shape[1] > 1 else "label", column)
+    if data.sources is not None:  # which file each score belongs to
+        table.insert(0, "path", data.sources[split])
     table.to_csv(output_dir / f"{split}_scores.csv", index_label="index")
     if data.medmnist is not None:
         spec = data.medmnist

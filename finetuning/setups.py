@@ -8,10 +8,13 @@ from pathlib import Path
 import torch
 
 from datasets.data_profile import DataProfile, choose_augment
+from datasets.labelled_volumes import VolumeTaskOptions, volume_task
 from datasets.medmnist_data import MedMNISTSpec
+from datasets.preprocess import AUTO, preprocess_config_from_args
 from datasets.task_data import TaskData, medmnist_task, meta_image_task, meta_volume_task, slivit_medmnist_task
 from datasets.transforms import VITMEDNET_AUGMENT, AugmentConfig, describe, preset
 from util.checkpoint import atomic_save
+from util.cli import grid
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
@@ -19,7 +22,11 @@ def _labels(args: argparse.Namespace) -> list[str]:
 
 
 def _ratio(args: argparse.Namespace) -> tuple[float, ...]:
-    return tuple(float(v) for v in args.split_ratio.split(","))
+    text = args.split_ratio or SETUPS[args.setup].split_ratio
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--split_ratio takes three numbers train,val,test; got {text!r}") from None
 
 
 def _spec(args: argparse.Namespace) -> MedMNISTSpec:
@@ -47,6 +54,23 @@ def slivit_data(args: argparse.Namespace, output_dir: Path) -> TaskData:
                                 args.split_file)
 
 
+def volumes_data(args: argparse.Namespace, output_dir: Path) -> TaskData:
+    """A labels CSV of the user's volumes (datasets.labelled_volumes), preprocessed as given or as chosen from
+    their headers, cached in --volume_cache."""
+    if not args.meta or not _labels(args):
+        raise ValueError("--setup volumes needs --meta (the labels CSV) and --label (its label column or columns)")
+    automatic = args.resample == AUTO
+    if args.input_size == AUTO and not automatic:
+        raise ValueError(f"--input_size auto is chosen together with the resampling: give --resample auto, or a grid "
+                         f"with --resample {args.resample}")
+    size = None if args.input_size == AUTO else grid(args.input_size)
+    config = preprocess_config_from_args(args, size or (1, 1, 1))
+    options = VolumeTaskOptions(labels=_labels(args), requested_task=args.task, ratio=_ratio(args), group=args.group,
+                                split_seed=args.split_seed, preprocess=None if automatic else config, base=config,
+                                input_size=size, workers=args.cache_workers)
+    return volume_task(Path(args.meta), options, Path(args.volume_cache or output_dir / "volume_cache"), output_dir)
+
+
 def slice_backbone_data(args: argparse.Namespace, output_dir: Path) -> TaskData:
     if not args.meta or not _labels(args):
         raise ValueError("--setup slivit_backbone needs --meta and --label (the one-hot pathology columns)")
@@ -70,6 +94,7 @@ class Setup:
     build_data: Callable[[argparse.Namespace, Path], TaskData]
     full_augment: Callable[[argparse.Namespace], AugmentConfig] = lambda _args: AugmentConfig()
     extra_outputs: Callable[[Path, torch.nn.Module, TaskData], None] = no_extra_outputs
+    split_ratio: str = "0.85,0.15,0"  # train,val,test shares of the patients of a labels CSV without a split column
 
 
 SETUPS = {setup.name: setup for setup in (
@@ -77,6 +102,10 @@ SETUPS = {setup.name: setup for setup in (
     Setup("vitmednet", "vitmednet", vitmednet_data, lambda args: replace(VITMEDNET_AUGMENT, elastic=args.elastic)),
     Setup("slivit", "slivit", slivit_data),
     Setup("slivit_backbone", "slivit", slice_backbone_data, extra_outputs=save_backbone),
+    # volumes resampled to a common spacing keep their physical size, often the label's strongest signal:
+    # the affine augmentation rotates and shifts them but does not rescale them
+    Setup("volumes", "mae", volumes_data, lambda _args: replace(AugmentConfig(), scale=(1.0, 1.0)),
+          split_ratio="0.7,0.15,0.15"),
 )}
 
 

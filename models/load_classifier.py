@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from models.mae3d import PRETRAINING_ONLY_PREFIXES
 from models.registry import create_model
 from util.checkpoint import load_checkpoint
 
@@ -50,7 +51,7 @@ def load_for_inference(path: str | Path, allow_encoder: bool = False) -> LoadedM
         model = create_model(checkpoint["model_name"], **checkpoint["model_config"])
         weights = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not k.startswith(("decoder_", "mask_token"))]  # encoder.pth has no decoder
+        missing = [k for k in missing if not k.startswith(PRETRAINING_ONLY_PREFIXES)]  # encoder.pth has no decoder
         if missing or unexpected:
             raise NotAVolMAECheckpoint(f"{path}: weights do not fit {checkpoint['model_name']} (missing: "
                                        f"{', '.join(missing[:8]) or '-'}; unexpected: {', '.join(unexpected[:8]) or '-'})")

@@ -10,6 +10,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from models.pos_embed import sincos_pos_embed
@@ -18,6 +19,9 @@ from models.vit_encoder import ViTEncoder
 
 MAX_MASK_RATIO = 0.95
 MASK_TYPES = ("random", "tube")
+
+# Weights only pretraining uses: a classifier built on the encoder drops them.
+PRETRAINING_ONLY_PREFIXES = ("decoder_", "mask_token", "contrast_head")
 
 # Chosen from benchmarks/bench_model.py (see README, "Choice of the default decoder").
 DEFAULT_DECODER = {"decoder_embed_dim": 384, "decoder_depth": 4, "decoder_num_heads": 6}
@@ -30,11 +34,20 @@ class MaskedAutoencoderViT(ViTEncoder):
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 384,
                  decoder_depth: int = 4, decoder_num_heads: int = 6, mlp_ratio: float = 4.0,
                  norm_pix_loss: bool = False, input_mean: float = 0.0, input_std: float = 1.0,
-                 stem_channels: int = 0):
+                 stem_channels: int = 0, contrast_weight: float = 0.0, contrast_temperature: float = 0.2,
+                 contrast_dim: int = 128):
         super().__init__(img_size, patch_size, in_chans, spatial_dims, embed_dim, depth, num_heads, mlp_ratio,
                          input_mean, input_std, stem_channels, learnable_pos=False)
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
+        if contrast_weight < 0 or contrast_temperature <= 0:
+            raise ValueError(f"contrast_weight must be >= 0 and contrast_temperature > 0, got {contrast_weight}, "
+                             f"{contrast_temperature}")
+        # an InfoNCE term between two differently masked views of each volume, on their mean visible token: the
+        # pooled feature a classifier reads must then describe the volume, not the mask (README: pretraining)
+        self.contrast_weight, self.contrast_temperature = float(contrast_weight), float(contrast_temperature)
+        self.contrast_head = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(),
+                                           nn.Linear(embed_dim, contrast_dim)) if contrast_weight > 0 else None
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         num_patches = self.patch_embed.num_patches
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -182,13 +195,30 @@ class MaskedAutoencoderViT(ViTEncoder):
         weights = mask if mask.sum() > 0 else torch.ones_like(mask)
         return (per_patch * weights).sum() / weights.sum()
 
+    @property
+    def needs_second_view(self) -> bool:
+        return self.contrast_head is not None and self.training
+
+    def contrastive_loss(self, latent: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE between the mean visible tokens of two views: each view must pick its own volume's
+        other view among the batch's."""
+        a, b = (F.normalize(self.contrast_head(x[:, 1:].mean(dim=1)).float(), dim=-1) for x in (latent, other))
+        logits = a @ b.T / self.contrast_temperature
+        targets = torch.arange(len(a), device=a.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, mask_type: str = "random",
-                noise: torch.Tensor | None = None):
-        """Loss, prediction and mask for [0, 1] inputs; prediction and loss are in standardised units."""
+                noise: torch.Tensor | None = None, second_noise: torch.Tensor | None = None):
+        """Loss, prediction and mask for [0, 1] inputs; prediction and loss are in standardised units. With a
+        contrastive term, training adds it for a second view (masked by `second_noise`)."""
         imgs = self.input_norm(imgs)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, mask_type, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        loss = self.forward_loss(imgs, pred, mask)
+        if self.needs_second_view:
+            other, _, _ = self.forward_encoder(imgs, mask_ratio, mask_type, second_noise)
+            loss = loss + self.contrast_weight * self.contrastive_loss(latent, other)
+        return loss, pred, mask
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         return encoder_weights(self.state_dict())
@@ -200,8 +230,8 @@ def patch_moments(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encoder_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights a classifier reuses: everything but the decoder and the mask token."""
-    return {k: v for k, v in state_dict.items() if not k.startswith(("decoder_", "mask_token"))}
+    """The weights a classifier reuses: everything but the decoder, the mask token and the contrastive head."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(PRETRAINING_ONLY_PREFIXES)}
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:

@@ -222,3 +222,51 @@ def test_projecting_only_the_kept_patches_equals_projecting_all_then_keeping(img
     all_tokens = model.embed_patches(imgs)
     expected = torch.gather(all_tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, all_tokens.shape[-1]))
     torch.testing.assert_close(model.embed_kept(model.patchify(imgs), ids_keep), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_contrastive_term_rewards_telling_volumes_apart_and_stays_out_of_the_classifier(tmp_path):
+    model = tiny(contrast_weight=1.0, contrast_temperature=0.1)
+    x = torch.rand(4, 1, 16, 24, 32)
+    noise, other = torch.rand(4, model.num_patches), torch.rand(4, model.num_patches)
+    model.train()
+    with_term, _, _ = model(x, 0.75, noise=noise, second_noise=other)
+    model.eval()
+    reconstruction, _, _ = model(x, 0.75, noise=noise)
+    assert with_term > reconstruction  # the InfoNCE term of 4 views is positive
+    latent = model.forward_encoder(model.input_norm(x), 0.75, noise=noise)[0]
+    same = model.contrastive_loss(latent, latent)
+    shuffled = model.contrastive_loss(latent, latent[[1, 2, 3, 0]])
+    assert same < shuffled  # a view matched with its own volume scores better than with another's
+    torch.save({"model": model.state_dict(), "model_config": model.config}, tmp_path / "mae.pth")
+    classifier = create_model("vit3d", img_size=(16, 24, 32), patch_size=(4, 8, 8), embed_dim=48, depth=2,
+                              num_heads=3, stem_channels=0)
+    loaded = load_encoder(classifier, tmp_path / "mae.pth")
+    assert any(k.startswith("contrast_head") for k in loaded["dropped"])
+
+
+def test_fine_tuning_with_the_reconstruction_loss_trains_one_shared_encoder():
+    from models.joint_mae import ClassifierWithReconstruction
+
+    mae = tiny(stem_channels=4)
+    classifier = create_model("vit3d", img_size=(16, 24, 32), patch_size=(4, 8, 8), embed_dim=48, depth=2,
+                              num_heads=3, stem_channels=4, num_classes=2)
+    joint = ClassifierWithReconstruction(classifier, mae, mask_ratio=0.75)
+    assert mae.blocks is classifier.blocks and mae.patch_embed is classifier.patch_embed
+    x = torch.rand(3, 1, 16, 24, 32)
+    logits, reconstruction = joint(x, with_reconstruction=True)
+    reconstruction.backward()
+    assert classifier.blocks[0].attn.qkv.weight.grad is not None  # the MAE loss reaches the classifier's encoder
+    assert classifier.head.weight.grad is None
+    torch.testing.assert_close(joint(x), classifier(x))
+    fresh = create_model("vit3d", **classifier.config)
+    fresh.load_state_dict(classifier.state_dict())  # what is saved is a plain classifier
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(joint, 0.05, joint.no_weight_decay(), layer_decay=0.5)
+    names = {id(p): name for name, p in joint.named_parameters()}
+    scales = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scales["classifier.patch_embed.proj.weight"] < scales["classifier.blocks.1.attn.qkv.weight"] < 1
+    assert scales["mae.decoder_pred.0.weight"] == 1.0
+    with pytest.raises(ValueError, match="share one encoder"):
+        ClassifierWithReconstruction(create_model("vit3d", img_size=(16, 24, 32), patch_size=(8, 8, 8),
+                                                  embed_dim=48, depth=2, num_heads=3), tiny(), 0.75)

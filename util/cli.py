@@ -27,3 +27,8 @@ def grid(values: tuple[int, ...], dims: int = 3) -> tuple[int, ...]:
     if len(values) != dims:
         raise SystemExit(f"expected 1 or {dims} comma-separated sizes, got {','.join(map(str, values))}")
     return values
+
+
+def int_tuple_or_auto(text: str) -> tuple[int, ...] | str:
+    """'auto', or what `int_tuple` takes."""
+    return "auto" if text == "auto" else int_tuple(text)

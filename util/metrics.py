@@ -119,3 +119,15 @@ def regression_metrics(y_true: np.ndarray, predicted: np.ndarray, names: list[st
             "pearson": float(np.mean([t["pearson"] for t in per_target.values()])),
             "mae": float(np.mean([t["mae"] for t in per_target.values()])), "per_target": per_target,
             "n": int(len(y_true))}
+
+
+def one_feature_auc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Test AUC of a logistic regression on one number per sample (e.g. a measured diameter): the floor an image
+    model must beat on the same split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(np.asarray(train_y).tolist())) < 2 or len(set(np.asarray(test_y).tolist())) < 2:
+        return math.nan
+    model = LogisticRegression().fit(np.asarray(train_x, dtype=np.float64).reshape(-1, 1), train_y)
+    return float(roc_auc_score(test_y, model.predict_proba(np.asarray(test_x, dtype=np.float64).reshape(-1, 1))[:, 1]))

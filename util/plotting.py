@@ -84,3 +84,55 @@ def roc_figure(y_true: np.ndarray, scores: np.ndarray, task: str, class_names: l
     ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def label_efficiency_figure(result: dict) -> plt.Figure:
+    """The volumes recipe's report: test AUC against the fraction of labelled training patients (MAE and scratch,
+    mean and std over seeds, the one-column floor), then the pretraining curves (training and held-out
+    reconstruction loss, frozen-feature probe AUCs) of every seed."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fractions = sorted(result["fractions"], key=float)
+    x = [float(f) for f in fractions]
+    styles = {"mae": ("MAE-pretrained", "tab:blue"), "scratch": ("from scratch", "tab:orange")}
+    ax = axes[0]
+    for init, (name, colour) in styles.items():
+        if init in result["fractions"][fractions[0]]:
+            mean = [result["fractions"][f][init]["test_auc_mean"] for f in fractions]
+            std = [result["fractions"][f][init]["test_auc_std"] for f in fractions]
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, color=colour, label=name)
+    if "floor" in result["fractions"][fractions[0]]:
+        floor = [result["fractions"][f]["floor"] for f in fractions]
+        ax.errorbar(x, [f["test_auc_mean"] for f in floor], yerr=[f["test_auc_std"] for f in floor], marker="s",
+                    capsize=4, color="grey", linestyle="--", label=f"{floor[0]['column']} alone")
+    patients = [result["fractions"][f]["train_patients"] for f in fractions]
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}\n({p} pat.)" for v, p in zip(x, patients)])
+    ax.minorticks_off()
+    ax.axhline(0.5, color="black", linewidth=0.5, linestyle=":")
+    ax.set_xlabel("fraction of the training patients labelled")
+    ax.set_ylabel("test AUC (mean +- std over seeds)")
+    ax.set_title("label efficiency")
+    ax.legend(fontsize="small", loc="lower right")
+    for seed, run in result["pretrain"]["per_seed"].items():
+        train = [r for r in run["curve"] if r.get("loss") is not None]
+        held = [r for r in run["curve"] if r.get("val_loss") is not None]
+        line, = axes[1].plot([r["epoch"] for r in train], [r["loss"] for r in train], label=f"seed {seed} train")
+        if held:
+            axes[1].plot([r["epoch"] for r in held], [r["val_loss"] for r in held], linestyle="--", marker=".",
+                         color=line.get_color(), label=f"seed {seed} held out")
+        if run["probe"]:
+            axes[2].plot([r["epoch"] for r in run["probe"]], [r["probe_knn_auc"] for r in run["probe"]], marker=".",
+                         color=line.get_color(), label=f"seed {seed} kNN")
+            axes[2].plot([r["epoch"] for r in run["probe"]], [r["probe_linear_auc"] for r in run["probe"]],
+                         marker="x", linestyle="--", color=line.get_color(), label=f"seed {seed} linear")
+    axes[1].set_xlabel("pretraining epoch")
+    axes[1].set_ylabel("masked reconstruction loss")
+    axes[1].set_title("MAE pretraining")
+    axes[1].legend(fontsize="x-small")
+    axes[2].set_xlabel("pretraining epoch")
+    axes[2].set_ylabel("val AUC of the frozen encoder")
+    axes[2].set_title("probes (frozen features)")
+    if axes[2].lines:
+        axes[2].legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig

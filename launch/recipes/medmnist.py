@@ -12,15 +12,10 @@ interpreter; their own outputs stay in OUTPUT_DIR/{pretrain,mae,scratch}.
 """
 import argparse
 import json
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parents[2]
+from recipe_steps import flags, probe_curve, run, seed_summary
 
 # The recipe (README: "Recipes that learn" says why each value is what it is).
 PRETRAIN = {"--model": "auto", "--mask_ratio": "0.75", "--decoder_embed_dim": "96", "--decoder_depth": "2",
@@ -31,54 +26,11 @@ FINETUNE = {"--model": "auto", "--recipe": "mae", "--augment": "auto"}
 FINETUNE_EPOCHS = 20
 
 
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run(command: list[str], log: Path) -> dict:
-    """Run one step with its output in `log` (and on our stdout); its CPU and wall-clock seconds."""
-    cpu, wall = children_cpu_seconds(), time.perf_counter()
-    print(f"$ {' '.join(command)}", flush=True)
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   bufsize=1)
-        for line in process.stdout:
-            out.write(line)
-            if "\r" not in line:  # progress bars stay in the log
-                sys.stdout.write(line)
-        code = process.wait()
-    if code != 0:
-        raise SystemExit(f"error: {command[1]} exited with {code}; its log: {log}")
-    return {"cpu_seconds": round(children_cpu_seconds() - cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1)}
-
-
-def flags(options: dict) -> list[str]:
-    return [item for pair in options.items() for item in pair]
-
-
 def summary(folder: Path, seeds: list[int], extra_cpu: float = 0.0) -> dict:
     """Mean and std of test AUC and ACC over the seeds of one main_finetune.py --seeds run."""
-    runs = []
-    for seed in seeds:
-        result = json.loads((folder / (f"seed_{seed}" if len(seeds) > 1 else "") / "results.json").read_text())
-        runs.append({"seed": seed, "test_auc": result["test"]["auc"], "test_acc": result["test"]["acc"],
-                     "val_auc": result["val"]["auc"], "best_epoch": result["best_epoch"],
-                     "collapsed": result["collapsed"], "test_at_prior": result["test"]["at_prior"],
-                     "cpu_seconds": result["cpu_seconds"], "seconds": result["seconds"]})
-    auc, acc = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
-    finetune_cpu = sum(r["cpu_seconds"] for r in runs)
-    return {"test_auc_mean": float(np.mean(auc)), "test_auc_std": float(np.std(auc)),
-            "test_acc_mean": float(np.mean(acc)), "test_acc_std": float(np.std(acc)),
-            "collapsed_seeds": [r["seed"] for r in runs if r["collapsed"]], "per_seed": runs,
-            "cpu_seconds": round(extra_cpu + finetune_cpu, 1),
-            "cpu_seconds_one_seed": round(extra_cpu + finetune_cpu / len(runs), 1)}
-
-
-def probe_curve(log: Path) -> list[dict]:
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [{k: r[k] for k in ("step", "epoch", "probe_knn_auc", "probe_linear_auc")} for r in lines
-            if "probe_knn_auc" in r]
+    runs = [json.loads((folder / (f"seed_{seed}" if len(seeds) > 1 else "") / "results.json").read_text())
+            for seed in seeds]
+    return seed_summary(runs, extra_cpu)
 
 
 def main() -> None:

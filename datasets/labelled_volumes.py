@@ -1,0 +1,170 @@
+"""The `volumes` setup's data: a labels CSV of the user's own volumes as a fine-tuning task.
+
+Each row names a volume (`path`: NIfTI, MHA/NRRD, a DICOM series folder, relative to the CSV) and its
+label column(s). Every volume goes through the same reading and `PreprocessConfig` as `build_cache` and
+`main_predict.py`, and is cached once in a VolMAE HDF5 cache (`datasets.build_cache`), so epochs, seeds
+and later runs on the same CSV never decode it again. Splits come from a `split` column, or are drawn by
+patient (`--group`): no patient is in two splits. A row whose volume cannot be read is reported by its
+CSV line and reason, left out and counted; it never stops the run and never shrinks the data silently.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from datasets.build_cache import build_cache
+from datasets.cache import VolumeCache
+from datasets.preprocess import PreprocessConfig
+from datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
+from datasets.reading import VolumeReadError
+from datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
+
+CSV_FIRST_ROW = 2  # the line of the first data row: the header is line 1
+
+
+@dataclass(frozen=True)
+class VolumeTaskOptions:
+    labels: list[str]
+    requested_task: str = "auto"
+    ratio: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    group: str = "pid"
+    split_seed: int = 0
+    preprocess: PreprocessConfig | None = None  # None: chosen from the headers (`--resample auto`)
+    base: PreprocessConfig = field(default_factory=PreprocessConfig)  # windows and limits an automatic choice keeps
+    input_size: tuple[int, int, int] | None = None  # the grid an automatic choice must use; None: chosen too
+    workers: int = 1
+
+
+def read_labels(csv: Path, options: VolumeTaskOptions) -> pd.DataFrame:
+    """The labels CSV as strings, its paths absolute, with a `split` column (given or drawn by patient)."""
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise TaskDataError(f"{csv}: no such file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise TaskDataError(f"{csv}: not a readable CSV ({err})") from None
+    if "path" not in table.columns or table.empty:
+        raise TaskDataError(f"{csv}: needs a 'path' column and at least one row (columns: {', '.join(table.columns)})")
+    if not options.labels:
+        raise TaskDataError("--setup volumes needs --label (the label column or columns)")
+    table["split"] = assign_splits(table, options.ratio, options.split_seed, csv, options.group)
+    table["path"] = [resolve_source(csv.parent, path) for path in table["path"]]
+    return table
+
+
+def resolve_source(base: Path, text: str) -> str:
+    """A path relative to the CSV's folder made absolute (a DICOM series suffix `::UID` kept)."""
+    text = text.strip()
+    if not text:
+        return ""
+    folder, sep, series = text.partition("::")
+    path = Path(folder) if Path(folder).is_absolute() else (base / folder).resolve()
+    return f"{path}{sep}{series}"
+
+
+def choose_for(sources: list[str], options: VolumeTaskOptions) -> PreprocessChoice:
+    """The preprocessing given by the command line, or chosen from the headers of these sources."""
+    if options.preprocess is not None:
+        return PreprocessChoice(options.preprocess, "as given on the command line", {})
+    try:
+        survey = survey_headers(sources, options.base.max_voxels)
+    except VolumeReadError as err:
+        raise TaskDataError(f"cannot choose the preprocessing: {err}") from None
+    return choose_preprocess(survey, options.base, options.input_size)
+
+
+def cache_volumes(sources: list[str], cache_dir: Path, config: PreprocessConfig, workers: int) -> dict[str, dict]:
+    """Cache every distinct source (an existing cache of the same settings is reused and completed);
+    source -> its manifest row."""
+    try:
+        manifest = build_cache(list(dict.fromkeys(sources)), cache_dir, config, workers=workers)
+    except SystemExit as err:  # a cache of other settings in that folder
+        raise TaskDataError(str(err).removeprefix("error: ")) from None
+    return {row["source"]: row for row in manifest.to_dict("records")}
+
+
+def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_dir: Path) -> TaskData:
+    """The labelled volumes of `csv` as (N, 1, D, H, W) uint16 splits, with what prediction needs to repeat
+    their preprocessing, and the rows that could not be used. OUTPUT_DIR/meta_split.csv is the CSV with absolute
+    paths, the split of every row and whether it was used."""
+    table = read_labels(csv, options)
+    task = infer_task(table, options.labels, options.requested_task)
+    targets, names = label_arrays(table, options.labels, task, csv)
+    usable = [path for path in table["path"] if path]
+    if not usable:
+        raise TaskDataError(f"{csv}: every 'path' is empty")
+    choice = choose_for(usable, options)
+    print(f"preprocessing: {choice.reason}")
+    rows = cache_volumes(usable, cache_dir, choice.config, options.workers)
+    cache = VolumeCache(cache_dir)
+    position = {source: i for i, source in enumerate(cache.manifest["source"])}
+    keep, excluded = [], []
+    for i, path in enumerate(table["path"]):
+        row = rows.get(path)
+        if not path:
+            reason = "empty path"
+        elif row is None or row["status"] != "ok" or path not in position:
+            reason = (row or {}).get("reason") or "not cached"
+        else:
+            keep.append(i)
+            continue
+        excluded.append({"row": i + CSV_FIRST_ROW, "path": path, "reason": reason})
+    if excluded:
+        print(f"warning: {len(excluded)} of {len(table)} rows of {csv} left out (their volumes cannot be read):")
+        for item in excluded:
+            print(f"  line {item['row']} ({item['path']}): {item['reason']}")
+    if not keep:
+        raise TaskDataError(f"{csv}: none of the {len(table)} rows has a readable volume")
+    volumes = np.stack([cache.read_stored(position[table["path"].iloc[i]]) for i in keep])
+    kept = table.iloc[keep].reset_index(drop=True)
+    targets = targets[keep]
+    groups = kept[options.group].astype(str).to_numpy() if options.group in kept.columns else \
+        kept["path"].to_numpy()
+    splits, split_groups, sources = {}, {}, {}
+    for split in SPLITS:
+        chosen = (kept["split"] == split).to_numpy()
+        splits[split] = (volumes[chosen], targets[chosen])
+        split_groups[split] = groups[chosen]
+        sources[split] = kept["path"].to_numpy()[chosen]
+    empty = [s for s in ("train", "val") if not len(splits[s][0])]
+    if empty:
+        raise TaskDataError(f"{csv}: the {' and '.join(empty)} split(s) would be empty; give more rows, another "
+                            f"--split_ratio or a split column")
+    crossing = set(split_groups["train"]) & (set(split_groups["val"]) | set(split_groups["test"]))
+    if crossing and options.group in table.columns:
+        raise TaskDataError(f"{csv}: the split column puts patient(s) {', '.join(sorted(crossing)[:5])} in more than "
+                            f"one split")
+    config = choice.config
+    data = {"source": "volumes", "meta": str(csv), "labels": list(options.labels), "group": options.group,
+            "input_size": list(config.size), "in_chans": 1, "stored_dtype": str(cache.stored_dtype),
+            "cache": str(cache_dir)}
+    report = {"rows": len(table), "excluded_rows": excluded, "excluded": len(excluded),
+              "preprocess_choice": choice.to_dict(),
+              "split_counts": {s: int(len(splits[s][0])) for s in SPLITS},
+              "split_patients": {s: int(len(set(split_groups[s]))) for s in SPLITS}}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    used = set(keep)
+    table.assign(status=["ok" if i in used else "excluded" for i in range(len(table))]).to_csv(
+        output_dir / "meta_split.csv", index=False)
+    return TaskData(splits, task, names, tuple(config.size), 1, data, preprocess=config, groups=split_groups,
+                    sources=sources, report=report)
+
+
+def fraction_of_patients(groups: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of the samples of a random `fraction` of the patients (at least one), drawn separately among
+    patients with and without a positive first label, so that a small fraction still holds both classes."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a fraction of the training patients must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(len(groups))
+    rng = np.random.default_rng(seed)
+    first = labels.reshape(len(labels), -1)[:, 0]
+    table = pd.DataFrame({"group": groups, "label": first})
+    strata = table.groupby("group", sort=True)["label"].max()
+    chosen = []
+    for _, members in strata.groupby(strata):
+        patients = members.index.to_numpy()
+        count = max(1, int(round(fraction * len(patients))))
+        chosen += list(rng.permutation(patients)[:count])
+    return np.flatnonzero(np.isin(groups, chosen))

@@ -1,0 +1,78 @@
+"""What the one-command recipes share: running a step as the command a user would type, timing it in CPU
+seconds, remembering finished steps so that a re-run goes on where a killed one stopped, and summarising
+a fine-tuning run over seeds."""
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(command: list[str], log: Path, done: Path | None = None) -> dict:
+    """Run one step with its output in `log` (and on our stdout); its CPU and wall-clock seconds. With `done`,
+    a step that finished before (its record in `done`) is not run again and keeps its recorded times."""
+    if done is not None and done.exists():
+        record = json.loads(done.read_text())
+        print(f"already done: {' '.join(command[1:3])} ... ({done})", flush=True)
+        return record
+    cpu, wall = children_cpu_seconds(), time.perf_counter()
+    print(f"$ {' '.join(command)}", flush=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   bufsize=1)
+        for line in process.stdout:
+            out.write(line)
+            if "\r" not in line:  # progress bars stay in the log
+                sys.stdout.write(line)
+        code = process.wait()
+    if code != 0:
+        raise SystemExit(f"error: {command[1]} exited with {code}; its log: {log}")
+    record = {"cpu_seconds": round(children_cpu_seconds() - cpu, 1),
+              "wall_seconds": round(time.perf_counter() - wall, 1)}
+    if done is not None:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(record))
+    return record
+
+
+def flags(options: dict) -> list[str]:
+    return [item for pair in options.items() for item in pair]
+
+
+def seed_summary(runs: list[dict], extra_cpu: float = 0.0) -> dict:
+    """Mean and std of test AUC and ACC over seeds; `runs` are per-seed results.json contents."""
+    rows = [{"seed": r["seed"], "test_auc": r["test"]["auc"], "test_acc": r["test"]["acc"], "val_auc": r["val"]["auc"],
+             "best_epoch": r["best_epoch"], "collapsed": r["collapsed"], "test_at_prior": r["test"]["at_prior"],
+             "cpu_seconds": r["cpu_seconds"], "seconds": r["seconds"]} for r in runs]
+    auc, acc = [r["test_auc"] for r in rows], [r["test_acc"] for r in rows]
+    finetune_cpu = sum(r["cpu_seconds"] for r in rows)
+    return {"test_auc_mean": float(np.mean(auc)), "test_auc_std": float(np.std(auc)),
+            "test_acc_mean": float(np.mean(acc)), "test_acc_std": float(np.std(acc)),
+            "collapsed_seeds": [r["seed"] for r in rows if r["collapsed"]], "per_seed": rows,
+            "cpu_seconds": round(extra_cpu + finetune_cpu, 1),
+            "cpu_seconds_one_seed": round(extra_cpu + finetune_cpu / len(rows), 1)}
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def probe_curve(log: Path) -> list[dict]:
+    return [{k: r[k] for k in ("step", "epoch", "probe_knn_auc", "probe_linear_auc")} for r in read_log(log)
+            if "probe_knn_auc" in r]
+
+
+def loss_curve(log: Path) -> list[dict]:
+    """The pretraining loss (and the held-out reconstruction loss, where measured) per log line."""
+    keys = ("step", "epoch", "loss", "val_loss", "lr")
+    return [{k: r[k] for k in keys if k in r} for r in read_log(log) if "loss" in r or "val_loss" in r]

@@ -1,0 +1,240 @@
+"""From a corpus of volumes and a labels CSV to a label-efficiency result: does MAE pretraining pay, and where?
+
+    launch/recipes/volumes.sh --corpus DIR_OR_CSV [--corpus ...] --labels CSV --label COL --group COL \\
+        --output_dir OUT [--seeds 0,1,2] [--label_fractions 0.1,0.25,1.0] [--baseline] [--floor_col COL]
+
+Steps, each the command a user would type, run with this interpreter (outputs under OUT):
+  1. the labels CSV split by patient once (OUT/labels_split.csv; a split column, if present, wins), and the
+     preprocessing chosen from its headers (`--resample auto`: a common spacing when physical extents differ);
+  2. the corpus cached with that preprocessing (OUT/cache): the --corpus folders or lists, plus the labelled
+     volumes as unlabelled ones, except the test split's;
+  3. MAE pretraining on the cache, one per seed (OUT/pretrain/seed_S);
+  4. fine-tuning from each seed's encoder on each fraction of the training patients
+     (OUT/finetune/mae/frac_F/seed_S/best.pth), and with --baseline the same model from scratch
+     (OUT/finetune/scratch/...);
+  5. OUT/results.json (per fraction: mae and scratch test AUC/ACC mean, std, per seed, CPU seconds; the
+     one-column floor; the pretraining curves; the preprocessing and the model) and OUT/report.png.
+A killed run started again with the same command goes on from the last finished step. Nothing is keyed on
+a dataset's name: grid, spacing, patch size, standardisation and augmentation come from the data.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from recipe_steps import flags, loss_curve, probe_curve, run, seed_summary
+
+from datasets.labelled_volumes import VolumeTaskOptions, choose_for, fraction_of_patients, read_labels, resolve_source
+from datasets.preprocess import PreprocessConfig
+from datasets.sources import SourceListError, list_sources
+from datasets.task_data import TaskDataError, infer_task
+from util.cli import int_tuple_or_auto
+from util.metrics import one_feature_auc
+from util.plotting import label_efficiency_figure
+
+# The pretraining and fine-tuning recipe (README "MAE on your own volumes" says why each value is what it is).
+PRETRAIN = {"--model": "auto", "--mask_ratio": "0.75", "--decoder_embed_dim": "96", "--decoder_depth": "2",
+            "--decoder_num_heads": "3", "--batch_size": "32", "--blr": "6e-3", "--warmup_epochs": "10",
+            "--weight_decay": "0.05"}
+PRETRAIN_EPOCHS = 100
+HOLDOUT = 0.05  # of the corpus, never pretrained on: its reconstruction loss is the pretraining's validation curve
+FINETUNE = {"--setup": "volumes", "--model": "auto", "--recipe": "mae", "--augment": "auto"}
+FINETUNE_EPOCHS = 30  # at fraction 1; a fraction F trains for epochs / sqrt(F), so small sets still take steps
+
+
+def epochs_for(fraction: float, epochs: int) -> int:
+    return int(math.ceil(epochs / math.sqrt(fraction)))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--corpus", action="append", default=[],
+                      help="unlabelled volumes to pretrain on: a folder, a .txt of paths or a .csv with a path "
+                           "column; repeat for several (the labelled non-test volumes always join)")
+    data.add_argument("--labels", required=True, help="labels CSV: path, the label column(s), the patient column")
+    data.add_argument("--label", required=True, help="label column(s), comma-separated")
+    data.add_argument("--group", default="pid", help="patient column: no patient in two splits (default %(default)s)")
+    data.add_argument("--split_ratio", default="0.7,0.15,0.15", help="train,val,test shares of the patients "
+                      "when the CSV has no split column (default %(default)s)")
+    data.add_argument("--split_seed", type=int, default=0, help="seed of the patient split (default %(default)s)")
+    data.add_argument("--input_size", type=int_tuple_or_auto, default="auto",
+                      help="grid N or D,H,W; auto: chosen with the spacing from the labelled headers (default)")
+    data.add_argument("--floor_col", default=None, help="a numeric column of the labels CSV (e.g. a measured "
+                      "diameter): a logistic regression on it alone, same patients, is the floor reported")
+    study = parser.add_argument_group("study")
+    study.add_argument("--output_dir", required=True)
+    study.add_argument("--seeds", default="0,1,2")
+    study.add_argument("--label_fractions", default="0.1,0.25,1.0", help="fractions of the training patients")
+    study.add_argument("--baseline", action="store_true", help="also fine-tune the same model from scratch")
+    study.add_argument("--pretrain_epochs", type=int, default=PRETRAIN_EPOCHS)
+    study.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS,
+                       help="fine-tuning epochs at fraction 1 (a fraction F trains epochs / sqrt(F))")
+    study.add_argument("--probe_every", type=int, default=None, help="pretraining epochs between kNN/linear probes "
+                       "and held-out reconstruction losses (default: a fifth of the pretraining)")
+    study.add_argument("--workers", type=int, default=2, help="processes that decode volumes into the caches")
+    study.add_argument("--num_workers", type=int, default=0, help="loader workers of pretraining")
+    return parser.parse_args(argv)
+
+
+def split_labels(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, Path]:
+    """The labels CSV with absolute paths and the split every later step uses: OUT/labels_split.csv."""
+    options = VolumeTaskOptions(labels=[c.strip() for c in args.label.split(",")], group=args.group,
+                                ratio=tuple(float(v) for v in args.split_ratio.split(",")), split_seed=args.split_seed)
+    try:
+        table = read_labels(Path(args.labels).resolve(), options)
+    except TaskDataError as err:
+        raise SystemExit(f"error: {err}") from None
+    path = out / "labels_split.csv"
+    table.to_csv(path, index=False)
+    return table, path
+
+
+def corpus_list(args: argparse.Namespace, table: pd.DataFrame, out: Path) -> tuple[Path, dict]:
+    """OUT/corpus.csv: every --corpus source, then the labelled volumes outside the test split."""
+    sources, counts = [], {}
+    for location in args.corpus:
+        try:
+            found = list_sources(location)
+        except SourceListError as err:
+            raise SystemExit(f"error: --corpus {err}") from None
+        sources += [resolve_source(Path.cwd(), source) for source in found]  # OUT/corpus.csv is read from OUT
+        counts[location] = len(found)
+    labelled = [p for p, s in zip(table["path"], table["split"]) if p and s != "test"]
+    counts["labelled volumes (train and val splits)"] = len(labelled)
+    unique = list(dict.fromkeys(sources + labelled))
+    path = out / "corpus.csv"
+    pd.DataFrame({"path": unique}).to_csv(path, index=False)
+    return path, counts
+
+
+def floor(table: pd.DataFrame, column: str, label: str, group: str, fraction: float, seeds: list[int]) -> dict:
+    """Test AUC of a logistic regression on one numeric column, fitted on the same training patients the image
+    models get for each seed."""
+    values = pd.to_numeric(table[column], errors="coerce")
+    if values.isna().any():
+        raise SystemExit(f"error: --floor_col {column}: row {int(np.flatnonzero(values.isna())[0]) + 2} is not a number")
+    target = pd.to_numeric(table[label]).to_numpy()
+    train, test = (table["split"] == "train").to_numpy(), (table["split"] == "test").to_numpy()
+    groups = table[group].astype(str).to_numpy() if group in table.columns else table["path"].to_numpy()
+    aucs = []
+    for seed in seeds:
+        keep = fraction_of_patients(groups[train], target[train], fraction, seed)
+        aucs.append(one_feature_auc(values.to_numpy()[train][keep], target[train][keep],
+                                    values.to_numpy()[test], target[test]))
+    return {"column": column, "test_auc_mean": float(np.mean(aucs)), "test_auc_std": float(np.std(aucs)),
+            "per_seed": aucs}
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fractions = [float(f) for f in args.label_fractions.split(",")]
+    python = sys.executable
+    table, labels_csv = split_labels(args, out)
+    labels = [c.strip() for c in args.label.split(",")]
+    task = infer_task(table, labels, "auto")
+    if args.floor_col and (task != "binary-class" or args.floor_col not in table.columns):
+        raise SystemExit(f"error: --floor_col needs a binary label and a column of {args.labels}; "
+                         f"got {args.floor_col!r} for a {task} task")
+
+    size = None if args.input_size == "auto" else tuple(args.input_size) * (3 if len(args.input_size) == 1 else 1)
+    choice = choose_for([p for p in table["path"] if p], VolumeTaskOptions(labels=labels, input_size=size,
+                                                                            base=PreprocessConfig()))
+    config = choice.config
+    print(f"preprocessing: {choice.reason}")
+    grid_text = ",".join(map(str, config.size))
+    resampling = ["--resample", config.resample]
+    if config.spacing:
+        resampling += ["--spacing", ",".join(f"{s:.6g}" for s in config.spacing)]
+    corpus_csv, corpus_counts = corpus_list(args, table, out)
+    steps = out / "steps"
+    cache = run([python, "-m", "datasets.build_cache", "--input", str(corpus_csv), "--output", str(out / "cache"),
+                 "--workers", str(args.workers), "--size", grid_text, *resampling], out / "cache.log",
+                steps / "cache.json")
+
+    probe_every = args.probe_every or max(1, args.pretrain_epochs // 5)
+    probe_csv = out / "probe.csv"
+    probe_rows = table[table["split"].isin(("train", "val")) & (table["path"] != "")]
+    if task == "binary-class" and len(labels) == 1:
+        probe_rows.assign(label=probe_rows[labels[0]])[["path", "label", "split"]].to_csv(probe_csv, index=False)
+    pretrain = {}
+    for seed in seeds:
+        folder = out / "pretrain" / f"seed_{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = ["--probe_csv", str(probe_csv), "--probe_every", str(probe_every)] if probe_csv.exists() else []
+        pretrain[seed] = run([python, "main_pretrain.py", "--data_path", str(out / "cache"), *flags(PRETRAIN),
+                              "--input_size", ",".join(map(str, config.size)), "--epochs", str(args.pretrain_epochs),
+                              "--seed", str(seed), "--num_workers", str(args.num_workers), *probe,
+                              "--val_fraction", str(HOLDOUT), "--val_every", str(probe_every), "--keep_every", "0", "--vis_every", "0",
+                              "--output_dir", str(folder)], folder / "pretrain.log", steps / f"pretrain_{seed}.json")
+
+    common = [python, "main_finetune.py", *flags(FINETUNE), "--meta", str(labels_csv), "--label", args.label,
+              "--group", args.group, "--input_size", grid_text, *resampling, "--volume_cache", str(out / "volume_cache"),
+              "--cache_workers", str(args.workers), "--bootstrap", "0"]
+    inits = ["mae", "scratch"] if args.baseline else ["mae"]
+    finetuned: dict[str, dict[float, list[dict]]] = {init: {f: [] for f in fractions} for init in inits}
+    for fraction in fractions:
+        for seed in seeds:
+            for init in inits:
+                folder = out / "finetune" / init / f"frac_{fraction:g}" / f"seed_{seed}"
+                folder.mkdir(parents=True, exist_ok=True)
+                start = ["--finetune", str(out / "pretrain" / f"seed_{seed}" / "encoder.pth")] if init == "mae" else []
+                run([*common, *start, "--train_fraction", f"{fraction:g}", "--seeds", str(seed),
+                     "--epochs", str(epochs_for(fraction, args.epochs)), "--output_dir", str(folder)],
+                    folder / "finetune.log", steps / f"{init}_frac{fraction:g}_seed{seed}.json")
+                finetuned[init][fraction].append(json.loads((folder / "results.json").read_text()))
+
+    pretrain_cpu = float(np.mean([pretrain[s]["cpu_seconds"] for s in seeds]))
+    per_fraction = {}
+    for fraction in fractions:
+        entry = {init: seed_summary(finetuned[init][fraction]) for init in inits}
+        entry["epochs"] = epochs_for(fraction, args.epochs)
+        entry["train_patients"] = finetuned["mae"][fraction][0].get("train_patients_used",
+                                                                    finetuned["mae"][fraction][0]["split_patients"]["train"])
+        if "scratch" in entry:
+            entry["mae_minus_scratch_test_auc"] = entry["mae"]["test_auc_mean"] - entry["scratch"]["test_auc_mean"]
+        if args.floor_col:
+            entry["floor"] = floor(table, args.floor_col, labels[0], args.group, fraction, seeds)
+        per_fraction[f"{fraction:g}"] = entry
+    first = finetuned["mae"][fractions[0]][0]
+    test = table[table["split"] == "test"]
+    result = {
+        "labels": str(Path(args.labels).resolve()), "label": args.label, "group": args.group, "task": task,
+        "seeds": seeds, "label_fractions": fractions, "corpus": corpus_counts,
+        "split": {**first["split_counts"], "patients": first["split_patients"],
+                  "test_majority_share": float(test[labels[0]].astype(float).value_counts(normalize=True).max())
+                  if task == "binary-class" else None, "excluded_rows": first["excluded_rows"]},
+        "preprocess": choice.to_dict(),
+        "pretrain": {"flags": PRETRAIN, "epochs": args.pretrain_epochs, "cache": cache,
+                     "cpu_seconds_per_seed": round(pretrain_cpu, 1),
+                     "per_seed": {str(s): {**pretrain[s], "curve": loss_curve(out / "pretrain" / f"seed_{s}" / "log.txt"),
+                                           "probe": probe_curve(out / "pretrain" / f"seed_{s}" / "log.txt")}
+                                  for s in seeds}},
+        "finetune": {"flags": FINETUNE, "epochs_at_fraction_1": args.epochs},
+        "fractions": per_fraction,
+        "cpu_seconds_one_seed": round(pretrain_cpu + sum(entry["mae"]["cpu_seconds_one_seed"]
+                                                         for entry in per_fraction.values()), 1),
+        "model": first["model"], "model_config": first["model_config"], "augment": first["augment"],
+        "data_profile": first["data_profile"],
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    figure = label_efficiency_figure(result)
+    figure.savefig(out / "report.png", dpi=120)
+    for key, entry in per_fraction.items():
+        line = "  ".join(f"{init} {entry[init]['test_auc_mean']:.4f} +- {entry[init]['test_auc_std']:.4f}"
+                         for init in inits)
+        if "floor" in entry:
+            line += f"  floor ({args.floor_col}) {entry['floor']['test_auc_mean']:.4f}"
+        print(f"fraction {key}: test AUC {line}")
+    print(f"one seed costs {result['cpu_seconds_one_seed'] / 3600:.2f} CPU-hours; wrote {out / 'results.json'} and "
+          f"{out / 'report.png'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
