@@ -17,6 +17,7 @@ from datasets.preprocess_choice import choose_preprocess, survey_headers
 from datasets.task_data import TaskDataError, assign_splits
 from tests.conftest import REPO, run_cli, shared_path
 from tests.volumes import image_from_xyz
+from util.checkpoint import load_checkpoint
 
 SPHERE_DIAMETER_MM = 12.0
 # (voxels per axis x, y, z; spacing mm; direction): crops of one sphere cut at different pixel sizes, so their
@@ -208,3 +209,28 @@ def test_build_cache_chooses_the_preprocessing_from_the_headers(sphere_crops, tm
     meta = json.loads((tmp_path / "cache" / "cache.json").read_text())["preprocess"]
     assert meta["resample"] == "spacing" and len(set(meta["spacing"])) == 1
     assert all(size % 8 == 0 for size in meta["size"])
+
+
+@pytest.mark.parametrize("labels,task", [("size_class", "multi-class"), ("large,bright", "multi-label, binary-class")])
+def test_volumes_setup_takes_multi_class_and_multi_label_columns(tmp_path, labels, task):
+    """Spheres of three sizes and two brightnesses as the user's labelled volumes: the task follows the columns."""
+    rows = []
+    for i in range(18):
+        size_class, bright = i % 3, (i // 3) % 2
+        array = np.full((20, 20, 20), -800.0, np.float32)
+        grid = np.indices(array.shape) - 9.5
+        array[(grid ** 2).sum(axis=0) <= (2 + 2 * size_class) ** 2] = 40.0 + 300.0 * bright
+        path = tmp_path / f"case{i}.nii.gz"
+        sitk.WriteImage(image_from_xyz(array, spacing=(1.0 + 0.1 * (i % 4),) * 3), str(path))
+        rows.append({"path": path.name, "patient": f"p{i // 2}", "size_class": ["small", "medium", "large"][size_class],
+                     "large": int(size_class == 2), "bright": bright})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "ft"
+    run_cli(["main_finetune.py", "--setup", "volumes", "--meta", str(tmp_path / "labels.csv"), "--label", labels,
+             "--group", "patient", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16", "--model", "auto",
+             "--epochs", "1", "--batch_size", "4", "--bootstrap", "0", "--output_dir", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    checkpoint = load_checkpoint(out / "best.pth")
+    assert checkpoint["task"] == task and "auc" in result["test"]
+    expected = ["large", "medium", "small"] if task == "multi-class" else ["large", "bright"]
+    assert checkpoint["class_names"] == expected

@@ -160,7 +160,9 @@ def main(argv: list[str]) -> None:
 
     probe_every = args.probe_every or max(1, args.pretrain_epochs // 5)
     probe_csv = out / "probe.csv"
-    probe_rows = table[table["split"].isin(("train", "val")) & (table["path"] != "")]
+    manifest = pd.read_csv(out / "cache" / "manifest.csv", keep_default_na=False)
+    cached = set(manifest.loc[manifest["status"] == "ok", "source"])
+    probe_rows = table[table["split"].isin(("train", "val")) & table["path"].isin(cached)]  # readable ones only
     if task == "binary-class" and len(labels) == 1:
         probe_rows.assign(label=probe_rows[labels[0]])[["path", "label", "split"]].to_csv(probe_csv, index=False)
     pretrain = {}
