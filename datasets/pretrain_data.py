@@ -60,20 +60,6 @@ def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], con
     return VolumeFileDataset(readable_sources(data_path, is_main, config.max_voxels), config, augment, seed), config
 
 
-def volume_profile(dataset: Dataset, samples: int = 64) -> DataProfile:
-    """What a volume corpus looks like as model input (datasets.data_profile), from at most `samples` volumes
-    spread evenly over it: the statistics `--normalize auto` standardises with."""
-    pick = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int)
-    volumes = []
-    for i in dict.fromkeys(pick.tolist()):
-        volume = dataset.cache.read_stored(i) if isinstance(dataset, CacheDataset) else dataset[i]["volume"]
-        if volume is not None:
-            volumes.append(np.asarray(volume))
-    if not volumes:
-        raise SystemExit("error: none of the volumes sampled to profile the corpus could be loaded")
-    return profile_images(np.stack(volumes))
-
-
 def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, seed: int,
                               train_samples: int | None = None, download: bool = False,
                               ) -> tuple[Dataset, MedMNISTSpec, DataProfile]:

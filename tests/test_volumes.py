@@ -173,7 +173,7 @@ def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path
         ["bash", str(REPO / "launch" / "recipes" / "volumes.sh"), "--corpus", str(corpus), "--labels", str(lidc_rows),
          "--label", "malignant", "--group", "patient_id", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16,24,24",
          "--output_dir", str(out), "--seeds", "0", "--label_fractions", "0.5,1", "--baseline",
-         "--floor_col", "diameter_mm", "--pretrain_epochs", "2", "--epochs", "1", "--probe_every", "1"],
+         "--floor_col", "diameter_mm", "--pretrain_epochs", "2", "--epochs", "1", "--probe_every", "1", "--jobs", "2"],
         env={**os.environ, "VOLMAE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

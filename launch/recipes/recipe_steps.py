@@ -2,7 +2,7 @@
 seconds, remembering finished steps so that a re-run goes on where a killed one stopped, and summarising
 a fine-tuning run over seeds."""
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -13,35 +13,37 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 
 
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run(command: list[str], log: Path, done: Path | None = None) -> dict:
-    """Run one step with its output in `log` (and on our stdout); its CPU and wall-clock seconds. With `done`,
-    a step that finished before (its record in `done`) is not run again and keeps its recorded times."""
+def run(command: list[str], log: Path, done: Path | None = None, threads: int | None = None,
+        echo: bool = True) -> dict:
+    """Run one step with its output in `log` (and, with `echo`, on our stdout); its CPU and wall-clock seconds,
+    the CPU time being the step's own (its process and what it waited for), so steps may run side by side.
+    `threads` sets OMP_NUM_THREADS for it. With `done`, a step that finished before (its record in `done`) is
+    not run again and keeps its recorded times."""
     if done is not None and done.exists():
         record = json.loads(done.read_text())
         print(f"already done: {' '.join(command[1:3])} ... ({done})", flush=True)
         return record
-    cpu, wall = children_cpu_seconds(), time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    wall = time.perf_counter()
     print(f"$ {' '.join(command)}", flush=True)
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   bufsize=1)
+                                   bufsize=1, env=env)
         for line in process.stdout:
             out.write(line)
-            if "\r" not in line:  # progress bars stay in the log
+            if echo and "\r" not in line:  # progress bars stay in the log
                 sys.stdout.write(line)
-        code = process.wait()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"error: {command[1]} exited with {code}; its log: {log}")
-    record = {"cpu_seconds": round(children_cpu_seconds() - cpu, 1),
+    record = {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
               "wall_seconds": round(time.perf_counter() - wall, 1)}
     if done is not None:
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(record))
+    if not echo:
+        print(f"finished in {record['wall_seconds']:.0f} s: {' '.join(command[1:3])} ... (log: {log})", flush=True)
     return record
 
 

@@ -20,7 +20,9 @@ a dataset's name: grid, spacing, patch size, standardisation and augmentation co
 import argparse
 import json
 import math
+import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +41,10 @@ from util.plotting import label_efficiency_figure
 PRETRAIN = {"--model": "auto", "--mask_ratio": "0.75", "--decoder_embed_dim": "96", "--decoder_depth": "2",
             "--decoder_num_heads": "3", "--batch_size": "32", "--blr": "6e-3", "--warmup_epochs": "10",
             "--weight_decay": "0.05"}
-PRETRAIN_EPOCHS = 100
+PRETRAIN_EPOCHS = 50
 HOLDOUT = 0.05  # of the corpus, never pretrained on: its reconstruction loss is the pretraining's validation curve
-FINETUNE = {"--setup": "volumes", "--model": "auto", "--recipe": "mae", "--augment": "auto"}
-FINETUNE_EPOCHS = 30  # at fraction 1; a fraction F trains for epochs / sqrt(F), so small sets still take steps
+FINETUNE = {"--setup": "volumes", "--model": "auto", "--recipe": "mae", "--augment": "auto", "--lr": "1e-3"}
+FINETUNE_EPOCHS = 40  # at fraction 1; a fraction F trains for epochs / sqrt(F), so small sets still take steps
 
 
 def epochs_for(fraction: float, epochs: int) -> int:
@@ -75,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="fine-tuning epochs at fraction 1 (a fraction F trains epochs / sqrt(F))")
     study.add_argument("--probe_every", type=int, default=None, help="pretraining epochs between kNN/linear probes "
                        "and held-out reconstruction losses (default: a fifth of the pretraining)")
+    study.add_argument("--jobs", type=int, default=1,
+                       help="pretrainings and fine-tunings run this many at a time, each with cores / JOBS threads "
+                            "(small models use many cores poorly: on 2 cores, --jobs 2 is faster)")
     study.add_argument("--workers", type=int, default=2, help="processes that decode volumes into the caches")
     study.add_argument("--num_workers", type=int, default=0, help="loader workers of pretraining")
     return parser.parse_args(argv)
@@ -165,32 +170,59 @@ def main(argv: list[str]) -> None:
     probe_rows = table[table["split"].isin(("train", "val")) & table["path"].isin(cached)]  # readable ones only
     if task == "binary-class" and len(labels) == 1:
         probe_rows.assign(label=probe_rows[labels[0]])[["path", "label", "split"]].to_csv(probe_csv, index=False)
+    labelled_csv = out / "labelled.csv"
+    pd.DataFrame({"path": list(dict.fromkeys(p for p in table["path"] if p))}).to_csv(labelled_csv, index=False)
+    run([python, "-m", "datasets.build_cache", "--input", str(labelled_csv), "--output", str(out / "volume_cache"),
+         "--workers", str(args.workers), "--size", grid_text, *resampling], out / "volume_cache.log",
+        steps / "volume_cache.json")  # what fine-tuning reads: built once, before runs share it
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+
+    def step(command: list[str], log: Path, done: Path, after: Future | None = None) -> Future:
+        def go() -> dict:
+            if after is not None:
+                after.result()
+            return run(command, log, done, threads=threads, echo=args.jobs == 1)
+        return pool.submit(go)
+
     pretrain = {}
     for seed in seeds:
         folder = out / "pretrain" / f"seed_{seed}"
         folder.mkdir(parents=True, exist_ok=True)
         probe = ["--probe_csv", str(probe_csv), "--probe_every", str(probe_every)] if probe_csv.exists() else []
-        pretrain[seed] = run([python, "main_pretrain.py", "--data_path", str(out / "cache"), *flags(PRETRAIN),
-                              "--input_size", ",".join(map(str, config.size)), "--epochs", str(args.pretrain_epochs),
-                              "--seed", str(seed), "--num_workers", str(args.num_workers), *probe,
-                              "--val_fraction", str(HOLDOUT), "--val_every", str(probe_every), "--keep_every", "0", "--vis_every", "0",
-                              "--output_dir", str(folder)], folder / "pretrain.log", steps / f"pretrain_{seed}.json")
+        pretrain[seed] = step([python, "main_pretrain.py", "--data_path", str(out / "cache"), *flags(PRETRAIN),
+                               "--input_size", ",".join(map(str, config.size)), "--epochs", str(args.pretrain_epochs),
+                               "--seed", str(seed), "--num_workers", str(args.num_workers), *probe,
+                               "--val_fraction", str(HOLDOUT), "--val_every", str(probe_every), "--keep_every", "0",
+                               "--vis_every", "0", "--output_dir", str(folder)],
+                              folder / "pretrain.log", steps / f"pretrain_{seed}.json")
 
     common = [python, "main_finetune.py", *flags(FINETUNE), "--meta", str(labels_csv), "--label", args.label,
               "--group", args.group, "--input_size", grid_text, *resampling, "--volume_cache", str(out / "volume_cache"),
               "--cache_workers", str(args.workers), "--bootstrap", "0"]
     inits = ["mae", "scratch"] if args.baseline else ["mae"]
-    finetuned: dict[str, dict[float, list[dict]]] = {init: {f: [] for f in fractions} for init in inits}
-    for fraction in fractions:
-        for seed in seeds:
-            for init in inits:
+    runs: dict[tuple[str, float, int], Future] = {}
+    for init in reversed(inits):  # scratch runs first: they need no pretraining, so they fill the wait for it
+        for fraction in fractions:
+            for seed in seeds:
                 folder = out / "finetune" / init / f"frac_{fraction:g}" / f"seed_{seed}"
                 folder.mkdir(parents=True, exist_ok=True)
                 start = ["--finetune", str(out / "pretrain" / f"seed_{seed}" / "encoder.pth")] if init == "mae" else []
-                run([*common, *start, "--train_fraction", f"{fraction:g}", "--seeds", str(seed),
+                runs[init, fraction, seed] = step(
+                    [*common, *start, "--train_fraction", f"{fraction:g}", "--seeds", str(seed),
                      "--epochs", str(epochs_for(fraction, args.epochs)), "--output_dir", str(folder)],
-                    folder / "finetune.log", steps / f"{init}_frac{fraction:g}_seed{seed}.json")
-                finetuned[init][fraction].append(json.loads((folder / "results.json").read_text()))
+                    folder / "finetune.log", steps / f"{init}_frac{fraction:g}_seed{seed}.json",
+                    after=pretrain[seed] if init == "mae" else None)
+    try:
+        pretrain = {seed: future.result() for seed, future in pretrain.items()}
+        finetuned: dict[str, dict[float, list[dict]]] = {init: {f: [] for f in fractions} for init in inits}
+        for (init, fraction, seed), future in sorted(runs.items(), key=lambda item: item[0][2]):
+            future.result()
+            folder = out / "finetune" / init / f"frac_{fraction:g}" / f"seed_{seed}"
+            finetuned[init][fraction].append(json.loads((folder / "results.json").read_text()))
+    finally:  # a failed step stops what has not started; a re-run goes on from the finished ones
+        pool.shutdown(cancel_futures=True)
 
     pretrain_cpu = float(np.mean([pretrain[s]["cpu_seconds"] for s in seeds]))
     per_fraction = {}
