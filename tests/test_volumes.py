@@ -211,26 +211,49 @@ def test_build_cache_chooses_the_preprocessing_from_the_headers(sphere_crops, tm
     assert all(size % 8 == 0 for size in meta["size"])
 
 
-@pytest.mark.parametrize("labels,task", [("size_class", "multi-class"), ("large,bright", "multi-label, binary-class")])
-def test_volumes_setup_takes_multi_class_and_multi_label_columns(tmp_path, labels, task):
-    """Spheres of three sizes and two brightnesses as the user's labelled volumes: the task follows the columns."""
+def write_sphere_table(folder: Path) -> Path:
+    """Spheres of three sizes and two brightnesses at differing spacings, as a user's labelled volumes."""
     rows = []
     for i in range(18):
         size_class, bright = i % 3, (i // 3) % 2
         array = np.full((20, 20, 20), -800.0, np.float32)
         grid = np.indices(array.shape) - 9.5
         array[(grid ** 2).sum(axis=0) <= (2 + 2 * size_class) ** 2] = 40.0 + 300.0 * bright
-        path = tmp_path / f"case{i}.nii.gz"
+        path = folder / f"case{i}.nii.gz"
         sitk.WriteImage(image_from_xyz(array, spacing=(1.0 + 0.1 * (i % 4),) * 3), str(path))
         rows.append({"path": path.name, "patient": f"p{i // 2}", "size_class": ["small", "medium", "large"][size_class],
                      "large": int(size_class == 2), "bright": bright})
-    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
-    out = tmp_path / "ft"
-    run_cli(["main_finetune.py", "--setup", "volumes", "--meta", str(tmp_path / "labels.csv"), "--label", labels,
-             "--group", "patient", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16", "--model", "auto",
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return folder / "labels.csv"
+
+
+def finetune_on_spheres(labels_csv: Path, out: Path, labels: str, *model: str) -> dict:
+    run_cli(["main_finetune.py", "--setup", "volumes", "--meta", str(labels_csv), "--label", labels,
+             "--group", "patient", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16", *model,
              "--epochs", "1", "--batch_size", "4", "--bootstrap", "0", "--output_dir", str(out)])
-    result = json.loads((out / "results.json").read_text())
-    checkpoint = load_checkpoint(out / "best.pth")
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("labels,task", [("size_class", "multi-class"), ("large,bright", "multi-label, binary-class")])
+def test_volumes_setup_takes_multi_class_and_multi_label_columns(tmp_path, labels, task):
+    """The task follows the label columns."""
+    result = finetune_on_spheres(write_sphere_table(tmp_path), tmp_path / "ft", labels, "--model", "auto")
+    checkpoint = load_checkpoint(tmp_path / "ft" / "best.pth")
     assert checkpoint["task"] == task and "auc" in result["test"]
     expected = ["large", "medium", "small"] if task == "multi-class" else ["large", "bright"]
     assert checkpoint["class_names"] == expected
+
+
+@pytest.mark.parametrize("model", ["resnet18_3d", "medvit3d_tiny", "vit3d_tiny_patch8", "mae encoder"])
+def test_volumes_setup_trains_every_kind_of_model(tmp_path, model):
+    labels_csv = write_sphere_table(tmp_path)
+    if model == "mae encoder":
+        run_cli(["main_pretrain.py", "--data_path", str(tmp_path), "--model", "mae_vit_tiny_patch16", "--input_size",
+                 "16", "--patch_size", "8", "--decoder_depth", "1", "--max_steps", "1", "--batch_size", "2",
+                 "--num_workers", "0", "--vis_every", "0", "--output_dir", str(tmp_path / "mae")])
+        flags = ["--model", "vit3d_tiny_patch8", "--finetune", str(tmp_path / "mae" / "encoder.pth")]
+    else:
+        flags = ["--model", model]
+    result = finetune_on_spheres(labels_csv, tmp_path / "ft", "large", *flags)
+    assert np.isfinite(result["test"]["auc"])
+    assert load_checkpoint(tmp_path / "ft" / "best.pth")["preprocess"]["resample"] == "spacing"
