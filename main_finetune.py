@@ -131,7 +131,7 @@ def main(args) -> None:
         args.layer_decay = PRETRAINED_LAYER_DECAY if args.finetune else 1.0
     if args.lr is None:
         args.lr = effective_lr(args.blr, None, args.batch_size * dist_info.world_size)
-    seeds = [int(s) for s in str(args.seeds).split(",")]
+    seeds = args.seeds
     augment, augment_report = resolve_augment(args, profile)
     report = {"data_profile": profile.to_dict(), "augment": augment_report, **data.report}
     if dist_info.is_main:

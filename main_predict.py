@@ -27,6 +27,7 @@ from tqdm import tqdm
 from datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
 from models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from util.atomic import atomic_write
+from util.cli import non_negative_int, positive_int
 from util.dist import init_distributed, shutdown
 from util.explain import explain_predictions
 from util.metrics import MULTI_LABEL, scores_from_logits
@@ -53,8 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also explain every row's prediction (attention rollout for ViTs, Grad-CAM otherwise): "
                              "DIR/<id or rowN>.npy/.nii.gz/_overlay.png/_montage.png; the overlay's path goes in "
                              "the output's `explanation` column")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--num_workers", type=non_negative_int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     return parser

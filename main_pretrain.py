@@ -27,7 +27,7 @@ from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
 from models.patch_embed import REFERENCE_PATCH, auto_patch_size
 from models.vit import AUTO_ARCHITECTURE
 from util.checkpoint import CheckpointError
-from util.cli import grid, int_tuple
+from util.cli import grid, int_tuple, non_negative_float, non_negative_int, positive_float, positive_int
 from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
 from util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
@@ -50,34 +50,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--mask_type", choices=MASK_TYPES, default="random",
                        help="random patches, or tube: the same in-plane mask on every depth slab")
     model.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch (MAE's best setting)")
-    model.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the model's)")
-    model.add_argument("--stem_channels", type=int, default=None,
+    model.add_argument("--depth", type=positive_int, default=None, help="encoder blocks (default: the model's)")
+    model.add_argument("--stem_channels", type=non_negative_int, default=None,
                        help="convolutional stem of this many channels before the patch projection (ConvMAE-style "
                             "masked convolutions; needs power-of-two patches); 0: the reference linear patch "
                             "embedding (default: 0, or the auto architecture's with --model auto)")
-    model.add_argument("--contrast_weight", type=float, default=None,
+    model.add_argument("--contrast_weight", type=non_negative_float, default=None,
                        help="add this times an InfoNCE term between two masked views of each volume, on the mean "
                             "visible token (default 0: MAE alone)")
-    model.add_argument("--contrast_temperature", type=float, default=None, help="InfoNCE temperature (default 0.2)")
-    model.add_argument("--decoder_embed_dim", type=int, default=None, help="default: the model's (see README)")
-    model.add_argument("--decoder_depth", type=int, default=None)
-    model.add_argument("--decoder_num_heads", type=int, default=None)
+    model.add_argument("--contrast_temperature", type=positive_float, default=None, help="InfoNCE temperature (default 0.2)")
+    model.add_argument("--decoder_embed_dim", type=positive_int, default=None, help="default: the model's (see README)")
+    model.add_argument("--decoder_depth", type=positive_int, default=None)
+    model.add_argument("--decoder_num_heads", type=positive_int, default=None)
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--batch_size", type=int, default=4, help="volumes per rank per micro-batch")
-    optim.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--epochs", type=int, default=400)
-    optim.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps "
+    optim.add_argument("--batch_size", type=positive_int, default=4, help="volumes per rank per micro-batch")
+    optim.add_argument("--accum_iter", type=positive_int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--epochs", type=positive_int, default=400)
+    optim.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps "
                        "(the schedule then spans them)")
-    optim.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
-    optim.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    optim.add_argument("--min_lr", type=float, default=0.0)
-    optim.add_argument("--warmup_epochs", type=float, default=40)
-    optim.add_argument("--weight_decay", type=float, default=0.05)
-    optim.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
+    optim.add_argument("--blr", type=positive_float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
+    optim.add_argument("--lr", type=positive_float, default=None, help="absolute lr (overrides --blr)")
+    optim.add_argument("--min_lr", type=non_negative_float, default=0.0)
+    optim.add_argument("--warmup_epochs", type=non_negative_float, default=40)
+    optim.add_argument("--weight_decay", type=non_negative_float, default=0.05)
+    optim.add_argument("--clip_grad", type=positive_float, default=None, help="max gradient norm (default: no clipping)")
     optim.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
-    optim.add_argument("--max_bad_steps", type=int, default=20,
+    optim.add_argument("--max_bad_steps", type=non_negative_int, default=20,
                        help="stop after this many skipped (non-finite) steps in a row")
     optim.add_argument("--max_bad_samples", type=float, default=0.1,
                        help="stop, naming them, once more than this share of an epoch's samples failed to load "
@@ -98,41 +98,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--no_augment", action="store_true",
                       help="no random crop (when --input_size is smaller than a cache's grid), "
                            "left-right flip or intensity jitter")
-    data.add_argument("--num_phantoms", type=int, default=24, help="size of the built-in phantom corpus")
+    data.add_argument("--num_phantoms", type=positive_int, default=24, help="size of the built-in phantom corpus")
     data.add_argument("--data_flag", default=None,
                       help="pretrain on the training split of a MedMNIST set instead (2D or 3D), e.g. adrenalmnist3d")
-    data.add_argument("--size", type=int, default=28, help="MedMNIST image size, with --data_flag")
-    data.add_argument("--train_samples", type=int, default=None,
+    data.add_argument("--size", type=positive_int, default=28, help="MedMNIST image size, with --data_flag")
+    data.add_argument("--train_samples", type=positive_int, default=None,
                       help="with --data_flag: pretrain on a random subset of N training images (smoke runs)")
     data.add_argument("--data_root", default=DEFAULT_ROOT, help="medmnist root folder, with --data_flag")
-    data.add_argument("--num_workers", type=int, default=4)
+    data.add_argument("--num_workers", type=non_negative_int, default=4)
     data.add_argument("--val_fraction", type=float, default=0.0,
                       help="hold this share of the volumes out of training and report their reconstruction loss "
                            "(fixed masks) as val_loss every --val_every epochs; 0: none (default)")
-    data.add_argument("--val_every", type=int, default=10, help="epochs between held-out losses")
+    data.add_argument("--val_every", type=positive_int, default=10, help="epochs between held-out losses")
     add_preprocess_args(parser)
 
     probe = parser.add_argument_group("probes: frozen-feature kNN and linear AUCs on labelled data, at step 0 and "
                                       "every --probe_every epochs (log.txt, tensorboard)")
     probe.add_argument("--probe_data_flag", default=None, help="a MedMNIST flag: fit on its train split, score on val")
-    probe.add_argument("--probe_size", type=int, default=None, help="its image size (default: the pretraining grid)")
+    probe.add_argument("--probe_size", type=positive_int, default=None, help="its image size (default: the pretraining grid)")
     probe.add_argument("--probe_root", default=DEFAULT_ROOT, help="medmnist root folder of --probe_data_flag")
     probe.add_argument("--probe_csv", default=None,
                        help="or your own labelled volumes: a CSV with path, label and split (train/val) columns, "
                             "preprocessed as the pretraining volumes")
-    probe.add_argument("--probe_every", type=int, default=10, help="epochs between probes")
+    probe.add_argument("--probe_every", type=positive_int, default=10, help="epochs between probes")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="./output_pretrain")
     run.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
     run.add_argument("--resume", default="auto",
                      help="auto: OUTPUT_DIR/checkpoint-last.pth when present; a path; or 'none'")
-    run.add_argument("--save_every", type=int, default=1, help="epochs between checkpoint-last.pth writes")
-    run.add_argument("--save_every_steps", type=int, default=0,
+    run.add_argument("--save_every", type=positive_int, default=1, help="epochs between checkpoint-last.pth writes")
+    run.add_argument("--save_every_steps", type=non_negative_int, default=0,
                      help="also checkpoint every N optimizer steps (0: off); bounds the work a crash loses")
-    run.add_argument("--keep_every", type=int, default=20, help="epochs between kept checkpoint-{epoch}.pth (0: never)")
-    run.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
-    run.add_argument("--vis_every", type=int, default=200, help="steps between reconstruction images (0: only at the end)")
+    run.add_argument("--keep_every", type=non_negative_int, default=20, help="epochs between kept checkpoint-{epoch}.pth (0: never)")
+    run.add_argument("--log_every", type=positive_int, default=10, help="optimizer steps between log lines")
+    run.add_argument("--vis_every", type=non_negative_int, default=200, help="steps between reconstruction images (0: only at the end)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser

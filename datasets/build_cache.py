@@ -39,7 +39,7 @@ from datasets.preprocess_choice import choose_preprocess, survey_headers
 from datasets.reading import VolumeReadError, read_image
 from datasets.sources import SourceListError, list_sources
 from util.atomic import atomic_write, remove_stale_temporaries
-from util.cli import grid, int_tuple_or_auto
+from util.cli import grid, int_tuple_or_auto, positive_int
 
 PLAN_FILE = "plan.csv"
 PARTS_DIR = ".parts"
@@ -254,11 +254,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="cache folder (created; re-run to resume)")
     parser.add_argument("--size", type=int_tuple_or_auto, default=(256,),
                         help="N or D,H,W voxels (default 256); auto (with --resample auto): chosen from the headers")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
                         help="stored dtype (default uint16: 0.015 HU max error, half of float32's size)")
-    parser.add_argument("--itk_threads", type=int, default=None, help="SimpleITK threads per worker (default: cores / workers)")
-    parser.add_argument("--shard_size", type=int, default=None,
+    parser.add_argument("--itk_threads", type=positive_int, default=None, help="SimpleITK threads per worker (default: cores / workers)")
+    parser.add_argument("--shard_size", type=positive_int, default=None,
                         help="volumes per shard (default: enough shards to keep every worker busy, at most 64)")
     add_preprocess_args(parser, allow_auto=True)
     return parser

@@ -7,7 +7,15 @@ from datasets.preprocess import AUTO, add_preprocess_args
 from datasets.transforms import PRESETS
 from finetuning.recipes import PRETRAINED_LAYER_DECAY, RECIPES
 from finetuning.setups import SETUPS
-from util.cli import int_tuple_or_auto
+from util.cli import (
+    int_tuple_or_auto,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_list,
+    share,
+)
 
 
 def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -15,11 +23,11 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--setup", choices=tuple(SETUPS), default="medmnist", help="data protocol and default recipe")
     data.add_argument("--data_flag", default="adrenalmnist3d", help="any MedMNIST flag, 3D or 2D")
-    data.add_argument("--size", type=int, default=28, help="3D: 28 or 64; 2D: 28, 64, 128 or 224")
+    data.add_argument("--size", type=positive_int, default=28, help="3D: 28 or 64; 2D: 28, 64, 128 or 224")
     data.add_argument("--data_root", default=DEFAULT_ROOT, help=f"medmnist root folder (default {DEFAULT_ROOT})")
     data.add_argument("--download", action="store_true", help="download missing files with the medmnist package")
-    data.add_argument("--num_workers", type=int, default=0, help="the data are in memory: 0 is usually fastest")
-    data.add_argument("--train_samples", type=int, default=None,
+    data.add_argument("--num_workers", type=non_negative_int, default=0, help="the data are in memory: 0 is usually fastest")
+    data.add_argument("--train_samples", type=positive_int, default=None,
                       help="train on a random subset of N training samples (label-efficiency studies, smoke runs)")
     meta = parser.add_argument_group("labels CSV (volumes and SLIViT setups)")
     meta.add_argument("--meta", default=None, help="labels CSV: path (volume file or DICOM folder; SLIViT also slice "
@@ -33,7 +41,7 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     meta.add_argument("--split_ratio", default=None, help="train,val,test shares of the patients when there is no "
                       "split column (default: volumes 0.7,0.15,0.15; slivit 0.85,0.15,0)")
     meta.add_argument("--split_seed", type=int, default=0, help="seed of the patient split (default %(default)s)")
-    meta.add_argument("--train_fraction", type=float, default=None,
+    meta.add_argument("--train_fraction", type=share, default=None,
                       help="train on this fraction of the training patients (label-efficiency studies): a random "
                            "draw per seed, among patients with and without a positive label separately")
     volumes = parser.add_argument_group("volumes setup")
@@ -42,30 +50,30 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     volumes.add_argument("--volume_cache", default=None,
                          help="HDF5 cache of the preprocessed volumes, shared by runs on the same CSV and settings "
                               "(default OUTPUT_DIR/volume_cache)")
-    volumes.add_argument("--cache_workers", type=int, default=1, help="processes that decode volumes into the cache")
+    volumes.add_argument("--cache_workers", type=positive_int, default=1, help="processes that decode volumes into the cache")
     add_preprocess_args(parser, default_resample=AUTO, allow_auto=True)
     slivit = parser.add_argument_group("SLIViT setups")
     slivit.add_argument("--split_file", default=None, help="MedMNIST split file (split,index,image_id) for a flag")
-    slivit.add_argument("--slices", type=int, default=None, help="slices per volume (default: the flag's depth, or 28)")
+    slivit.add_argument("--slices", type=positive_int, default=None, help="slices per volume (default: the flag's depth, or 28)")
     slivit.add_argument("--sparsing", choices=("eq", "mid"), default="eq", help="evenly spaced or middle slices")
-    slivit.add_argument("--slice_size", type=int, default=256, help="each slice resized to S x S")
+    slivit.add_argument("--slice_size", type=positive_int, default=256, help="each slice resized to S x S")
     slivit.add_argument("--backbone", default=None, help="timm backbone: convnext_tiny (slivit), resnet50 (vitmednet3d)")
     slivit.add_argument("--fe_path", default=None, help="SLIViT: backbone.pth from --setup slivit_backbone")
-    slivit.add_argument("--elastic", type=float, default=0.0, help="vitmednet setup: elastic deformation strength")
+    slivit.add_argument("--elastic", type=non_negative_float, default=0.0, help="vitmednet setup: elastic deformation strength")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="vit3d_tiny_patch4", help="auto (the --finetune encoder's architecture, or "
                        "models.vit.AUTO_ARCHITECTURE with a patch size chosen from the grid), vit3d_*, vit_*, resnet18_3d, resnet50_3d, medvit3d_*, "
                        "slivit, vitmednet3d, timm_vit_base_patch16_224")
-    model.add_argument("--patch_size", type=int, default=None, help="override the model's patch size")
+    model.add_argument("--patch_size", type=positive_int, default=None, help="override the model's patch size")
     model.add_argument("--global_pool", choices=("avg", "token", "concat"), default="avg",
                        help="ViT feature: mean of patch tokens (default), the class token, or both (TANGERINE)")
-    model.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate (recipe default)")
+    model.add_argument("--drop_path", type=non_negative_float, default=None, help="stochastic depth rate (recipe default)")
     model.add_argument("--head_norm", choices=("batch", "none"), default="batch",
                        help="ViTs: batch norm (no affine) before the head, MAE's linear-probe trick; without it a "
                             "small ViT can sit at the class prior for many epochs (README: recipes)")
     model.add_argument("--finetune", default=None, help="MAE checkpoint or encoder.pth to start from")
-    model.add_argument("--mae_loss_weight", type=float, default=0.0,
+    model.add_argument("--mae_loss_weight", type=non_negative_float, default=0.0,
                        help="keep the MAE's masked reconstruction loss while fine-tuning, at this weight against the "
                             "classification loss (SSAT); --finetune must then be the MAE with its decoder (model.pth)")
     model.add_argument("--mae_mask_ratio", type=float, default=None,
@@ -77,16 +85,16 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     optim.add_argument("--recipe", choices=tuple(RECIPES), default=None, help="default: the setup's")
     optim.add_argument("--optimizer", choices=("adamw", "adam"))
     optim.add_argument("--schedule", choices=("cosine", "multistep", "constant"))
-    optim.add_argument("--patience", type=int, default=None, help="early stop after N epochs without a lower val loss")
-    optim.add_argument("--epochs", type=int)
-    optim.add_argument("--batch_size", type=int, help="per rank")
-    optim.add_argument("--blr", type=float, help="lr = blr * effective batch / 256 (cosine recipes)")
-    optim.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    optim.add_argument("--min_lr", type=float, default=1e-6)
-    optim.add_argument("--layer_decay", type=float, help=f"default: {PRETRAINED_LAYER_DECAY} with --finetune, else 1")
-    optim.add_argument("--weight_decay", type=float)
-    optim.add_argument("--warmup_epochs", type=float)
-    optim.add_argument("--smoothing", type=float, help="label smoothing")
+    optim.add_argument("--patience", type=positive_int, default=None, help="early stop after N epochs without a lower val loss")
+    optim.add_argument("--epochs", type=positive_int)
+    optim.add_argument("--batch_size", type=positive_int, help="per rank")
+    optim.add_argument("--blr", type=positive_float, help="lr = blr * effective batch / 256 (cosine recipes)")
+    optim.add_argument("--lr", type=positive_float, help="absolute lr (overrides --blr)")
+    optim.add_argument("--min_lr", type=non_negative_float, default=1e-6)
+    optim.add_argument("--layer_decay", type=share, help=f"default: {PRETRAINED_LAYER_DECAY} with --finetune, else 1")
+    optim.add_argument("--weight_decay", type=non_negative_float)
+    optim.add_argument("--warmup_epochs", type=non_negative_float)
+    optim.add_argument("--smoothing", type=non_negative_float, help="label smoothing")
     optim.add_argument("--class_weights", choices=("none", "balanced"), default="none")
     optim.add_argument("--augment", choices=("auto", *PRESETS), default=None,
                        help="auto: chosen from the training images (masks and label maps: flips; grey levels: "
@@ -96,16 +104,16 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
                        help="ViTs from scratch: auto standardises the input with the training images' mean and std "
                             "(inside the model); with --finetune the encoder's own statistics always apply")
     optim.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="--augment none")
-    optim.add_argument("--clip_grad", type=float, default=None)
+    optim.add_argument("--clip_grad", type=positive_float, default=None)
     optim.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     optim.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed ZeRO-1/2")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--seeds", default="0", help="comma-separated; each seed is a full run, then mean and std")
+    run.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated; each seed is a full run, then mean and std")
     run.add_argument("--output_dir", default="./output_finetune")
     run.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
-    run.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the AUC confidence interval")
-    run.add_argument("--explain", type=int, default=0, metavar="N",
+    run.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap rounds for the AUC confidence interval")
+    run.add_argument("--explain", type=non_negative_int, default=0, metavar="N",
                      help="save explanations (attention rollout / Grad-CAM) of the first N test samples")
     run.add_argument("--device", default="auto")
     return parser

@@ -274,3 +274,33 @@ def test_deepspeed_resume_and_consolidation_refuse_a_crafted_file(tmp_path, phan
     with pytest.raises(CheckpointError, match="refused"):
         consolidated_fp32_weights(folder)
     assert not marker.exists()
+
+
+def _parser(name: str):
+    import main_predict
+    import main_pretrain
+    from datasets import build_cache
+    from finetuning import cli
+    return {"pretrain": main_pretrain.get_args_parser, "finetune": cli.get_args_parser,
+            "predict": main_predict.get_args_parser, "cache": build_cache.get_args_parser}[name]()
+
+
+REQUIRED = {"predict": ["--checkpoint", "c.pth", "--input_csv", "c.csv"], "cache": ["--input", "a", "--output", "b"]}
+
+
+@pytest.mark.parametrize("command,flag,value", [
+    ("finetune", "--train_samples", "0"), ("finetune", "--train_samples", "-5"), ("finetune", "--batch_size", "0"),
+    ("finetune", "--batch_size", "-4"), ("finetune", "--epochs", "0"), ("finetune", "--epochs", "-1"),
+    ("finetune", "--train_fraction", "1.5"), ("finetune", "--lr", "-1e-3"), ("finetune", "--seeds", "0,1,0"),
+    ("finetune", "--layer_decay", "0"), ("pretrain", "--batch_size", "0"), ("pretrain", "--epochs", "0"),
+    ("pretrain", "--accum_iter", "0"), ("pretrain", "--lr", "nan"), ("pretrain", "--max_steps", "-1"),
+    ("pretrain", "--warmup_epochs", "-1"), ("predict", "--batch_size", "0"), ("cache", "--workers", "0"),
+    ("cache", "--shard_size", "0"),
+])
+def test_an_out_of_range_argument_is_refused_when_parsed_in_one_line(command, flag, value, capsys):
+    """A value that would silently mean something else (0 samples: all; -5: all but 5) or crash later."""
+    with pytest.raises(SystemExit) as stop:
+        _parser(command).parse_args([*REQUIRED.get(command, []), flag, value])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in message and "Traceback" not in message
