@@ -34,6 +34,7 @@ from util.train_backend import make_backend
 
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 HOLDOUT_MASK_EPOCH = -1  # the held-out volumes' masks are keyed on this instead of an epoch: the same every time
+MAX_NONFINITE_SHARE = 0.05  # of a run's steps skipped for non-finite values, beyond which it has diverged
 
 
 class NonFiniteLossError(RuntimeError):
@@ -145,6 +146,7 @@ class Pretrainer:
         self.step = 0
         self.bad_steps_in_row = 0
         self.applied_steps = 0  # optimizer steps that changed the weights, over the whole run (resumes included)
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, over the whole run
         self.epoch_failures = 0  # samples of the current epoch that failed to load, over all ranks
         self.max_failures = args.max_bad_samples * len(dataset)
         self.failed_sources: dict[str, str] = {}
@@ -153,6 +155,7 @@ class Pretrainer:
 
     def client_state(self) -> dict:
         return {"epoch": self.step // self.steps_per_epoch, "step": self.step, "applied_steps": self.applied_steps,
+                "nonfinite_steps": self.nonfinite_steps,
                 "args": plain_args(self.args), **self.extra_state}
 
     def save(self, name: str) -> None:
@@ -190,6 +193,7 @@ class Pretrainer:
         state = self.backend.resume(path)
         self.step = int(state["step"])
         self.applied_steps = int(state.get("applied_steps", self.step))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -264,6 +268,7 @@ class Pretrainer:
                 result = self.optimizer_step(micro_batches, epoch, keep_sample)
                 self.step += 1
                 self.applied_steps += result.loss is not None
+                self.nonfinite_steps += self._is_divergence(result)
                 self.epoch_failures += result.failed
                 if self.epoch_failures > self.max_failures:
                     bar.close()
@@ -300,6 +305,7 @@ class Pretrainer:
         bar.close()
         if self.applied_steps == 0:
             self._stop_unreadable(f"none of the {self.step} optimizer steps changed the weights")
+        self._stop_if_diverged()
         if self.probe and self.last_probe_step != self.step:
             self._run_probe(run_log)
         if self.holdout is not None and self.last_holdout_step != self.step:
@@ -387,6 +393,28 @@ class Pretrainer:
             f"{self.bad_steps_in_row} steps in a row had a {result.reason} (--max_bad_steps "
             f"{self.args.max_bad_steps}); stopped at step {self.step} and saved the last good state in {where}. "
             f"Lower the learning rate, use --clip_grad, or --precision bf16/fp32.")
+
+    def _is_divergence(self, result: StepResult) -> bool:
+        """A skipped step that says the weights diverged; fp16 gradient overflows are the loss scaler's normal
+        work, not divergence."""
+        if result.reason == "non-finite gradient":
+            return self.backend.precision != "fp16"
+        return result.reason == "non-finite loss"
+
+    def _stop_if_diverged(self) -> None:
+        """A run that ended on non-finite steps, or skipped more than MAX_NONFINITE_SHARE of its steps, is no
+        success: no model.pth or encoder.pth; checkpoint-last.pth keeps the last good state (skipped steps
+        changed no weight)."""
+        if self.bad_steps_in_row == 0 and self.nonfinite_steps <= MAX_NONFINITE_SHARE * self.step:
+            return
+        self.save("checkpoint-last.pth")
+        barrier()
+        where = self.backend.checkpoint_candidates(self.output_dir)[0]
+        ending = f", the last {self.bad_steps_in_row} in a row" if self.bad_steps_in_row else ""
+        raise NonFiniteLossError(
+            f"the run diverged: {self.nonfinite_steps} of {self.step} steps had a non-finite loss or gradient and "
+            f"were skipped{ending}; no encoder was written. The last good state is in {where}: run again with a "
+            f"lower --lr (or --clip_grad, --precision fp32) in a new --output_dir, or resume it with more --epochs.")
 
     def _stop_unreadable(self, what: str) -> None:
         """Stop without writing model.pth or encoder.pth, naming every source that failed to load."""

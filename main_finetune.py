@@ -81,7 +81,12 @@ def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, augme
              "input_size": list(data.input_size), "args": plain_args(args),
              "preprocess": data.preprocess.to_dict() if data.preprocess is not None else None}
     run_log = RunLog(output_dir, args.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
-    selection = trainer.fit(run_log, output_dir / "best.pth", extra)
+    try:
+        selection = trainer.fit(run_log, output_dir / "best.pth", extra)
+    except FloatingPointError as err:  # diverged: no results, no success; best.pth, if any, predates it
+        run_log.close()
+        raise SystemExit(f"error: seed {seed}: fine-tuning diverged ({err}, e.g. --lr {args.lr / 10:.1e}); "
+                         f"no results were written to {output_dir}") from None
     run_log.close()
     evaluated = [split for split in ("val", "test") if len(data.splits[split][0])]
     scores = {split: trainer.scores(split) for split in evaluated}

@@ -288,6 +288,7 @@ def main(args: argparse.Namespace) -> int:
     if failed:
         say(f"warning: {len(failed)} volume(s) could not be loaded during training and were skipped")
     resume_files = "deepspeed/ (resume)" if args.deepspeed else "checkpoint-last.pth"
+    say(f"{trainer.nonfinite_steps} of {trainer.step} steps skipped for a non-finite loss or gradient")
     say(f"done: {output_dir} holds {resume_files}, model.pth, encoder.pth, log.txt, reconstruction.png, "
         f"tensorboard in {args.log_dir or output_dir / 'tensorboard'}")
     shutdown()

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from datasets.cache import VolumeCache
-from tests.conftest import run_cli
+from tests.conftest import run_cli, shared_path
 from tests.volumes import write_bad_inputs
 from util.checkpoint import CheckpointError, load_checkpoint
 from util.deepspeed_checkpoint import consolidated_fp32_weights
@@ -304,3 +304,24 @@ def test_an_out_of_range_argument_is_refused_when_parsed_in_one_line(command, fl
     assert stop.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"argument {flag}" in message and "Traceback" not in message
+
+
+def test_a_diverged_pretraining_ends_non_zero_without_an_encoder(tmp_path, phantom_dir):
+    """lr 1e3: the first step is applied, the later ones are non-finite and skipped. That is no success."""
+    out = tmp_path / "out"
+    result = pretrain(phantom_dir, out, "--batch_size", "2", "--max_steps", "4", "--lr", "1e3")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "the run diverged" in result.stderr and "lower --lr" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "encoder.pth").exists() and not (out / "model.pth").exists() and "done:" not in result.stdout
+    assert (out / "checkpoint-last.pth").exists()
+    healthy = pretrain(phantom_dir, tmp_path / "healthy", "--batch_size", "2", "--max_steps", "2", check=True)
+    assert "0 of 2 steps skipped for a non-finite loss or gradient" in healthy.stdout
+
+
+def test_a_diverged_fine_tuning_ends_non_zero_in_one_line(tmp_path):
+    out = tmp_path / "ft"
+    result = run_cli(["main_finetune.py", "--data_root", str(shared_path("medmnist")), "--data_flag", "breastmnist",
+                      "--model", "vit_tiny_patch7", "--train_samples", "64", "--batch_size", "16", "--epochs", "2",
+                      "--lr", "1e6", "--recipe", "medmnist", "--bootstrap", "0", "--output_dir", str(out)], check=False)
+    assert result.returncode == 1 and "fine-tuning diverged" in result.stderr, result.stdout[-1500:] + result.stderr
+    assert "Traceback" not in result.stderr and not (out / "results.json").exists()
