@@ -38,7 +38,9 @@ from finetuning.recipes import PRETRAINED_LAYER_DECAY
 from finetuning.reporting import aggregate, headline, write_explanations, write_results, write_split_outputs
 from finetuning.setups import SETUPS, resolve_augment
 from models.load_classifier import CLASSIFIER_KIND
+from util.atomic import make_output_folder
 from util.checkpoint import plain_args
+from util.cli import report_disk_faults
 from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
 from util.metrics import REGRESSION
@@ -69,7 +71,7 @@ def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, augme
     args.seed = seed
     torch.manual_seed(seed)
     np.random.seed(seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(output_dir)
     say = print if dist_info.is_main else (lambda *a, **k: None)
     model = build_model(args, data, say)
     train, used = training_subset(args, seed, data, say)
@@ -163,4 +165,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:], __doc__))
+    report_disk_faults(main, parse_args(sys.argv[1:], __doc__))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
 from models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from util.atomic import atomic_write
-from util.cli import non_negative_int, positive_int
+from util.cli import non_negative_int, positive_int, report_disk_faults
 from util.dist import init_distributed, shutdown
 from util.explain import explain_predictions
 from util.metrics import MULTI_LABEL, scores_from_logits
@@ -234,4 +234,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(report_disk_faults(main, get_args_parser().parse_args()))

@@ -26,8 +26,17 @@ from engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrai
 from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
 from models.patch_embed import REFERENCE_PATCH, auto_patch_size
 from models.vit import AUTO_ARCHITECTURE
+from util.atomic import make_output_folder
 from util.checkpoint import CheckpointError
-from util.cli import grid, int_tuple, non_negative_float, non_negative_int, positive_float, positive_int
+from util.cli import (
+    grid,
+    int_tuple,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    report_disk_faults,
+)
 from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
 from util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
@@ -199,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --max_bad_samples is a share of the epoch, 0..1; got {args.max_bad_samples}")
     dist_info = init_distributed(args.device)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(output_dir)
     preemption = PreemptionWatch(output_dir, dist_info.device)
     if dist_info.is_main:  # a requeued run starts afresh: the stop request it answered is done
         preemption.clear()
@@ -296,4 +305,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args(sys.argv[1:])))
+    sys.exit(report_disk_faults(main, get_args_parser().parse_args(sys.argv[1:])))

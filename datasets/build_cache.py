@@ -38,8 +38,8 @@ from datasets.preprocess import AUTO, PreprocessConfig, add_preprocess_args, pre
 from datasets.preprocess_choice import choose_preprocess, survey_headers
 from datasets.reading import VolumeReadError, read_image
 from datasets.sources import SourceListError, list_sources
-from util.atomic import atomic_write, remove_stale_temporaries
-from util.cli import grid, int_tuple_or_auto, positive_int
+from util.atomic import atomic_write, make_output_folder, remove_stale_temporaries
+from util.cli import grid, int_tuple_or_auto, positive_int, report_disk_faults
 
 PLAN_FILE = "plan.csv"
 PARTS_DIR = ".parts"
@@ -181,7 +181,7 @@ def build_cache(input_path: str | list[str], output: str | os.PathLike, config: 
     """Build (or finish) the cache of a corpus location or of a list of sources; returns the manifest.
     ITK threads per worker default to cores / workers."""
     root = Path(output)
-    (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    make_output_folder(root / PARTS_DIR)
     sources = list(input_path) if isinstance(input_path, list) else list_sources(input_path)
     write_meta(root, config, dtype)
     plan = load_plan(root, sources, shard_size or default_shard_size(len(sources), workers))
@@ -291,4 +291,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_disk_faults(main))

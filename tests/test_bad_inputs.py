@@ -325,3 +325,39 @@ def test_a_diverged_fine_tuning_ends_non_zero_in_one_line(tmp_path):
                       "--lr", "1e6", "--recipe", "medmnist", "--bootstrap", "0", "--output_dir", str(out)], check=False)
     assert result.returncode == 1 and "fine-tuning diverged" in result.stderr, result.stdout[-1500:] + result.stderr
     assert "Traceback" not in result.stderr and not (out / "results.json").exists()
+
+
+# ---- disk faults ------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint(tmp_path):
+    """The save's temporary leads to /dev/full, where every write fails with ENOSPC, as on a full disk."""
+    from util.atomic import DiskWriteError, temporary_for
+    from util.checkpoint import atomic_save
+    path = tmp_path / "checkpoint-last.pth"
+    atomic_save({"step": 1}, path)
+    temporary_for(path).symlink_to("/dev/full")
+    with pytest.raises(DiskWriteError, match=f"cannot write {path}: no space left on the device"):
+        atomic_save({"step": 2, "weights": torch.zeros(100_000)}, path)
+    assert load_checkpoint(path)["step"] == 1 and not temporary_for(path).exists()
+
+
+def test_cleaning_up_a_failed_write_never_hides_its_error(tmp_path):
+    from util.atomic import atomic_write
+
+    def fail(tmp: Path) -> None:
+        tmp.mkdir()  # a temporary that cannot be unlinked
+        raise ValueError("the first error")
+
+    with pytest.raises(ValueError, match="the first error"):
+        atomic_write(tmp_path / "out.json", fail)
+
+
+@pytest.mark.parametrize("command", [["main_pretrain.py", "--max_steps", "1"],
+                                     ["-m", "datasets.build_cache", "--input", "PHANTOMS"]])
+def test_an_output_folder_the_disk_refuses_stops_in_one_line(command, phantom_dir):
+    flag = "--output" if "datasets.build_cache" in command else "--output_dir"
+    command = [str(phantom_dir) if part == "PHANTOMS" else part for part in command]
+    result = run_cli([*command, flag, "/dev/full/run"], check=False)
+    assert result.returncode == 1 and "cannot create the output folder /dev/full/run" in result.stderr
+    assert "Traceback" not in result.stderr

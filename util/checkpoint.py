@@ -18,7 +18,13 @@ from util.atomic import atomic_write
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: _save(obj, tmp))
+
+
+def _save(obj: Any, tmp: Path) -> None:
+    """Through a Python file, so that a full disk raises OSError(ENOSPC) rather than torch's 'unexpected pos'."""
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class CheckpointError(ValueError):

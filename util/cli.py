@@ -1,5 +1,8 @@
-"""Parsers for command-line values shared by the entry points."""
+"""Parsers for command-line values shared by the entry points, and how they end on a disk fault."""
 import argparse
+from collections.abc import Callable
+
+from util.atomic import DiskWriteError
 
 
 def int_tuple(text: str) -> tuple[int, ...]:
@@ -89,3 +92,12 @@ def seed_list(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seeds must differ, got {text!r}")
     return seeds
+
+
+def report_disk_faults(entry: Callable[..., int | None], *args) -> int | None:
+    """Run an entry point; a disk that refuses a write (full, read-only) ends it in one line naming the file and
+    the cause, instead of a traceback from deep inside a save."""
+    try:
+        return entry(*args)
+    except DiskWriteError as err:
+        raise SystemExit(f"error: {err}") from None
