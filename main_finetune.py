@@ -44,6 +44,7 @@ from util.cli import report_disk_faults
 from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
 from util.metrics import REGRESSION
+from util.run_lock import lock_output_folder
 from util.run_log import RunLog, cpu_seconds
 
 
@@ -126,7 +127,9 @@ def load_data(args, output_dir: Path) -> TaskData:
 
 def main(args) -> None:
     dist_info = init_distributed(args.device)
-    output_dir = Path(args.output_dir)
+    output_dir = make_output_folder(args.output_dir)
+    if dist_info.is_main:
+        lock_output_folder(output_dir)
     data = load_data(args, output_dir)
     encoder = pretrained_config(args.finetune)
     args.architecture = {}

@@ -40,6 +40,7 @@ from util.cli import (
 from util.dist import init_distributed, shutdown
 from util.lr_sched import effective_lr
 from util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
+from util.run_lock import lock_output_folder
 from util.run_log import RunLog
 
 AUTO_MAE = "mae_vit_tiny_patch16"  # --model auto: its encoder is then shaped by AUTO_ARCHITECTURE
@@ -209,6 +210,8 @@ def main(args: argparse.Namespace) -> int:
     dist_info = init_distributed(args.device)
     output_dir = Path(args.output_dir)
     make_output_folder(output_dir)
+    if dist_info.is_main:
+        lock_output_folder(output_dir)
     preemption = PreemptionWatch(output_dir, dist_info.device)
     if dist_info.is_main:  # a requeued run starts afresh: the stop request it answered is done
         preemption.clear()

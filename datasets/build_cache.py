@@ -40,6 +40,7 @@ from datasets.reading import VolumeReadError, read_image
 from datasets.sources import SourceListError, list_sources
 from util.atomic import atomic_write, make_output_folder, remove_stale_temporaries
 from util.cli import grid, int_tuple_or_auto, positive_int, report_disk_faults
+from util.run_lock import output_folder_lock
 
 PLAN_FILE = "plan.csv"
 PARTS_DIR = ".parts"
@@ -179,9 +180,15 @@ def build_cache(input_path: str | list[str], output: str | os.PathLike, config: 
                 dtype: str = DEFAULT_STORAGE_DTYPE, shard_size: int | None = None, progress: bool = True,
                 itk_threads: int | None = None) -> pd.DataFrame:
     """Build (or finish) the cache of a corpus location or of a list of sources; returns the manifest.
-    ITK threads per worker default to cores / workers."""
+    ITK threads per worker default to cores / workers. One build at a time per cache folder (util.run_lock)."""
     root = Path(output)
     make_output_folder(root / PARTS_DIR)
+    with output_folder_lock(root):
+        return _build_locked(input_path, root, config, workers, dtype, shard_size, progress, itk_threads)
+
+
+def _build_locked(input_path: str | list[str], root: Path, config: PreprocessConfig, workers: int, dtype: str,
+                  shard_size: int | None, progress: bool, itk_threads: int | None) -> pd.DataFrame:
     sources = list(input_path) if isinstance(input_path, list) else list_sources(input_path)
     write_meta(root, config, dtype)
     plan = load_plan(root, sources, shard_size or default_shard_size(len(sources), workers))

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datasets.build_cache import build_cache
-from datasets.cache import VolumeCache
+from datasets.build_cache import build_cache, same_output
+from datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, VolumeCache, read_meta
 from datasets.preprocess import PreprocessConfig
 from datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
 from datasets.reading import VolumeReadError
@@ -74,9 +74,25 @@ def choose_for(sources: list[str], options: VolumeTaskOptions) -> PreprocessChoi
     return choose_preprocess(survey, options.base, options.input_size)
 
 
+def finished_cache(sources: list[str], cache_dir: Path, config: PreprocessConfig) -> dict[str, dict] | None:
+    """The manifest rows of a cache of these settings that already has a row for every source, else None."""
+    if not (cache_dir / MANIFEST_FILE).exists() or not (cache_dir / META_FILE).exists():
+        return None
+    meta = read_meta(cache_dir)
+    if meta["dtype"] != DEFAULT_STORAGE_DTYPE or not same_output(PreprocessConfig.from_dict(meta["preprocess"]), config):
+        return None
+    manifest = pd.read_csv(cache_dir / MANIFEST_FILE, keep_default_na=False)
+    rows = {row["source"]: row for row in manifest.to_dict("records")}
+    return rows if all(source in rows for source in sources) else None
+
+
 def cache_volumes(sources: list[str], cache_dir: Path, config: PreprocessConfig, workers: int) -> dict[str, dict]:
     """Cache every distinct source (an existing cache of the same settings is reused and completed);
-    source -> its manifest row."""
+    source -> its manifest row. A cache that already holds every source is only read, so runs side by side
+    share it without waiting for its build lock."""
+    complete = finished_cache(sources, cache_dir, config)
+    if complete is not None:
+        return complete
     try:
         manifest = build_cache(list(dict.fromkeys(sources)), cache_dir, config, workers=workers)
     except SystemExit as err:  # a cache of other settings in that folder

@@ -361,3 +361,50 @@ def test_an_output_folder_the_disk_refuses_stops_in_one_line(command, phantom_di
     result = run_cli([*command, flag, "/dev/full/run"], check=False)
     assert result.returncode == 1 and "cannot create the output folder /dev/full/run" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- one run per output folder ---------------------------------------------------------------------------
+
+
+def test_a_second_pretraining_in_a_live_folder_is_refused_and_a_dead_one_s_lock_is_taken_over(tmp_path, phantom_dir):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from util.run_lock import LOCK_FILE
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "main_pretrain.py", "--data_path", str(phantom_dir), *TINY,
+                              "--epochs", "1000", "--output_dir", str(out)], cwd=Path(__file__).parents[1],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not ((out / "log.txt").exists() and (out / "log.txt").stat().st_size > 0):
+            assert first.poll() is None and time.time() < deadline, "the first run never logged a step"
+            time.sleep(0.2)
+        second = pretrain(phantom_dir, out, "--seed", "1", "--max_steps", "1")
+        assert second.returncode == 1 and f"is in use by pid {first.pid}" in second.stderr, second.stderr[-1500:]
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == first.pid  # what a killed run leaves
+    third = pretrain(phantom_dir, out, "--max_steps", "2", check=True)
+    assert f"taking over {out / LOCK_FILE} from pid {first.pid}" in third.stdout
+    assert (out / LOCK_FILE).read_text() == ""  # a run that ended leaves nothing to take over
+
+
+@pytest.mark.parametrize("command", ["finetune", "cache"])
+def test_a_run_on_a_folder_another_run_holds_is_refused_in_one_line(command, tmp_path, phantom_dir):
+    from util.run_lock import output_folder_lock
+    out = tmp_path / "held"
+    out.mkdir()
+    args = ["-m", "datasets.build_cache", "--input", str(phantom_dir), "--output", str(out)] if command == "cache" \
+        else ["main_finetune.py", "--data_root", str(shared_path("medmnist")), "--data_flag", "breastmnist",
+              "--epochs", "1", "--output_dir", str(out)]
+    with output_folder_lock(out):
+        result = run_cli(args, check=False)
+    assert result.returncode == 1 and f"{out} is in use by pid {os.getpid()}" in result.stderr
+    assert "Traceback" not in result.stderr
