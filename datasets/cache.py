@@ -11,6 +11,9 @@ Reading never opens HDF5 files before a DataLoader forks: files open lazily, onc
 """
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -67,6 +70,10 @@ def read_meta(root: Path) -> dict:
     return meta
 
 
+class CacheReadError(OSError):
+    """One cached volume that cannot be read: the shard, the key, the source file and the reason."""
+
+
 class VolumeCache:
     """`VolumeCache(DIR)`: len(c), c[i] -> float32 (C, D, H, W) in [0, 1], c.manifest (ok rows, index order)."""
 
@@ -103,13 +110,26 @@ class VolumeCache:
 
     def read_stored(self, i: int, box: tuple[slice, ...] | None = None) -> np.ndarray:
         """Volume i as stored (e.g. uint16), or the (D, H, W) `box` of it (only the chunks it touches are read)."""
-        dataset = self._dataset(i)
-        return dataset[(slice(None), *box)] if box is not None else dataset[()]
+        with self._reading(i):
+            dataset = self._dataset(i)
+            return dataset[(slice(None), *box)] if box is not None else dataset[()]
 
     def read_into(self, i: int, out: np.ndarray, box: tuple[slice, ...] | None = None) -> None:
         """Decompress volume i (or its box) straight into `out`, a C-contiguous array of the stored dtype."""
-        dataset = self._dataset(i)
-        dataset.read_direct(out, np.s_[(slice(None), *box)] if box is not None else None)
+        with self._reading(i):
+            dataset = self._dataset(i)
+            dataset.read_direct(out, np.s_[(slice(None), *box)] if box is not None else None)
+
+    @contextmanager
+    def _reading(self, i: int) -> Iterator[None]:
+        """A damaged, truncated or missing shard, or a missing key, as a CacheReadError naming the volume."""
+        try:
+            yield
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            shard, key = self._locations[i]
+            self._files.pop(shard, None)
+            reason = re.sub(r"\s+", " ", str(err).strip()) or type(err).__name__
+            raise CacheReadError(f"{self.root / shard}, volume {key} (from {self._sources[i]}): {reason}") from None
 
     @property
     def stored_dtype(self) -> np.dtype:

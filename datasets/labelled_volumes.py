@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from datasets.build_cache import build_cache, same_output
-from datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, VolumeCache, read_meta
+from datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheReadError, VolumeCache, read_meta
 from datasets.preprocess import PreprocessConfig
 from datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
 from datasets.reading import VolumeReadError
@@ -115,7 +115,7 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
     rows = cache_volumes(usable, cache_dir, choice.config, options.workers)
     cache = VolumeCache(cache_dir)
     position = {source: i for i, source in enumerate(cache.manifest["source"])}
-    keep, excluded = [], []
+    keep, excluded, loaded = [], [], []
     for i, path in enumerate(table["path"]):
         row = rows.get(path)
         if not path:
@@ -123,8 +123,12 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
         elif row is None or row["status"] != "ok" or path not in position:
             reason = (row or {}).get("reason") or "not cached"
         else:
-            keep.append(i)
-            continue
+            try:
+                loaded.append(cache.read_stored(position[path]))
+                keep.append(i)
+                continue
+            except CacheReadError as err:  # a damaged cache costs this row, named, not the run
+                reason = f"cached copy unreadable: {err}"
         excluded.append({"row": i + CSV_FIRST_ROW, "path": path, "reason": reason})
     if excluded:
         print(f"warning: {len(excluded)} of {len(table)} rows of {csv} left out (their volumes cannot be read):")
@@ -132,7 +136,7 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
             print(f"  line {item['row']} ({item['path']}): {item['reason']}")
     if not keep:
         raise TaskDataError(f"{csv}: none of the {len(table)} rows has a readable volume")
-    volumes = np.stack([cache.read_stored(position[table["path"].iloc[i]]) for i in keep])
+    volumes = np.stack(loaded)
     kept = table.iloc[keep].reset_index(drop=True)
     targets = targets[keep]
     groups = kept[options.group].astype(str).to_numpy() if options.group in kept.columns else \

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from datasets.augment import crop_box, draw_params, sample_rng
-from datasets.cache import VolumeCache
+from datasets.cache import CacheReadError, VolumeCache
 from datasets.preprocess import PreprocessConfig, load_volume
 from datasets.reading import VolumeReadError
 
@@ -78,18 +78,30 @@ class CacheDataset(_EpochSeeded):
 
     def __getitem__(self, index: int) -> dict:
         rng = self.rng(index)
-        return self.item(index, self.cache.source(index), self.cache.read_stored(index, self._box(rng)), rng=rng)
+        try:
+            volume = self.cache.read_stored(index, self._box(rng))
+        except CacheReadError as err:  # one bad sample, counted against --max_bad_samples like a bad file
+            return self.item(index, self.cache.source(index), error=str(err))
+        return self.item(index, self.cache.source(index), volume, rng=rng)
 
     def __getitems__(self, indices: list[int]) -> dict:
         """A whole batch, already collated: each volume is decompressed straight into one batch
-        tensor, in shared memory inside a loader worker, so nothing is copied after reading."""
+        tensor, in shared memory inside a loader worker, so nothing is copied after reading. A volume
+        the cache cannot read is left out of the batch and listed in `failed`, like a bad file."""
         volumes = _batch_tensor((len(indices), 1, *self.input_size), self.cache.stored_dtype)
-        items = []
+        items, rows, failed = [], [], []
         for row, index in enumerate(indices):
             rng = self.rng(index)
-            self.cache.read_into(index, volumes[row].numpy(), self._box(rng))
+            try:
+                self.cache.read_into(index, volumes[row].numpy(), self._box(rng))
+            except CacheReadError as err:
+                failed.append((self.cache.source(index), str(err)))
+                continue
+            rows.append(row)
             items.append({"index": index, **draw_params(rng)})
-        return {"volume": volumes, **_stack_params(items), "failed": []}
+        if failed:
+            volumes = volumes[rows] if rows else None
+        return {"volume": volumes, **_stack_params(items), "failed": failed}
 
 
 class ArrayPretrainDataset(_EpochSeeded):

@@ -408,3 +408,25 @@ def test_a_run_on_a_folder_another_run_holds_is_refused_in_one_line(command, tmp
         result = run_cli(args, check=False)
     assert result.returncode == 1 and f"{out} is in use by pid {os.getpid()}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- a damaged cache --------------------------------------------------------------------------------------
+
+
+def test_a_damaged_cache_costs_its_volumes_named_not_the_run(tmp_path, phantom_dir):
+    """Eight phantoms in four shards: one shard deleted, one truncated. Each of their volumes is one bad sample,
+    named with its shard, key and source, and counted against --max_bad_samples."""
+    cache = tmp_path / "cache"
+    run_cli(["-m", "datasets.build_cache", "--input", str(phantom_dir), "--output", str(cache), "--size", "28",
+             "--shard_size", "2", "--workers", "1"])
+    shards = sorted(cache.glob("shard-*.h5"))
+    assert len(shards) == 4
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:2000])
+    tolerated = pretrain(cache, tmp_path / "tolerated", "--batch_size", "2", "--epochs", "1", "--max_bad_samples",
+                         "0.5", check=True)
+    assert "4 volume(s) could not be loaded" in tolerated.stdout
+    assert shards[0].name in tolerated.stdout + tolerated.stderr and shards[1].name in tolerated.stdout + tolerated.stderr
+    stopped = pretrain(cache, tmp_path / "stopped", "--batch_size", "2", "--epochs", "1", "--max_bad_samples", "0.1")
+    assert stopped.returncode == 1 and "could not be loaded" in stopped.stderr and shards[0].name in stopped.stderr
+    assert "Traceback" not in stopped.stderr and not (tmp_path / "stopped" / "encoder.pth").exists()
