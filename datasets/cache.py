@@ -74,6 +74,45 @@ class CacheReadError(OSError):
     """One cached volume that cannot be read: the shard, the key, the source file and the reason."""
 
 
+class CacheError(ValueError):
+    """A cache that cannot be trusted as a whole; the message says why, in one line."""
+
+
+def _checked_meta(root: Path) -> tuple[dict, PreprocessConfig]:
+    """cache.json, refused in one line when it cannot describe a cache."""
+    path = root / META_FILE
+    try:
+        meta = read_meta(root)
+        config = PreprocessConfig.from_dict(meta["preprocess"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CacheError(f"{path} is malformed: {err}") from None
+    if meta.get("dtype") not in STORAGE_DTYPES:
+        raise CacheError(f"{path}: dtype {meta.get('dtype')!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    return meta, config
+
+
+def dataset_problem(group: h5py.Group, key: str, dtype: np.dtype, shape: tuple[int, ...]) -> str | None:
+    """Why the volume `key` of a shard's group is not a plain dataset of this file with the cache's dtype and
+    shape (external storage, links, virtual datasets and odd dtypes would read other files or other values)."""
+    link = group.get(key, getlink=True)
+    if link is None:
+        return "missing from its shard"
+    if not isinstance(link, h5py.HardLink):
+        return f"a {type(link).__name__}, not a dataset stored in the shard"
+    dataset = group[key]
+    if not isinstance(dataset, h5py.Dataset):
+        return "not a dataset"
+    if dataset.is_virtual:
+        return "a virtual dataset (its data live elsewhere)"
+    if dataset.external:
+        return "stored in external files"
+    if dataset.dtype != dtype:
+        return f"stored as {dataset.dtype}, cache.json says {dtype}"
+    if dataset.shape != shape:
+        return f"shape {dataset.shape}, cache.json says {shape}"
+    return None
+
+
 class VolumeCache:
     """`VolumeCache(DIR)`: len(c), c[i] -> float32 (C, D, H, W) in [0, 1], c.manifest (ok rows, index order)."""
 
@@ -82,14 +121,43 @@ class VolumeCache:
         if not is_cache(self.root):
             raise FileNotFoundError(f"{self.root}: not a VolMAE cache (no {META_FILE}); "
                                     f"build one with `python -m datasets.build_cache`")
-        self.meta = read_meta(self.root)
-        self.preprocess = PreprocessConfig.from_dict(self.meta["preprocess"])
+        self.meta, self.preprocess = _checked_meta(self.root)
         table = pd.read_csv(self.root / MANIFEST_FILE, keep_default_na=False)
-        self.manifest = table[table["status"] == "ok"].sort_values("index").reset_index(drop=True)
+        ok = table[table["status"] == "ok"].sort_values("index").reset_index(drop=True)
+        self.unreadable = self._verify(ok)
+        self.manifest = ok[~ok["source"].isin(self.unreadable)].reset_index(drop=True)
         self._locations = list(zip(self.manifest["shard"], self.manifest["key"]))
         self._sources = list(self.manifest["source"])
         self._files: dict[str, h5py.File] = {}
         self._pid = None
+
+    def _verify(self, manifest: pd.DataFrame) -> dict[str, str]:
+        """Open every shard once and check each volume's link, storage, dtype and shape against cache.json:
+        source -> why it is left out. A shard whose every volume disagrees in the same way (dtype or shape)
+        means cache.json is wrong, and the whole cache is refused."""
+        dtype, shape = np.dtype(self.meta["dtype"]), self.shape
+        unreadable: dict[str, str] = {}
+        for shard, rows in manifest.groupby("shard", sort=True):
+            try:
+                with h5py.File(self.root / shard, "r") as handle:
+                    group = handle.get("volumes", getclass=False)
+                    problems = {source: dataset_problem(group, key, dtype, shape) if group is not None
+                                else "the shard has no 'volumes' group" for source, key in zip(rows["source"], rows["key"])}
+            except OSError as err:
+                reason = re.sub(r"\s+", " ", str(err).strip())
+                problems = dict.fromkeys(rows["source"], f"{self.root / shard} cannot be opened: {reason}")
+            problems = {source: why for source, why in problems.items() if why}
+            mismatch = {why for why in problems.values() if "cache.json says" in why}
+            if len(problems) == len(rows) and len(mismatch) == 1:
+                raise CacheError(f"{self.root / META_FILE} disagrees with {self.root / shard}: every volume is "
+                                 f"{mismatch.pop()}")
+            unreadable.update({source: why if why.startswith(str(self.root)) else f"{self.root / shard}: {why}"
+                               for source, why in problems.items()})
+        if unreadable:
+            print(f"warning: {len(unreadable)} volume(s) of the cache {self.root} left out:")
+            for source, why in sorted(unreadable.items()):
+                print(f"  {source}: {why}")
+        return unreadable
 
     def __len__(self) -> int:
         return len(self.manifest)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from datasets.build_cache import build_cache, same_output
-from datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheReadError, VolumeCache, read_meta
+from datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
 from datasets.preprocess import PreprocessConfig
 from datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
 from datasets.reading import VolumeReadError
@@ -113,7 +113,10 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
     choice = choose_for(usable, options)
     print(f"preprocessing: {choice.reason}")
     rows = cache_volumes(usable, cache_dir, choice.config, options.workers)
-    cache = VolumeCache(cache_dir)
+    try:
+        cache = VolumeCache(cache_dir)
+    except CacheError as err:
+        raise TaskDataError(str(err)) from None
     position = {source: i for i, source in enumerate(cache.manifest["source"])}
     keep, excluded, loaded = [], [], []
     for i, path in enumerate(table["path"]):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from datasets.cache import VolumeCache, is_cache
+from datasets.cache import CacheError, VolumeCache, is_cache
 from datasets.data_profile import DataProfile, profile_images
 from datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
 from datasets.phantoms import write_phantom_corpus
@@ -50,7 +50,10 @@ def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], con
                            augment: bool, seed: int, is_main: bool) -> tuple[Dataset, PreprocessConfig]:
     """A CacheDataset when `data_path` is a cache (its own preprocessing then applies), else volume files."""
     if is_cache(data_path):
-        cache = VolumeCache(data_path)
+        try:
+            cache = VolumeCache(data_path)
+        except CacheError as err:
+            raise SystemExit(f"error: {err}") from None
         if len(cache) == 0:
             raise SystemExit(f"error: the cache {data_path} holds no volumes")
         try:

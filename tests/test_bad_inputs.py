@@ -413,20 +413,97 @@ def test_a_run_on_a_folder_another_run_holds_is_refused_in_one_line(command, tmp
 # ---- a damaged cache --------------------------------------------------------------------------------------
 
 
-def test_a_damaged_cache_costs_its_volumes_named_not_the_run(tmp_path, phantom_dir):
-    """Eight phantoms in four shards: one shard deleted, one truncated. Each of their volumes is one bad sample,
-    named with its shard, key and source, and counted against --max_bad_samples."""
-    cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def four_shard_cache(tmp_path_factory, phantom_dir) -> Path:
+    cache = tmp_path_factory.mktemp("four_shards") / "cache"
     run_cli(["-m", "datasets.build_cache", "--input", str(phantom_dir), "--output", str(cache), "--size", "28",
              "--shard_size", "2", "--workers", "1"])
+    return cache
+
+
+def damaged_cache(tmp_path: Path, four_shard_cache: Path) -> tuple[Path, list[Path]]:
+    """A fresh copy of eight phantoms in four shards, to damage."""
+    cache = tmp_path / "cache"
+    shutil.copytree(four_shard_cache, cache)
     shards = sorted(cache.glob("shard-*.h5"))
     assert len(shards) == 4
+    return cache, shards
+
+
+def test_a_missing_or_truncated_shard_is_found_when_the_cache_opens(tmp_path, four_shard_cache):
+    cache, shards = damaged_cache(tmp_path, four_shard_cache)
     shards[0].unlink()
     shards[1].write_bytes(shards[1].read_bytes()[:2000])
+    result = pretrain(cache, tmp_path / "run", "--batch_size", "2", "--epochs", "1", check=True)
+    assert "4 volume(s) of the cache" in result.stdout and "left out" in result.stdout
+    assert f"{shards[0].name} cannot be opened" in result.stdout and f"{shards[1].name} cannot be opened" in result.stdout
+    assert "data: 4 volumes" in result.stdout
+
+
+def test_a_damaged_chunk_is_one_bad_sample_named_and_counted(tmp_path, four_shard_cache):
+    """Bit-rot inside a compressed chunk passes the opening check and fails at decompression: that volume is
+    one bad sample, named with its shard, key and source, counted against --max_bad_samples."""
+    import h5py
+    cache, shards = damaged_cache(tmp_path, four_shard_cache)
+    with h5py.File(shards[2], "r") as handle:
+        key = sorted(handle["volumes"])[0]
+        chunk = handle["volumes"][key].id.get_chunk_info(0)
+    data = bytearray(shards[2].read_bytes())
+    data[chunk.byte_offset:chunk.byte_offset + chunk.size] = np.random.default_rng(0).bytes(chunk.size)
+    shards[2].write_bytes(bytes(data))
     tolerated = pretrain(cache, tmp_path / "tolerated", "--batch_size", "2", "--epochs", "1", "--max_bad_samples",
-                         "0.5", check=True)
-    assert "4 volume(s) could not be loaded" in tolerated.stdout
-    assert shards[0].name in tolerated.stdout + tolerated.stderr and shards[1].name in tolerated.stdout + tolerated.stderr
+                         "0.2", check=True)
+    assert "1 volume(s) could not be loaded" in tolerated.stdout
+    assert f"{shards[2].name}, volume {key}" in tolerated.stdout + tolerated.stderr
     stopped = pretrain(cache, tmp_path / "stopped", "--batch_size", "2", "--epochs", "1", "--max_bad_samples", "0.1")
-    assert stopped.returncode == 1 and "could not be loaded" in stopped.stderr and shards[0].name in stopped.stderr
+    assert stopped.returncode == 1 and "could not be loaded" in stopped.stderr and shards[2].name in stopped.stderr
     assert "Traceback" not in stopped.stderr and not (tmp_path / "stopped" / "encoder.pth").exists()
+
+
+@pytest.mark.parametrize("crafted", ["external storage", "external link", "soft link", "virtual dataset",
+                                     "object dtype", "wrong shape"])
+def test_a_crafted_cache_volume_that_reads_outside_its_shard_is_left_out(tmp_path, four_shard_cache, crafted):
+    import h5py
+    cache, shards = damaged_cache(tmp_path, four_shard_cache)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"\x07" * (2 * 28 ** 3))
+    with h5py.File(shards[3], "a") as handle:
+        group = handle["volumes"]
+        key = sorted(group)[0]
+        del group[key]
+        if crafted == "external storage":
+            group.create_dataset(key, shape=(1, 28, 28, 28), dtype="uint16", external=[(str(outside), 0, 2 * 28 ** 3)])
+        elif crafted == "external link":
+            group[key] = h5py.ExternalLink(str(shards[2]), f"volumes/{sorted(h5py.File(shards[2])['volumes'])[0]}")
+        elif crafted == "soft link":
+            group[key] = h5py.SoftLink(f"/volumes/{sorted(group)[0]}")
+        elif crafted == "virtual dataset":
+            layout = h5py.VirtualLayout(shape=(1, 28, 28, 28), dtype="uint16")
+            layout[...] = h5py.VirtualSource(str(shards[2]), f"volumes/{sorted(h5py.File(shards[2])['volumes'])[0]}",
+                                             shape=(1, 28, 28, 28))
+            group.create_virtual_dataset(key, layout)
+        elif crafted == "object dtype":
+            group.create_dataset(key, data=np.array(["x"], dtype=object), dtype=h5py.string_dtype())
+        else:
+            group.create_dataset(key, data=np.zeros((1, 20, 28, 28), np.uint16))
+    cache_object = VolumeCache(cache)
+    assert len(cache_object) == 7 and len(cache_object.unreadable) == 1
+    assert shards[3].name in next(iter(cache_object.unreadable.values()))
+
+
+@pytest.mark.parametrize("field,value,message", [("dtype", "uint8", "stored as uint16, cache.json says uint8"),
+                                                 ("size", [20, 28, 28], "cache.json says (1, 20, 28, 28)"),
+                                                 ("size", [-1, 28, 28], "is malformed: size must be three positive")])
+def test_a_cache_json_that_disagrees_with_its_shards_is_refused_in_one_line(tmp_path, four_shard_cache, field, value,
+                                                                             message):
+    import json
+    cache, _ = damaged_cache(tmp_path, four_shard_cache)
+    meta = json.loads((cache / "cache.json").read_text())
+    if field == "dtype":
+        meta["dtype"] = value
+    else:
+        meta["preprocess"]["size"] = value
+    (cache / "cache.json").write_text(json.dumps(meta))
+    result = pretrain(cache, tmp_path / "run", "--max_steps", "1")
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
