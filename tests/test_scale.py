@@ -225,3 +225,38 @@ def test_the_sbatch_script_checkpoints_requeues_and_resumes_on_real_slurm(corpus
         assert f"at step {stopped_at}" in text and "finished with status 0" in text
         assert_same_losses(losses(out), uninterrupted)
         assert (out / "encoder.pth").exists()
+
+
+def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
+    """{local rank: pid} of torchrun's workers, from their environment."""
+    pids = {}
+    for child in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(b"LOCAL_RANK="):
+                pids[int(entry.split(b"=")[1])] = int(child)
+    return pids
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_a_rank_killed_under_torchrun_ends_the_job_or_is_restarted_from_the_checkpoint(corpus, tmp_path, restarts):
+    """kill -9 of rank 1 mid-run: the other rank never hangs in a collective. Without restarts the job ends
+    non-zero, naming the rank; with --max_restarts 1 the restarted workers resume from checkpoint-last.pth."""
+    out = tmp_path / "run"
+    command = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29690 + restarts}",
+               f"--max_restarts={restarts}", *pretrain_command(corpus, out, "--epochs", "6", "--batch_size", "1",
+                                                               "--save_every_steps", "2")]
+    process = start(command)
+    wait_for_step(out, 3, process)
+    os.kill(worker_pids(process)[1], signal.SIGKILL)
+    killed = time.time()
+    output, _ = process.communicate(timeout=600)
+    if restarts == 0:
+        assert process.returncode != 0 and time.time() - killed < 120
+        assert "local_rank: 1" in output and "SIGKILL" in output
+    else:
+        assert process.returncode == 0, output[-3000:]
+        assert "resumed from" in output and (out / "encoder.pth").exists()

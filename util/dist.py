@@ -57,7 +57,16 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     device = resolve_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+            # torchrun's store outlives the workers it restarts (--max_restarts): under a fresh prefix, the new
+            # group never reads the dead group's addresses, which left gloo connecting to them forever
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False)
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"volmae-restart-{restart}", store),
+                                    rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, device)
 
 
