@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.augment import crop_box
-from datasets.cache import VolumeCache, encode, is_cache
+from datasets.cache import CacheError, CacheReadError, VolumeCache, encode, is_cache
 from datasets.medmnist_data import to_channels_first
 from datasets.preprocess import PreprocessConfig, load_volume
 from datasets.reading import VolumeReadError
@@ -159,11 +159,14 @@ def _load_case(text: str, base: Path, spec: InputSpec) -> np.ndarray:
     if not path.exists():
         raise CaseError(f"no such file or folder: {path}")
     if path.is_dir() and is_cache(path):
-        cache = _open_cache(str(path))
-        matches = cache.manifest.index[cache.manifest["key"] == key]
-        if not len(matches):
-            raise CaseError(f"no volume {key!r} in the cache {path}")
-        return _fit_grid(cache.read(int(matches[0])), spec.input_size)
+        try:  # the same checks as training: a crafted or damaged cache costs its rows, named
+            cache = _open_cache(str(path))
+            matches = cache.manifest.index[cache.manifest["key"] == key]
+            if not len(matches):
+                raise CaseError(f"no volume {key!r} in the cache {path} (or it was left out as unreadable)")
+            return _fit_grid(cache.read(int(matches[0])), spec.input_size)
+        except (CacheError, CacheReadError) as err:
+            raise CaseError(str(err)) from None
     if path.suffix.lower() in ARRAY_SUFFIXES:
         return _raw_array(path, key, spec)
     if spec.slice_stack:

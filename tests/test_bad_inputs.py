@@ -7,12 +7,18 @@ is read. Pretraining: exit 1 with the unreadable files named, and no encoder, wh
 could be loaded. Resume: an unreadable checkpoint is named, `--resume auto` falls back to the newest
 readable one, a crafted one is refused in one line.
 """
+import json
 import os
 import pickle
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -23,8 +29,10 @@ import torch
 from datasets.cache import VolumeCache
 from tests.conftest import run_cli, shared_path
 from tests.volumes import write_bad_inputs
-from util.checkpoint import CheckpointError, load_checkpoint
+from util.atomic import DiskWriteError, atomic_write, temporary_for
+from util.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from util.deepspeed_checkpoint import consolidated_fp32_weights
+from util.run_lock import LOCK_FILE, output_folder_lock
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "28", "--patch_size", "14", "--decoder_embed_dim", "64",
         "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--log_every", "1",
@@ -332,8 +340,6 @@ def test_a_diverged_fine_tuning_ends_non_zero_in_one_line(tmp_path):
 
 def test_a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint(tmp_path):
     """The save's temporary leads to /dev/full, where every write fails with ENOSPC, as on a full disk."""
-    from util.atomic import DiskWriteError, temporary_for
-    from util.checkpoint import atomic_save
     path = tmp_path / "checkpoint-last.pth"
     atomic_save({"step": 1}, path)
     temporary_for(path).symlink_to("/dev/full")
@@ -343,7 +349,6 @@ def test_a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint(tm
 
 
 def test_cleaning_up_a_failed_write_never_hides_its_error(tmp_path):
-    from util.atomic import atomic_write
 
     def fail(tmp: Path) -> None:
         tmp.mkdir()  # a temporary that cannot be unlinked
@@ -367,13 +372,7 @@ def test_an_output_folder_the_disk_refuses_stops_in_one_line(command, phantom_di
 
 
 def test_a_second_pretraining_in_a_live_folder_is_refused_and_a_dead_one_s_lock_is_taken_over(tmp_path, phantom_dir):
-    import json
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from util.run_lock import LOCK_FILE
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "main_pretrain.py", "--data_path", str(phantom_dir), *TINY,
                               "--epochs", "1000", "--output_dir", str(out)], cwd=Path(__file__).parents[1],
@@ -398,7 +397,6 @@ def test_a_second_pretraining_in_a_live_folder_is_refused_and_a_dead_one_s_lock_
 
 @pytest.mark.parametrize("command", ["finetune", "cache"])
 def test_a_run_on_a_folder_another_run_holds_is_refused_in_one_line(command, tmp_path, phantom_dir):
-    from util.run_lock import output_folder_lock
     out = tmp_path / "held"
     out.mkdir()
     args = ["-m", "datasets.build_cache", "--input", str(phantom_dir), "--output", str(out)] if command == "cache" \
@@ -443,7 +441,6 @@ def test_a_missing_or_truncated_shard_is_found_when_the_cache_opens(tmp_path, fo
 def test_a_damaged_chunk_is_one_bad_sample_named_and_counted(tmp_path, four_shard_cache):
     """Bit-rot inside a compressed chunk passes the opening check and fails at decompression: that volume is
     one bad sample, named with its shard, key and source, counted against --max_bad_samples."""
-    import h5py
     cache, shards = damaged_cache(tmp_path, four_shard_cache)
     with h5py.File(shards[2], "r") as handle:
         key = sorted(handle["volumes"])[0]
@@ -463,7 +460,6 @@ def test_a_damaged_chunk_is_one_bad_sample_named_and_counted(tmp_path, four_shar
 @pytest.mark.parametrize("crafted", ["external storage", "external link", "soft link", "virtual dataset",
                                      "object dtype", "wrong shape"])
 def test_a_crafted_cache_volume_that_reads_outside_its_shard_is_left_out(tmp_path, four_shard_cache, crafted):
-    import h5py
     cache, shards = damaged_cache(tmp_path, four_shard_cache)
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"\x07" * (2 * 28 ** 3))
@@ -496,7 +492,6 @@ def test_a_crafted_cache_volume_that_reads_outside_its_shard_is_left_out(tmp_pat
                                                  ("size", [-1, 28, 28], "is malformed: size must be three positive")])
 def test_a_cache_json_that_disagrees_with_its_shards_is_refused_in_one_line(tmp_path, four_shard_cache, field, value,
                                                                              message):
-    import json
     cache, _ = damaged_cache(tmp_path, four_shard_cache)
     meta = json.loads((cache / "cache.json").read_text())
     if field == "dtype":
@@ -506,4 +501,28 @@ def test_a_cache_json_that_disagrees_with_its_shards_is_refused_in_one_line(tmp_
     (cache / "cache.json").write_text(json.dumps(meta))
     result = pretrain(cache, tmp_path / "run", "--max_steps", "1")
     assert result.returncode == 1 and message in result.stderr, result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+
+
+def test_prediction_from_cache_rows_gets_the_same_checks(tmp_path, four_shard_cache, finetuned):
+    """A crafted volume (an external link) costs its row; a cache.json that disagrees with its shards costs
+    every row of that cache, each with the reason, and the run still writes one row per input."""
+    cache, shards = damaged_cache(tmp_path, four_shard_cache)
+    keys = pd.read_csv(cache / "manifest.csv")["key"].tolist()
+    with h5py.File(shards[3], "a") as handle:
+        crafted = sorted(handle["volumes"])[0]
+        del handle["volumes"][crafted]
+        handle["volumes"][crafted] = h5py.ExternalLink(str(shards[2]), f"volumes/{keys[4]}")
+    rows = pd.DataFrame({"path": [f"{cache}::{key}" for key in keys[:2] + [crafted]]})
+    rows.to_csv(tmp_path / "cases.csv", index=False)
+    run_cli(["main_predict.py", "--checkpoint", str(finetuned[0]), "--input_csv", str(tmp_path / "cases.csv"),
+             "--output_csv", str(tmp_path / "pred.csv")])
+    out = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    assert out["status"].tolist() == ["ok", "ok", "error"] and "no volume" in out["error"][2]
+    meta = json.loads((cache / "cache.json").read_text())
+    (cache / "cache.json").write_text(json.dumps({**meta, "dtype": "uint8"}))
+    result = run_cli(["main_predict.py", "--checkpoint", str(finetuned[0]), "--input_csv",
+                      str(tmp_path / "cases.csv"), "--output_csv", str(tmp_path / "pred2.csv")], check=False)
+    out = pd.read_csv(tmp_path / "pred2.csv", keep_default_na=False)
+    assert len(out) == 3 and (out["status"] == "error").all() and "cache.json says uint8" in out["error"][0]
     assert "Traceback" not in result.stderr
