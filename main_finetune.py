@@ -38,7 +38,7 @@ from finetuning.recipes import PRETRAINED_LAYER_DECAY
 from finetuning.reporting import aggregate, headline, write_explanations, write_results, write_split_outputs
 from finetuning.setups import SETUPS, resolve_augment
 from models.load_classifier import CLASSIFIER_KIND
-from util.atomic import make_output_folder
+from util.atomic import make_output_folder, remove_stale_temporaries
 from util.checkpoint import plain_args
 from util.cli import report_disk_faults
 from util.dist import init_distributed, shutdown
@@ -73,6 +73,7 @@ def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, augme
     torch.manual_seed(seed)
     np.random.seed(seed)
     make_output_folder(output_dir)
+    remove_stale_temporaries(output_dir)  # a killed run's half-written best.pth; this run holds the folder
     say = print if dist_info.is_main else (lambda *a, **k: None)
     model = build_model(args, data, say)
     train, used = training_subset(args, seed, data, say)

@@ -526,3 +526,58 @@ def test_prediction_from_cache_rows_gets_the_same_checks(tmp_path, four_shard_ca
     out = pd.read_csv(tmp_path / "pred2.csv", keep_default_na=False)
     assert len(out) == 3 and (out["status"] == "error").all() and "cache.json says uint8" in out["error"][0]
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_during_a_checkpoint_save_lets_the_save_finish(tmp_path, phantom_dir):
+    """A base-size MAE takes a second or more to save: SIGTERM sent while the temporary is being written waits
+    for the save, then the run stops as preempted with a loadable checkpoint and no temporary left."""
+    from util.preemption import EXIT_PREEMPTED
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "main_pretrain.py", "--data_path", str(phantom_dir),
+                                "--model", "mae_vit_base_patch16", "--input_size", "28", "--patch_size", "14",
+                                "--decoder_depth", "1", "--batch_size", "2", "--epochs", "50", "--num_workers", "0",
+                                "--vis_every", "0", "--output_dir", str(out)], cwd=Path(__file__).parents[1],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(out.glob(".tmp-*")):
+        assert process.poll() is None and time.time() < deadline, "no checkpoint save was seen"
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == EXIT_PREEMPTED
+    assert load_checkpoint(out / "checkpoint-last.pth")["step"] >= 4 and not list(out.glob(".tmp-*"))
+
+
+def test_a_2000_row_prediction_with_a_few_bad_rows_keeps_every_row(tmp_path, finetuned):
+    """2,000 AdrenalMNIST3D-shaped arrays plus a missing file, a wrong shape and a NaN volume: one output row
+    per input row, in order, the bad ones with their reasons (README: its time and peak memory)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(2000):
+        np.save(tmp_path / f"case{i}.npy", rng.integers(0, 256, (28, 28, 28), dtype=np.uint8))
+        rows.append(f"case{i}.npy")
+    np.save(tmp_path / "flat.npy", np.zeros((28, 28), np.uint8))
+    np.save(tmp_path / "nan.npy", np.full((28, 28, 28), np.nan, np.float32))
+    rows[500:500] = ["missing.npy"]
+    rows[1200:1200] = ["flat.npy"]
+    rows.append("nan.npy")
+    pd.DataFrame({"path": rows}).to_csv(tmp_path / "cases.csv", index=False)
+    run_cli(["main_predict.py", "--checkpoint", str(finetuned[0]), "--input_csv", str(tmp_path / "cases.csv"),
+             "--output_csv", str(tmp_path / "pred.csv"), "--batch_size", "64"])
+    out = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    assert out["path"].tolist() == rows
+    errors = out.index[out["status"] == "error"].tolist()
+    assert errors == [500, 1200, 2002] and (out["status"] != "error").sum() == 2000
+
+
+def test_a_volume_of_huge_float32_values_is_cached_finite(tmp_path):
+    """1e30 overflows any float16 or intermediate sum: windowing must clip it before anything else."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    volume = float_volume()
+    volume[::2] = 1e30
+    write_sitk(volume, corpus / "huge.nii.gz")
+    run_cli(["-m", "datasets.build_cache", "--input", str(corpus), "--output", str(tmp_path / "cache"), "--size", "16",
+             "--workers", "1"])
+    cache = VolumeCache(tmp_path / "cache")
+    assert len(cache) == 1 and np.isfinite(cache[0]).all() and 0 <= cache[0].min() and cache[0].max() <= 1
