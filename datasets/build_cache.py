@@ -85,13 +85,18 @@ def same_output(a: PreprocessConfig, b: PreprocessConfig) -> bool:
     return {**a.to_dict(), "max_voxels": 0} == {**b.to_dict(), "max_voxels": 0}
 
 
+def built_with(meta: dict, config: PreprocessConfig, dtype: str) -> bool:
+    """Whether a cache.json describes a cache of these settings."""
+    return meta["dtype"] == dtype and same_output(PreprocessConfig.from_dict(meta["preprocess"]), config)
+
+
 def write_meta(root: Path, config: PreprocessConfig, dtype: str) -> None:
     """Create cache.json, or check that an existing cache was built with the same settings."""
     meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "dtype": dtype, "preprocess": config.to_dict()}
     path = root / META_FILE
     if path.exists():
         existing = read_meta(root)
-        if existing["dtype"] != dtype or not same_output(PreprocessConfig.from_dict(existing["preprocess"]), config):
+        if not built_with(existing, config, dtype):
             raise SystemExit(f"error: {root} holds a cache built with other settings "
                              f"({json.dumps(existing['preprocess'])}, dtype {existing['dtype']}); "
                              f"use another --output")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datasets.build_cache import build_cache, same_output
+from datasets.build_cache import build_cache, built_with
 from datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
 from datasets.preprocess import PreprocessConfig
 from datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
@@ -78,8 +78,7 @@ def finished_cache(sources: list[str], cache_dir: Path, config: PreprocessConfig
     """The manifest rows of a cache of these settings that already has a row for every source, else None."""
     if not (cache_dir / MANIFEST_FILE).exists() or not (cache_dir / META_FILE).exists():
         return None
-    meta = read_meta(cache_dir)
-    if meta["dtype"] != DEFAULT_STORAGE_DTYPE or not same_output(PreprocessConfig.from_dict(meta["preprocess"]), config):
+    if not built_with(read_meta(cache_dir), config, DEFAULT_STORAGE_DTYPE):
         return None
     manifest = pd.read_csv(cache_dir / MANIFEST_FILE, keep_default_na=False)
     rows = {row["source"]: row for row in manifest.to_dict("records")}

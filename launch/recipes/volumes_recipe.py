@@ -33,7 +33,7 @@ from datasets.labelled_volumes import VolumeTaskOptions, choose_for, fraction_of
 from datasets.preprocess import PreprocessConfig
 from datasets.sources import SourceListError, list_sources
 from datasets.task_data import TaskDataError, infer_task
-from util.cli import int_tuple_or_auto
+from util.cli import int_tuple_or_auto, positive_int
 from util.metrics import one_feature_auc
 from util.plotting import label_efficiency_figure
 
@@ -77,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="fine-tuning epochs at fraction 1 (a fraction F trains epochs / sqrt(F))")
     study.add_argument("--probe_every", type=int, default=None, help="pretraining epochs between kNN/linear probes "
                        "and held-out reconstruction losses (default: a fifth of the pretraining)")
-    study.add_argument("--jobs", type=int, default=1,
+    study.add_argument("--jobs", type=positive_int, default=1,
                        help="pretrainings and fine-tunings run this many at a time, each with cores / JOBS threads "
                             "(small models use many cores poorly: on 2 cores, --jobs 2 is faster)")
     study.add_argument("--workers", type=int, default=2, help="processes that decode volumes into the caches")
