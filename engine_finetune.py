@@ -19,15 +19,15 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from datasets.stored import to_unit_float
-from datasets.transforms import NO_AUGMENT, AugmentConfig, augment_batch
-from util.checkpoint import atomic_save
-from util.dist import DistInfo, all_reduce_sum
-from util.lr_sched import lr_at_step, multistep_lr, set_lr
-from util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
-from util.run_log import RunLog
-from util.sampler import ShardSampler
-from util.train_backend import make_backend
+from volmae.datasets.stored import to_unit_float
+from volmae.datasets.transforms import NO_AUGMENT, AugmentConfig, augment_batch
+from volmae.util.checkpoint import atomic_save
+from volmae.util.dist import DistInfo, all_reduce_sum
+from volmae.util.lr_sched import lr_at_step, multistep_lr, set_lr
+from volmae.util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
+from volmae.util.run_log import RunLog
+from volmae.util.sampler import ShardSampler
+from volmae.util.train_backend import make_backend
 
 
 def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Optimizer:
@@ -164,11 +164,13 @@ class Finetuner:
 
     def fit(self, run_log: RunLog, best_path: Path, checkpoint_extra: dict) -> dict:
         """Train; keep (in memory and in best_path) the weights of the best validation AUC (R2 for
-        regression) among the epochs that left the class prior (all epochs when none did);
+        regression) among the epochs that left the class prior (all epochs when none did), the lower
+        validation loss breaking ties: on an easy task the AUC reaches 1 epochs before the
+        predictions are confident, and the first such epoch classifies worse than a later one;
         with --patience, stop once the validation loss has not improved for that many epochs."""
         val_labels = self.splits["val"].labels
         metric = "val_r2" if self.task == REGRESSION else "val_auc"
-        best = {"key": (False, -math.inf), "score": -math.inf, "epoch": -1, "state": None}
+        best = {"key": (False, -math.inf, -math.inf), "score": -math.inf, "epoch": -1, "state": None}
         best_loss, stale, prior_epochs = math.inf, 0, 0
         for epoch in range(self.args.epochs):
             start = time.perf_counter()
@@ -180,7 +182,7 @@ class Finetuner:
             score = selection_score(val_labels.numpy(), val_scores, self.task)
             at_prior = stays_at_prior(val_scores, self.task)
             prior_epochs += at_prior
-            key = (not at_prior, score)
+            key = (not at_prior, score, -val_loss)
             improved = best["state"] is None or key > best["key"]  # an undefined (NaN) score keeps the first
             if improved:
                 best = {"key": key, "score": score, "epoch": epoch,

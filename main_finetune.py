@@ -21,31 +21,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.data_profile import profile_images
-from datasets.labelled_volumes import fraction_of_patients
-from datasets.medmnist_data import ArrayDataset, MedMNISTNotFound, subset_indices
-from datasets.task_data import TaskData
-from engine_finetune import Finetuner
-from finetuning.cli import parse_args
-from finetuning.model_choice import (
+from volmae.datasets.data_profile import profile_images
+from volmae.datasets.labelled_volumes import fraction_of_patients
+from volmae.datasets.medmnist_data import ArrayDataset, MedMNISTNotFound, subset_indices
+from volmae.datasets.task_data import TaskData
+from volmae.engine_finetune import Finetuner
+from volmae.finetuning.cli import parse_args
+from volmae.finetuning.model_choice import (
     auto_architecture,
     build_model,
     input_normalization,
     pretrained_config,
     with_reconstruction,
 )
-from finetuning.recipes import PRETRAINED_LAYER_DECAY
-from finetuning.reporting import aggregate, headline, write_explanations, write_results, write_split_outputs
-from finetuning.setups import SETUPS, resolve_augment
-from models.load_classifier import CLASSIFIER_KIND
-from util.atomic import make_output_folder, remove_stale_temporaries
-from util.checkpoint import plain_args
-from util.cli import report_disk_faults
-from util.dist import init_distributed, shutdown
-from util.lr_sched import effective_lr
-from util.metrics import REGRESSION
-from util.run_lock import lock_output_folder
-from util.run_log import RunLog, cpu_seconds
+from volmae.finetuning.recipes import PRETRAINED_LAYER_DECAY
+from volmae.finetuning.reporting import aggregate, headline, write_explanations, write_results, write_split_outputs
+from volmae.finetuning.setups import SETUPS, resolve_augment
+from volmae.models.load_classifier import CLASSIFIER_KIND
+from volmae.util.atomic import make_output_folder, remove_stale_temporaries
+from volmae.util.checkpoint import plain_args
+from volmae.util.cli import report_disk_faults
+from volmae.util.dist import init_distributed, shutdown
+from volmae.util.lr_sched import effective_lr
+from volmae.util.metrics import REGRESSION
+from volmae.util.run_lock import lock_output_folder
+from volmae.util.run_log import RunLog, cpu_seconds
 
 
 def training_subset(args, seed: int, data: TaskData, say) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
@@ -168,5 +168,10 @@ def main(args) -> None:
     shutdown()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `volmae-finetune` command: the same as `python main_finetune.py`."""
     report_disk_faults(main, parse_args(sys.argv[1:], __doc__))
+
+
+if __name__ == "__main__":
+    cli()

@@ -24,40 +24,48 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
-from models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
-from util.atomic import atomic_write
-from util.cli import non_negative_int, positive_int, report_disk_faults
-from util.dist import init_distributed, shutdown
-from util.explain import explain_predictions
-from util.metrics import MULTI_LABEL, scores_from_logits
-from util.sampler import ShardSampler
-from util.train_backend import AUTOCAST_DTYPES, resolve_precision
+from volmae.datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
+from volmae.models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
+from volmae.util.atomic import atomic_write
+from volmae.util.cli import HelpFormatter, non_negative_int, positive_int, report_disk_faults
+from volmae.util.dist import init_distributed, shutdown
+from volmae.util.explain import explain_predictions
+from volmae.util.metrics import MULTI_LABEL, scores_from_logits
+from volmae.util.sampler import ShardSampler
+from volmae.util.train_backend import AUTOCAST_DTYPES, resolve_precision
 
 EMBEDDING_TYPES = ("mean", "cls", "concat")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="best.pth of main_finetune.py (or an MAE checkpoint "
-                                                            "for --embeddings only)")
-    parser.add_argument("--input_csv", required=True)
-    parser.add_argument("--output_csv", default=None, help="predictions (required with a classifier)")
-    parser.add_argument("--path_col", default="path")
-    parser.add_argument("--id_col", default="id")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--embeddings", default=None, help="also write encoder features: OUT.npy (rows in input "
-                        "order, NaN for error rows) or OUT.h5 (one dataset per ok row, keyed by id)")
-    parser.add_argument("--embedding_type", choices=EMBEDDING_TYPES, default="mean",
-                        help="ViTs: mean of patch tokens, class token, or both; CNNs: their pooled features")
-    parser.add_argument("--explain", default=None, metavar="DIR",
-                        help="also explain every row's prediction (attention rollout for ViTs, Grad-CAM otherwise): "
-                             "DIR/<id or rowN>.npy/.nii.gz/_overlay.png/_montage.png; the overlay's path goes in "
-                             "the output's `explanation` column")
-    parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--num_workers", type=non_negative_int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    inputs = parser.add_argument_group("input")
+    inputs.add_argument("--checkpoint", required=True, help="best.pth of main_finetune.py (or an MAE checkpoint "
+                                                            "or encoder.pth, for --embeddings only)")
+    inputs.add_argument("--input_csv", required=True,
+                        help="one case per row: a volume file, DICOM folder, npy, or CACHE::KEY, relative to the CSV")
+    inputs.add_argument("--path_col", default="path", help="the column naming each case's volume")
+    inputs.add_argument("--id_col", default="id", help="the column identifying each case, when the CSV has it (else the row number)")
+
+    outputs = parser.add_argument_group("output")
+    outputs.add_argument("--output_csv", default=None,
+                         help="predictions, one row per input row, with a status and reason (required with a classifier)")
+    outputs.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    outputs.add_argument("--embeddings", default=None, help="also write encoder features: OUT.npy (rows in input "
+                         "order, NaN for error rows) or OUT.h5 (one dataset per ok row, keyed by id)")
+    outputs.add_argument("--embedding_type", choices=EMBEDDING_TYPES, default="mean",
+                         help="ViTs: mean of patch tokens, class token, or both; CNNs: their pooled features")
+    outputs.add_argument("--explain", default=None, metavar="DIR",
+                         help="also explain every row's prediction (attention rollout for ViTs, Grad-CAM otherwise): "
+                              "DIR/<id or rowN>.npy/.nii.gz/_overlay.png/_montage.png; the overlay's path goes in "
+                              "the output's `explanation` column")
+
+    device = parser.add_argument_group("device")
+    device.add_argument("--batch_size", type=positive_int, default=8, help="cases per forward pass")
+    device.add_argument("--num_workers", type=non_negative_int, default=0, help="processes reading volumes (0: in the main one)")
+    device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    device.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
     return parser
 
 
@@ -233,5 +241,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `volmae-predict` command: the same as `python main_predict.py`."""
     sys.exit(report_disk_faults(main, get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

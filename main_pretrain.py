@@ -13,22 +13,23 @@ from pathlib import Path
 import torch
 from medmnist.info import DEFAULT_ROOT
 
-import models
-from datasets.preprocess import add_preprocess_args, preprocess_config_from_args
-from datasets.pretrain_data import (
+from volmae import models
+from volmae.datasets.preprocess import add_preprocess_args, preprocess_config_from_args
+from volmae.datasets.pretrain_data import (
     build_pretrain_dataset,
     hold_out,
     medmnist_pretrain_dataset,
     phantom_corpus,
 )
-from datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
-from engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer, UnreadableDataError
-from models.mae3d import MASK_TYPES, MAX_MASK_RATIO
-from models.patch_embed import REFERENCE_PATCH, auto_patch_size
-from models.vit import AUTO_ARCHITECTURE
-from util.atomic import make_output_folder
-from util.checkpoint import CheckpointError
-from util.cli import (
+from volmae.datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
+from volmae.engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer, UnreadableDataError
+from volmae.models.mae3d import MASK_TYPES, MAX_MASK_RATIO
+from volmae.models.patch_embed import REFERENCE_PATCH, auto_patch_size
+from volmae.models.vit import AUTO_ARCHITECTURE
+from volmae.util.atomic import make_output_folder
+from volmae.util.checkpoint import CheckpointError
+from volmae.util.cli import (
+    HelpFormatter,
     grid,
     int_tuple,
     non_negative_float,
@@ -37,22 +38,22 @@ from util.cli import (
     positive_int,
     report_disk_faults,
 )
-from util.dist import init_distributed, shutdown
-from util.lr_sched import effective_lr
-from util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
-from util.run_lock import lock_output_folder
-from util.run_log import RunLog
+from volmae.util.dist import init_distributed, shutdown
+from volmae.util.lr_sched import effective_lr
+from volmae.util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
+from volmae.util.run_lock import lock_output_folder
+from volmae.util.run_log import RunLog
 
 AUTO_MAE = "mae_vit_tiny_patch16"  # --model auto: its encoder is then shaped by AUTO_ARCHITECTURE
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="mae_vit_large_patch16", choices=("auto", *models.list_models("mae_")),
                        help="auto: the small hybrid ViT of models.vit.AUTO_ARCHITECTURE (convolutional stem, 4 blocks "
-                            "of 96) with --patch_size auto, the MedMNIST recipe's (default: %(default)s)")
-    model.add_argument("--input_size", type=int_tuple, default=(256,), help="N or D,H,W voxels (default 256)")
+                            "of 96) with --patch_size auto, the MedMNIST recipe's")
+    model.add_argument("--input_size", type=int_tuple, default=(256,), help="N or D,H,W voxels the model sees")
     model.add_argument("--patch_size", type=patch_size_arg, default=None,
                        help="N or D,H,W voxels, or auto (chosen from the grid: models.patch_embed.auto_patch_size); "
                             "default: 16, or auto with --model auto")
@@ -69,42 +70,37 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="add this times an InfoNCE term between two masked views of each volume, on the mean "
                             "visible token (default 0: MAE alone)")
     model.add_argument("--contrast_temperature", type=positive_float, default=None, help="InfoNCE temperature (default 0.2)")
-    model.add_argument("--decoder_embed_dim", type=positive_int, default=None, help="default: the model's (see README)")
-    model.add_argument("--decoder_depth", type=positive_int, default=None)
-    model.add_argument("--decoder_num_heads", type=positive_int, default=None)
+    model.add_argument("--decoder_embed_dim", type=positive_int, default=None, help="default: the model's (docs/performance.md)")
+    model.add_argument("--decoder_depth", type=positive_int, default=None, help="decoder blocks (default: the model's)")
+    model.add_argument("--decoder_num_heads", type=positive_int, default=None, help="decoder heads (default: the model's)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=positive_int, default=4, help="volumes per rank per micro-batch")
     optim.add_argument("--accum_iter", type=positive_int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--epochs", type=positive_int, default=400)
+    optim.add_argument("--epochs", type=positive_int, default=400, help="passes over the corpus")
     optim.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps "
                        "(the schedule then spans them)")
     optim.add_argument("--blr", type=positive_float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
     optim.add_argument("--lr", type=positive_float, default=None, help="absolute lr (overrides --blr)")
-    optim.add_argument("--min_lr", type=non_negative_float, default=0.0)
-    optim.add_argument("--warmup_epochs", type=non_negative_float, default=40)
-    optim.add_argument("--weight_decay", type=non_negative_float, default=0.05)
+    optim.add_argument("--min_lr", type=non_negative_float, default=0.0, help="lr at the end of the cosine schedule")
+    optim.add_argument("--warmup_epochs", type=non_negative_float, default=40, help="linear warmup from 0 to --lr")
+    optim.add_argument("--weight_decay", type=non_negative_float, default=0.05, help="AdamW weight decay")
     optim.add_argument("--clip_grad", type=positive_float, default=None, help="max gradient norm (default: no clipping)")
-    optim.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                       help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     optim.add_argument("--max_bad_steps", type=non_negative_int, default=20,
                        help="stop after this many skipped (non-finite) steps in a row")
     optim.add_argument("--max_bad_samples", type=float, default=0.1,
                        help="stop, naming them, once more than this share of an epoch's samples failed to load "
                             "(rather than train on a silently shrunken corpus); 1 never stops")
-    optim.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
-                       help="train with DeepSpeed ZeRO (launch/deepspeed/*.json); batch size, accumulation and "
-                            "clipping still come from the flags above")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", default=None,
-                      help="a VolMAE cache (python -m datasets.build_cache), or a folder of volumes, .txt of "
+                      help="a VolMAE cache (python -m volmae.datasets.build_cache), or a folder of volumes, .txt of "
                            "paths or .csv with a 'path' column read on the fly; default: synthetic CT "
                            "phantoms written to OUTPUT_DIR/phantoms")
     data.add_argument("--normalize", choices=("auto", "none"), default="auto",
                       help="auto: with --data_flag, standardise inputs with the training images' mean and std "
                            "(inside the model, recorded in its config); volumes keep their windowed [0, 1], "
-                           "which pretrained better on LIDC CT than standardised inputs (README)")
+                           "which pretrained better on LIDC CT than standardised inputs (docs/results.md)")
     data.add_argument("--no_augment", action="store_true",
                       help="no random crop (when --input_size is smaller than a cache's grid), "
                            "left-right flip or intensity jitter")
@@ -115,7 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--train_samples", type=positive_int, default=None,
                       help="with --data_flag: pretrain on a random subset of N training images (smoke runs)")
     data.add_argument("--data_root", default=DEFAULT_ROOT, help="medmnist root folder, with --data_flag")
-    data.add_argument("--num_workers", type=non_negative_int, default=4)
+    data.add_argument("--num_workers", type=non_negative_int, default=4, help="data-loading processes per rank")
     data.add_argument("--val_fraction", type=float, default=0.0,
                       help="hold this share of the volumes out of training and report their reconstruction loss "
                            "(fixed masks) as val_loss every --val_every epochs; 0: none (default)")
@@ -132,19 +128,29 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "preprocessed as the pretraining volumes")
     probe.add_argument("--probe_every", type=positive_int, default=10, help="epochs between probes")
 
-    run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", default="./output_pretrain")
-    run.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
-    run.add_argument("--resume", default="auto",
-                     help="auto: OUTPUT_DIR/checkpoint-last.pth when present; a path; or 'none'")
-    run.add_argument("--save_every", type=positive_int, default=1, help="epochs between checkpoint-last.pth writes")
-    run.add_argument("--save_every_steps", type=non_negative_int, default=0,
-                     help="also checkpoint every N optimizer steps (0: off); bounds the work a crash loses")
-    run.add_argument("--keep_every", type=non_negative_int, default=20, help="epochs between kept checkpoint-{epoch}.pth (0: never)")
-    run.add_argument("--log_every", type=positive_int, default=10, help="optimizer steps between log lines")
-    run.add_argument("--vis_every", type=non_negative_int, default=200, help="steps between reconstruction images (0: only at the end)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    output = parser.add_argument_group("output and checkpoints")
+    output.add_argument("--output_dir", default="./output_pretrain",
+                        help="checkpoints, encoder.pth, log.txt and reconstruction images; one run at a time")
+    output.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
+    output.add_argument("--resume", default="auto",
+                        help="auto: OUTPUT_DIR/checkpoint-last.pth when present; a path; or 'none'")
+    output.add_argument("--save_every", type=positive_int, default=1, help="epochs between checkpoint-last.pth writes")
+    output.add_argument("--save_every_steps", type=non_negative_int, default=0,
+                        help="also checkpoint every N optimizer steps (0: off); bounds the work a crash loses")
+    output.add_argument("--keep_every", type=non_negative_int, default=20,
+                        help="epochs between kept checkpoint-{epoch}.pth (0: never)")
+    output.add_argument("--log_every", type=positive_int, default=10, help="optimizer steps between log lines")
+    output.add_argument("--vis_every", type=non_negative_int, default=200,
+                        help="steps between reconstruction images (0: only at the end)")
+    output.add_argument("--seed", type=int, default=0, help="model initialisation, masks and augmentation")
+
+    device = parser.add_argument_group("device and distributed (ranks come from torchrun or SLURM)")
+    device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    device.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+    device.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
+                        help="train with DeepSpeed ZeRO (launch/deepspeed/*.json); batch size, accumulation and "
+                             "clipping still come from the optimisation flags")
     return parser
 
 
@@ -307,5 +313,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `volmae-pretrain` command: the same as `python main_pretrain.py`."""
     sys.exit(report_disk_faults(main, get_args_parser().parse_args(sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    cli()

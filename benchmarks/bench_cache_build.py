@@ -14,9 +14,9 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from datasets.build_cache import build_cache
-from datasets.preprocess import PreprocessConfig
+from volmae.benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from volmae.datasets.build_cache import build_cache
+from volmae.datasets.preprocess import PreprocessConfig
 
 
 def main() -> None:

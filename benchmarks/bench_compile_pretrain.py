@@ -13,11 +13,11 @@ import time
 
 import torch
 
-import models
-from engine_pretrain import build_optimizer
-from models.patch_embed import auto_patch_size
-from models.vit import AUTO_ARCHITECTURE
-from util.cli import grid, int_tuple
+from volmae import models
+from volmae.engine_pretrain import build_optimizer
+from volmae.models.patch_embed import auto_patch_size
+from volmae.models.vit import AUTO_ARCHITECTURE
+from volmae.util.cli import grid, int_tuple
 
 DECODER = {"decoder_embed_dim": 96, "decoder_depth": 2, "decoder_num_heads": 3}
 

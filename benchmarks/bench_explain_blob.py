@@ -12,9 +12,9 @@ import json
 
 import torch
 
-import models
-from datasets.blobs import blob_volumes
-from util.explain_check import blob_explanation_ratio
+from volmae import models
+from volmae.datasets.blobs import blob_volumes
+from volmae.util.explain_check import blob_explanation_ratio
 
 
 def evaluate(name: str, size: int = 24, train_count: int = 320, test_count: int = 64, epochs: int = 8,

@@ -17,14 +17,14 @@ import time
 import numpy as np
 import torch
 
-import models
-from datasets.medmnist_data import ArrayDataset
-from datasets.transforms import NO_AUGMENT
-from engine_finetune import Finetuner
-from finetuning.cli import parse_args
-from models.patch_embed import auto_patch_size
-from models.vit import AUTO_ARCHITECTURE
-from util.dist import init_distributed
+from volmae import models
+from volmae.datasets.medmnist_data import ArrayDataset
+from volmae.datasets.transforms import NO_AUGMENT
+from volmae.engine_finetune import Finetuner
+from volmae.finetuning.cli import parse_args
+from volmae.models.patch_embed import auto_patch_size
+from volmae.models.vit import AUTO_ARCHITECTURE
+from volmae.util.dist import init_distributed
 
 TASK = "binary-class"
 

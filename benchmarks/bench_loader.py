@@ -19,12 +19,12 @@ from pathlib import Path
 import h5py
 from torch.utils.data import DataLoader
 
-from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from datasets.build_cache import build_cache
-from datasets.cache import VolumeCache
-from datasets.preprocess import PreprocessConfig
-from datasets.sources import list_sources
-from datasets.volume_dataset import CacheDataset, VolumeFileDataset, collate_volumes, single_threaded_worker
+from volmae.benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from volmae.datasets.build_cache import build_cache
+from volmae.datasets.cache import VolumeCache
+from volmae.datasets.preprocess import PreprocessConfig
+from volmae.datasets.sources import list_sources
+from volmae.datasets.volume_dataset import CacheDataset, VolumeFileDataset, collate_volumes, single_threaded_worker
 
 
 def make_loader(dataset, workers: int, batch_size: int) -> DataLoader:

@@ -47,10 +47,10 @@ def vm_hwm_mb() -> float:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    import models
-    from engine_pretrain import build_optimizer
-    from util.dist import init_distributed, shutdown
-    from util.train_backend import make_backend
+    from volmae import models
+    from volmae.engine_pretrain import build_optimizer
+    from volmae.util.dist import init_distributed, shutdown
+    from volmae.util.train_backend import make_backend
 
     dist_info = init_distributed("auto")
     baseline = rss_mb()

@@ -16,9 +16,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import models
-from models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
-from util.cli import grid, int_tuple
+from volmae import models
+from volmae.models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
+from volmae.util.cli import grid, int_tuple
 
 H100_BF16_DENSE_TFLOPS = 989.0
 

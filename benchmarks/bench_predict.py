@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import models
-from benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from datasets.preprocess import PreprocessConfig
-from datasets.sources import list_sources
-from util.checkpoint import atomic_save
+from volmae import models
+from volmae.benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from volmae.datasets.preprocess import PreprocessConfig
+from volmae.datasets.sources import list_sources
+from volmae.util.checkpoint import atomic_save
 
 REPO = Path(__file__).resolve().parents[1]
 

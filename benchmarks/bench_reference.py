@@ -37,8 +37,6 @@ def reference_model(reference_dir: Path, args: argparse.Namespace):
     import torch.nn as nn
 
     sys.path.insert(0, str(reference_dir))  # its modules import `patch_three_d` and `util.pos_embed` by name
-    for name in [m for m in sys.modules if m == "util" or m.startswith("util.")]:
-        del sys.modules[name]
     import models_mae
 
     embed_dim, depth, heads = ENCODERS[args.model]
@@ -70,12 +68,12 @@ def our_step(args: argparse.Namespace, decoder: dict):
     import numpy as np
     import torch
 
-    import models
-    from datasets.volume_dataset import ArrayPretrainDataset, collate_volumes
-    from engine_pretrain import Pretrainer
-    from main_pretrain import get_args_parser
-    from util.dist import init_distributed
-    from util.preemption import PreemptionWatch
+    from volmae import models
+    from volmae.datasets.volume_dataset import ArrayPretrainDataset, collate_volumes
+    from volmae.engine_pretrain import Pretrainer
+    from volmae.main_pretrain import get_args_parser
+    from volmae.util.dist import init_distributed
+    from volmae.util.preemption import PreemptionWatch
 
     torch.manual_seed(0)
     output_dir = tempfile.mkdtemp(prefix="bench_reference_")
@@ -119,7 +117,7 @@ def timed(step, args: argparse.Namespace) -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    from models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
+    from volmae.models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
 
     if args.config == "reference":
         speed = time_reference(args)
@@ -155,7 +153,7 @@ def main() -> None:
                         help="instead: profile our step with the reference decoder at --mask_ratio (default 0.9)")
     args = parser.parse_args()
     if args.profile:
-        from models.mae3d import REFERENCE_DECODER
+        from volmae.models.mae3d import REFERENCE_DECODER
 
         args.mask_ratio = args.mask_ratio or 0.9
         print(json.dumps({"profile": "pretraining_step", "model": args.model, "input_size": args.input_size,

@@ -1,6 +1,6 @@
 """Build the sharded HDF5 cache from a raw corpus, in parallel, resumably.
 
-    python -m datasets.build_cache --input /data/ct --output /cache/ct256 --size 256 --workers 8
+    python -m volmae.datasets.build_cache --input /data/ct --output /cache/ct256 --size 256 --workers 8
 
 Sources are split into shards once, in a plan kept in the output folder; each shard is built by
 one worker into a temporary file that is renamed when complete, and its manifest rows are written
@@ -24,7 +24,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from datasets.cache import (
+from volmae.datasets.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
     DEFAULT_STORAGE_DTYPE,
@@ -34,13 +34,13 @@ from datasets.cache import (
     read_meta,
     write_volume,
 )
-from datasets.preprocess import AUTO, PreprocessConfig, add_preprocess_args, preprocess_config_from_args, preprocess_image
-from datasets.preprocess_choice import choose_preprocess, survey_headers
-from datasets.reading import VolumeReadError, read_image
-from datasets.sources import SourceListError, list_sources
-from util.atomic import atomic_write, make_output_folder, remove_stale_temporaries
-from util.cli import grid, int_tuple_or_auto, positive_int, report_disk_faults
-from util.run_lock import output_folder_lock
+from volmae.datasets.preprocess import AUTO, PreprocessConfig, add_preprocess_args, preprocess_config_from_args, preprocess_image
+from volmae.datasets.preprocess_choice import choose_preprocess, survey_headers
+from volmae.datasets.reading import VolumeReadError, read_image
+from volmae.datasets.sources import SourceListError, list_sources
+from volmae.util.atomic import atomic_write, make_output_folder, remove_stale_temporaries
+from volmae.util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, report_disk_faults
+from volmae.util.run_lock import output_folder_lock
 
 PLAN_FILE = "plan.csv"
 PARTS_DIR = ".parts"
@@ -260,18 +260,20 @@ def summarise(manifest: pd.DataFrame, output: Path, seconds: float) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m datasets.build_cache", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="folder (searched recursively), .txt of paths, or .csv with a 'path' column")
-    parser.add_argument("--output", required=True, help="cache folder (created; re-run to resume)")
-    parser.add_argument("--size", type=int_tuple_or_auto, default=(256,),
-                        help="N or D,H,W voxels (default 256); auto (with --resample auto): chosen from the headers")
-    parser.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
-                        help="stored dtype (default uint16: 0.015 HU max error, half of float32's size)")
-    parser.add_argument("--itk_threads", type=positive_int, default=None, help="SimpleITK threads per worker (default: cores / workers)")
-    parser.add_argument("--shard_size", type=positive_int, default=None,
-                        help="volumes per shard (default: enough shards to keep every worker busy, at most 64)")
+    parser = argparse.ArgumentParser(prog="volmae-cache", description=__doc__, formatter_class=HelpFormatter)
+    files = parser.add_argument_group("input and output")
+    files.add_argument("--input", required=True, help="folder (searched recursively), .txt of paths, or .csv with a 'path' column")
+    files.add_argument("--output", required=True, help="cache folder (created; re-run to resume)")
+    files.add_argument("--size", type=int_tuple_or_auto, default=(256,),
+                       help="N or D,H,W voxels of the cached grid; auto (with --resample auto): chosen from the headers")
+    files.add_argument("--dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
+                       help="stored dtype (uint16: 0.015 HU max error, half of float32's size)")
+    files.add_argument("--shard_size", type=positive_int, default=None,
+                       help="volumes per shard (default: enough shards to keep every worker busy, at most 64)")
+    work = parser.add_argument_group("processes")
+    work.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1),
+                      help="processes decoding and resampling volumes (default: cores - 1)")
+    work.add_argument("--itk_threads", type=positive_int, default=None, help="SimpleITK threads per worker (default: cores / workers)")
     add_preprocess_args(parser, allow_auto=True)
     return parser
 
@@ -302,5 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `volmae-cache` command: the same as `python -m volmae.datasets.build_cache`."""
     sys.exit(report_disk_faults(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,7 +6,7 @@ Layout of a cache folder:
     shard-00000.h5 …  one HDF5 file per shard; each volume a dataset `volumes/<key>` of shape
                       (C, D, H, W), chunked 64^3, blosc-lz4 compressed, geometry and settings as attributes
 
-Volumes are stored as uint16 (value * 65535): the measured choice (README, "Storage dtype").
+Volumes are stored as uint16 (value * 65535): the measured choice (docs/cache.md, "Storage dtype").
 Reading never opens HDF5 files before a DataLoader forks: files open lazily, once per process.
 """
 import json
@@ -21,8 +21,8 @@ import hdf5plugin
 import numpy as np
 import pandas as pd
 
-from datasets.preprocess import PreprocessConfig
-from datasets.stored import to_unit_float
+from volmae.datasets.preprocess import PreprocessConfig
+from volmae.datasets.stored import to_unit_float
 
 CACHE_FORMAT = "volmae-hdf5-cache"
 CACHE_VERSION = 1
@@ -120,7 +120,7 @@ class VolumeCache:
         self.root = Path(root)
         if not is_cache(self.root):
             raise FileNotFoundError(f"{self.root}: not a VolMAE cache (no {META_FILE}); "
-                                    f"build one with `python -m datasets.build_cache`")
+                                    f"build one with `python -m volmae.datasets.build_cache`")
         self.meta, self.preprocess = _checked_meta(self.root)
         table = pd.read_csv(self.root / MANIFEST_FILE, keep_default_na=False)
         ok = table[table["status"] == "ok"].sort_values("index").reset_index(drop=True)

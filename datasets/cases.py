@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from datasets.augment import crop_box
-from datasets.cache import CacheError, CacheReadError, VolumeCache, encode, is_cache
-from datasets.medmnist_data import to_channels_first
-from datasets.preprocess import PreprocessConfig, load_volume
-from datasets.reading import VolumeReadError
-from datasets.slices import load_stack, stack_input
-from datasets.stored import to_unit_float
+from volmae.datasets.augment import crop_box
+from volmae.datasets.cache import CacheError, CacheReadError, VolumeCache, encode, is_cache
+from volmae.datasets.medmnist_data import to_channels_first
+from volmae.datasets.preprocess import PreprocessConfig, load_volume
+from volmae.datasets.reading import VolumeReadError
+from volmae.datasets.slices import load_stack, stack_input
+from volmae.datasets.stored import to_unit_float
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 

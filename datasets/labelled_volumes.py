@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datasets.build_cache import build_cache, built_with
-from datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
-from datasets.preprocess import PreprocessConfig
-from datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
-from datasets.reading import VolumeReadError
-from datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
+from volmae.datasets.build_cache import build_cache, built_with
+from volmae.datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
+from volmae.datasets.preprocess import PreprocessConfig
+from volmae.datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
+from volmae.datasets.reading import VolumeReadError
+from volmae.datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
 
 CSV_FIRST_ROW = 2  # the line of the first data row: the header is line 1
 

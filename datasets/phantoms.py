@@ -4,8 +4,12 @@ Each phantom is defined in physical (LPS, mm) space: a body of soft tissue wrapp
 lungs, a heart, a liver, two kidneys, a spine and an aorta, with jittered sizes, positions and HU
 values plus noise. Each file gets its own grid size, spacing and axis order/flips, so the
 corpus exercises reading, reorientation and resampling the way a real one does.
+
+`--lesions` writes a labelled corpus for the demo's classifier: half of the phantoms carry a solid
+soft-tissue mass in one lung, and `labels.csv` says which (`lesion` 0/1, one patient per phantom).
 """
 import argparse
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from util.atomic import atomic_write
-from util.cli import int_tuple
+from volmae.util.atomic import atomic_write
+from volmae.util.cli import int_tuple, positive_int
 
 AIR_HU = -1000.0
 
@@ -50,6 +54,19 @@ def _anatomy(rng: np.random.Generator) -> list[Ellipsoid]:
     ]
 
 
+def _lung_mass(rng: np.random.Generator, anatomy: list[Ellipsoid]) -> Ellipsoid:
+    """A lung mass (a solid lesion over 3 cm): a ball of soft tissue 48-64 mm across, centred in the inner 20%
+    of the right or left lung, so that air surrounds most of it. Nodules of 2-4 cm are a voxel or two on the
+    demo's 32^3 grid, and masses near the lung's border look like the heart's or the liver's dome there; a
+    small classifier then stays at the prior for the demo's whole budget."""
+    lung = anatomy[2 + int(rng.integers(2))]
+    direction = rng.normal(size=3)
+    offset = direction / np.linalg.norm(direction) * rng.uniform(0.0, 0.2)
+    centre = tuple(float(c + r * o) for c, r, o in zip(lung.centre, lung.radii, offset))
+    radius = float(rng.uniform(24, 32))
+    return Ellipsoid(centre, (radius, radius, radius), 40 + rng.normal(0, 8))
+
+
 def _random_direction(rng: np.random.Generator) -> np.ndarray:
     """An axis permutation with random flips: what scanners and converters produce."""
     direction = np.zeros((3, 3))
@@ -74,8 +91,9 @@ def _ellipsoid_mask(organ: Ellipsoid, origin: np.ndarray, spacing: np.ndarray, d
 
 
 def make_phantom(rng: np.random.Generator, size_range: tuple[int, int] = (40, 80),
-                 size: tuple[int, int, int] | None = None) -> sitk.Image:
-    """One int16 CT phantom in HU on a random orientation and spacing; grid `size` (x, y, z) or random."""
+                 size: tuple[int, int, int] | None = None, lesion: bool = False) -> sitk.Image:
+    """One int16 CT phantom in HU on a random orientation and spacing; grid `size` (x, y, z) or random.
+    The mass is drawn after everything else, so a phantom without one is the same with either flag."""
     size = np.array(size) if size is not None else rng.integers(size_range[0], size_range[1] + 1, size=3)
     fov = np.array([rng.uniform(380, 440), rng.uniform(380, 440), rng.uniform(250, 400)])  # LPS mm
     direction = _random_direction(rng)
@@ -85,9 +103,13 @@ def make_phantom(rng: np.random.Generator, size_range: tuple[int, int] = (40, 80
     origin = centre - direction @ ((size - 1) / 2.0 * spacing)
 
     hu = np.full(tuple(size), AIR_HU, dtype=np.float32)
-    for organ in _anatomy(rng):
+    anatomy = _anatomy(rng)
+    noise_sd = rng.uniform(10, 30)
+    if lesion:
+        anatomy.append(_lung_mass(rng, anatomy))
+    for organ in anatomy:
         hu[_ellipsoid_mask(organ, origin, spacing, direction, size)] = organ.hu
-    hu += rng.normal(0, rng.uniform(10, 30), size=hu.shape).astype(np.float32)
+    hu += rng.normal(0, noise_sd, size=hu.shape).astype(np.float32)
     hu = np.clip(hu, -1024, 3071).astype(np.int16)
 
     image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))
@@ -113,15 +135,48 @@ def write_phantom_corpus(output_dir: str | Path, count: int = 24, seed: int = 0,
     return paths
 
 
+def write_labelled_corpus(output_dir: str | Path, count: int = 64, seed: int = 0,
+                          size_range: tuple[int, int] = (40, 80), progress: bool = True) -> Path:
+    """`count` phantoms, every other one with a lung mass, and `labels.csv` (path relative to it,
+    patient_id, lesion); returns the CSV. The labels alternate so that any prefix is balanced."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in tqdm(range(count), desc="phantoms", disable=not progress):
+        name = f"phantom_{i:03d}.nii.gz"
+        lesion = i % 2
+        if not (output_dir / name).exists():
+            image = make_phantom(np.random.default_rng([seed, i]), size_range, lesion=bool(lesion))
+            atomic_write(output_dir / name, lambda tmp, image=image: sitk.WriteImage(image, str(tmp)))
+        rows.append({"path": name, "patient_id": f"P{seed:03d}-{i:04d}", "lesion": lesion})
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "patient_id", "lesion"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(output_dir / "labels.csv", write_csv)
+    return output_dir / "labels.csv"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m datasets.phantoms", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m volmae.datasets.phantoms", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--count", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", required=True, help="folder of the NIfTI files (made if missing)")
+    parser.add_argument("--count", type=positive_int, default=24, help="number of phantoms")
+    parser.add_argument("--seed", type=int, default=0, help="phantom i is drawn from the seed (SEED, i)")
     parser.add_argument("--size_range", type=int_tuple, default=(40, 80), help="MIN,MAX voxels per axis")
     parser.add_argument("--size", type=int_tuple, default=None, help="fixed X,Y,Z grid instead (e.g. 512,512,300)")
+    parser.add_argument("--lesions", action="store_true",
+                        help="every other phantom gets a lung mass; also write labels.csv (path, patient_id, lesion)")
     args = parser.parse_args()
+    if args.lesions:
+        if args.size is not None:
+            parser.error("--size is not used with --lesions")
+        labels = write_labelled_corpus(args.output, args.count, args.seed, tuple(args.size_range))
+        print(f"{args.count} phantoms and their labels in {labels}")
+        return
     paths = write_phantom_corpus(args.output, args.count, args.seed, tuple(args.size_range), size=args.size)
     print(f"{len(paths)} phantoms in {args.output}")
 

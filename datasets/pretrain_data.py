@@ -6,15 +6,15 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from datasets.cache import CacheError, VolumeCache, is_cache
-from datasets.data_profile import DataProfile, profile_images
-from datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
-from datasets.phantoms import write_phantom_corpus
-from datasets.preprocess import PreprocessConfig
-from datasets.reading import probe
-from datasets.sources import SourceListError, list_sources
-from datasets.volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
-from util.dist import barrier
+from volmae.datasets.cache import CacheError, VolumeCache, is_cache
+from volmae.datasets.data_profile import DataProfile, profile_images
+from volmae.datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
+from volmae.datasets.phantoms import write_phantom_corpus
+from volmae.datasets.preprocess import PreprocessConfig
+from volmae.datasets.reading import probe
+from volmae.datasets.sources import SourceListError, list_sources
+from volmae.datasets.volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
+from volmae.util.dist import barrier
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from datasets.augment import crop_box
-from datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
-from datasets.preprocess import PreprocessConfig, load_volume
-from datasets.reading import SERIES_SEPARATOR, VolumeReadError
-from datasets.stored import to_unit_float
+from volmae.datasets.augment import crop_box
+from volmae.datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
+from volmae.datasets.preprocess import PreprocessConfig, load_volume
+from volmae.datasets.reading import SERIES_SEPARATOR, VolumeReadError
+from volmae.datasets.stored import to_unit_float
 
 PROBE_SPLITS = ("train", "val")
 

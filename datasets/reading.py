@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from datasets.nifti_check import is_nifti2, nifti_empty_axis, nifti_nonfinite_mask, nifti_truncation
+from volmae.datasets.nifti_check import is_nifti2, nifti_empty_axis, nifti_nonfinite_mask, nifti_truncation
 
 log = logging.getLogger(__name__)
 

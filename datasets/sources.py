@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from datasets.reading import DICOM_SUFFIXES, SERIES_SEPARATOR, dicom_series_ids, is_volume_file
+from volmae.datasets.reading import DICOM_SUFFIXES, SERIES_SEPARATOR, dicom_series_ids, is_volume_file
 
 
 class SourceListError(ValueError):

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets.medmnist_data import MedMNISTSpec, load_split
-from datasets.preprocess import PreprocessConfig
-from datasets.reading import VolumeReadError
-from datasets.slices import load_stack, stack_input, to_uint8
-from datasets.stored import to_unit_float
-from util.metrics import MULTI_LABEL, REGRESSION
+from volmae.datasets.medmnist_data import MedMNISTSpec, load_split
+from volmae.datasets.preprocess import PreprocessConfig
+from volmae.datasets.reading import VolumeReadError
+from volmae.datasets.slices import load_stack, stack_input, to_uint8
+from volmae.datasets.stored import to_unit_float
+from volmae.util.metrics import MULTI_LABEL, REGRESSION
 
 TASKS = {"binary": "binary-class", "multiclass": "multi-class", "multilabel": MULTI_LABEL, "reg": REGRESSION}
 SPLITS = ("train", "val", "test")

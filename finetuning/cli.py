@@ -3,11 +3,12 @@ import argparse
 
 from medmnist.info import DEFAULT_ROOT
 
-from datasets.preprocess import AUTO, add_preprocess_args
-from datasets.transforms import PRESETS
-from finetuning.recipes import PRETRAINED_LAYER_DECAY, RECIPES
-from finetuning.setups import SETUPS
-from util.cli import (
+from volmae.datasets.preprocess import AUTO, add_preprocess_args
+from volmae.datasets.transforms import PRESETS
+from volmae.finetuning.recipes import PRETRAINED_LAYER_DECAY, RECIPES
+from volmae.finetuning.setups import SETUPS
+from volmae.util.cli import (
+    HelpFormatter,
     int_tuple_or_auto,
     non_negative_float,
     non_negative_int,
@@ -19,12 +20,12 @@ from util.cli import (
 
 
 def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, epilog=recipe_table())
     data = parser.add_argument_group("data")
     data.add_argument("--setup", choices=tuple(SETUPS), default="medmnist", help="data protocol and default recipe")
     data.add_argument("--data_flag", default="adrenalmnist3d", help="any MedMNIST flag, 3D or 2D")
     data.add_argument("--size", type=positive_int, default=28, help="3D: 28 or 64; 2D: 28, 64, 128 or 224")
-    data.add_argument("--data_root", default=DEFAULT_ROOT, help=f"medmnist root folder (default {DEFAULT_ROOT})")
+    data.add_argument("--data_root", default=DEFAULT_ROOT, help="medmnist root folder")
     data.add_argument("--download", action="store_true", help="download missing files with the medmnist package")
     data.add_argument("--num_workers", type=non_negative_int, default=0, help="the data are in memory: 0 is usually fastest")
     data.add_argument("--train_samples", type=positive_int, default=None,
@@ -37,7 +38,9 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
                       "integers or names multi-class, several 0/1 columns multi-label")
     meta.add_argument("--group", default="pid", help="the patient column: no patient is in two splits "
                       "(default %(default)s); a split column, if present, wins")
-    meta.add_argument("--task", choices=("auto", "binary", "multiclass", "multilabel", "reg"), default="auto")
+    meta.add_argument("--task", choices=("auto", "binary", "multiclass", "multilabel", "reg"), default="auto",
+                      help="auto: from the label columns (one 0/1 column binary, integers multi-class, several "
+                           "0/1 columns multi-label)")
     meta.add_argument("--split_ratio", default=None, help="train,val,test shares of the patients when there is no "
                       "split column (default: volumes 0.7,0.15,0.15; slivit 0.85,0.15,0)")
     meta.add_argument("--split_seed", type=int, default=0, help="seed of the patient split (default %(default)s)")
@@ -71,7 +74,7 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     model.add_argument("--drop_path", type=non_negative_float, default=None, help="stochastic depth rate (recipe default)")
     model.add_argument("--head_norm", choices=("batch", "none"), default="batch",
                        help="ViTs: batch norm (no affine) before the head, MAE's linear-probe trick; without it a "
-                            "small ViT can sit at the class prior for many epochs (README: recipes)")
+                            "small ViT can sit at the class prior for many epochs (docs/finetuning.md: the MedMNIST recipe)")
     model.add_argument("--finetune", default=None, help="MAE checkpoint or encoder.pth to start from")
     model.add_argument("--mae_loss_weight", type=non_negative_float, default=0.0,
                        help="keep the MAE's masked reconstruction loss while fine-tuning, at this weight against the "
@@ -81,21 +84,24 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     model.add_argument("--pretrained", action="store_true", help="timm models: timm's weights from the local cache")
     model.add_argument("--pretrained_file", default=None, help="timm models: weights from this local file")
 
-    optim = parser.add_argument_group("optimisation (defaults from --recipe)")
+    optim = parser.add_argument_group("optimisation (a flag left unset takes the recipe's value: see the table below)")
     optim.add_argument("--recipe", choices=tuple(RECIPES), default=None, help="default: the setup's")
-    optim.add_argument("--optimizer", choices=("adamw", "adam"))
-    optim.add_argument("--schedule", choices=("cosine", "multistep", "constant"))
-    optim.add_argument("--patience", type=positive_int, default=None, help="early stop after N epochs without a lower val loss")
-    optim.add_argument("--epochs", type=positive_int)
-    optim.add_argument("--batch_size", type=positive_int, help="per rank")
-    optim.add_argument("--blr", type=non_negative_float, help="lr = blr * effective batch / 256 (cosine recipes)")
+    optim.add_argument("--optimizer", choices=("adamw", "adam"), help="optimizer (default: the recipe's)")
+    optim.add_argument("--schedule", choices=("cosine", "multistep", "constant"), help="lr schedule (default: the recipe's)")
+    optim.add_argument("--patience", type=positive_int, default=None,
+                       help="early stop after N epochs without a lower val loss (default: the recipe's, else never)")
+    optim.add_argument("--epochs", type=positive_int, help="passes over the training split (default: the recipe's)")
+    optim.add_argument("--batch_size", type=positive_int, help="per rank (default: the recipe's)")
+    optim.add_argument("--blr", type=non_negative_float, help="lr = blr * effective batch / 256 (default: the recipe's)")
     optim.add_argument("--lr", type=non_negative_float, help="absolute lr (overrides --blr; 0: evaluate the initial weights)")
-    optim.add_argument("--min_lr", type=non_negative_float, default=1e-6)
-    optim.add_argument("--layer_decay", type=share, help=f"default: {PRETRAINED_LAYER_DECAY} with --finetune, else 1")
-    optim.add_argument("--weight_decay", type=non_negative_float)
-    optim.add_argument("--warmup_epochs", type=non_negative_float)
-    optim.add_argument("--smoothing", type=non_negative_float, help="label smoothing")
-    optim.add_argument("--class_weights", choices=("none", "balanced"), default="none")
+    optim.add_argument("--min_lr", type=non_negative_float, default=1e-6, help="lr at the end of the cosine schedule")
+    optim.add_argument("--layer_decay", type=share, help=f"layer-wise lr decay (default: {PRETRAINED_LAYER_DECAY} with "
+                       "--finetune, else 1)")
+    optim.add_argument("--weight_decay", type=non_negative_float, help="weight decay (default: the recipe's)")
+    optim.add_argument("--warmup_epochs", type=non_negative_float, help="linear lr warmup (default: the recipe's)")
+    optim.add_argument("--smoothing", type=non_negative_float, help="label smoothing (default: the recipe's)")
+    optim.add_argument("--class_weights", choices=("none", "balanced"), default="none",
+                       help="balanced: weigh the loss by inverse class frequency")
     optim.add_argument("--augment", choices=("auto", *PRESETS), default=None,
                        help="auto: chosen from the training images (masks and label maps: flips; grey levels: "
                             "full); none; flips; geometric (flips, 90-degree turns, nearest-neighbour affine); full "
@@ -104,19 +110,33 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
                        help="ViTs from scratch: auto standardises the input with the training images' mean and std "
                             "(inside the model); with --finetune the encoder's own statistics always apply")
     optim.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="--augment none")
-    optim.add_argument("--clip_grad", type=positive_float, default=None)
-    optim.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
-    optim.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed ZeRO-1/2")
+    optim.add_argument("--clip_grad", type=positive_float, default=None, help="max gradient norm (default: no clipping)")
+    optim.add_argument("--seeds", type=seed_list, default=[0],
+                       help="comma-separated; each seed is a full run, then mean and std")
 
-    run = parser.add_argument_group("run")
-    run.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated; each seed is a full run, then mean and std")
-    run.add_argument("--output_dir", default="./output_finetune")
-    run.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
-    run.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap rounds for the AUC confidence interval")
-    run.add_argument("--explain", type=non_negative_int, default=0, metavar="N",
-                     help="save explanations (attention rollout / Grad-CAM) of the first N test samples")
-    run.add_argument("--device", default="auto")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="./output_finetune",
+                        help="best.pth, results.json, scores, curves and log.txt; one run at a time")
+    output.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
+    output.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap rounds for the AUC confidence interval")
+    output.add_argument("--explain", type=non_negative_int, default=0, metavar="N",
+                        help="save explanations (attention rollout / Grad-CAM) of the first N test samples")
+
+    device = parser.add_argument_group("device and distributed (ranks come from torchrun or SLURM)")
+    device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    device.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+    device.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed ZeRO-1/2")
     return parser
+
+
+def recipe_table() -> str:
+    """The recipes' values, shown under --help: they are the defaults of the optimisation flags."""
+    lines = ["recipes (the setup chooses one; --recipe overrides):"]
+    for name, values in RECIPES.items():
+        shown = ", ".join(f"{key} {value}" for key, value in values.items() if value is not None)
+        lines.append(f"  {name}: {shown}")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str], description: str = __doc__) -> argparse.Namespace:

@@ -1,10 +1,10 @@
-"""Optimisation recipes: defaults for the flags left unset (README: recipes)."""
+"""Optimisation recipes: defaults for the flags left unset (docs/finetuning.md says why each value is what it is)."""
 
 # Layer-wise lr decay only makes sense for pretrained layers; a model trained from scratch gets one lr.
 PRETRAINED_LAYER_DECAY = 0.75
 
 RECIPES = {
-    # MAE fine-tuning (facebookresearch/mae), re-tuned on AdrenalMNIST3D and BreastMNIST (README: recipes):
+    # MAE fine-tuning (facebookresearch/mae), re-tuned on AdrenalMNIST3D and BreastMNIST (docs/finetuning.md):
     # AdamW, layer-wise lr decay when pretrained (None: 0.75 with --finetune, 1.0 without), warmup + cosine
     "mae": {"optimizer": "adamw", "schedule": "cosine", "blr": 2.4e-3, "lr": None, "layer_decay": None,
             "weight_decay": 0.05, "warmup_epochs": 5, "smoothing": 0.0, "drop_path": 0.1, "augment": "auto",

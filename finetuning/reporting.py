@@ -8,11 +8,11 @@ import pandas as pd
 import torch
 from medmnist import Evaluator
 
-from datasets.stored import to_unit_float
-from datasets.task_data import TaskData
-from util.explain import explain_predictions
-from util.metrics import REGRESSION, classification_metrics, confusion, regression_metrics, stays_at_prior
-from util.plotting import confusion_figure, plt, roc_figure
+from volmae.datasets.stored import to_unit_float
+from volmae.datasets.task_data import TaskData
+from volmae.util.explain import explain_predictions
+from volmae.util.metrics import REGRESSION, classification_metrics, confusion, regression_metrics, stays_at_prior
+from volmae.util.plotting import confusion_figure, plt, roc_figure
 
 HEADLINE = {False: ("auc", "acc"), True: ("r2", "pearson")}
 

@@ -12,7 +12,7 @@ For "rollout", `cam_layer` names the list of blocks whose `attn` (timm's Attenti
 tokens start with one class token, and `grid_size` is the patch grid. For "grad_cam", `cam_layer` names the
 module whose output is the feature map; a 2D backbone run over the slices of a volume (N*S maps) is read
 as one map per slice, stacked along depth. `config` is set by `create_model` (models.registry).
-ClassifierBase gives the defaults a small model can keep; README: "Adding a model".
+ClassifierBase gives the defaults a small model can keep; docs/contributing.md: "Adding a model".
 """
 from typing import Literal, Protocol, runtime_checkable
 

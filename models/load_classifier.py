@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from models.mae3d import PRETRAINING_ONLY_PREFIXES
-from models.registry import create_model
-from util.checkpoint import load_checkpoint
+from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
+from volmae.models.registry import create_model
+from volmae.util.checkpoint import load_checkpoint
 
 CLASSIFIER_KIND = "volmae-classifier"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.mae3d import PRETRAINING_ONLY_PREFIXES
-from models.patch_embed import to_tuple
-from models.pos_embed import sincos_pos_embed
-from util.checkpoint import load_checkpoint
+from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
+from volmae.models.patch_embed import to_tuple
+from volmae.models.pos_embed import sincos_pos_embed
+from volmae.util.checkpoint import load_checkpoint
 
 DROPPED_PREFIXES = PRETRAINING_ONLY_PREFIXES
 NEW_PREFIXES = ("head.", "fc_norm.", "head_norm.")

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from models.pos_embed import sincos_pos_embed
-from models.registry import register_model
-from models.vit_encoder import ViTEncoder
+from volmae.models.pos_embed import sincos_pos_embed
+from volmae.models.registry import register_model
+from volmae.models.vit_encoder import ViTEncoder
 
 MAX_MASK_RATIO = 0.95
 MASK_TYPES = ("random", "tube")
@@ -23,7 +23,7 @@ MASK_TYPES = ("random", "tube")
 # Weights only pretraining uses: a classifier built on the encoder drops them.
 PRETRAINING_ONLY_PREFIXES = ("decoder_", "mask_token", "contrast_head")
 
-# Chosen from benchmarks/bench_model.py (see README, "Choice of the default decoder").
+# Chosen from benchmarks/bench_model.py (docs/performance.md, "Choice of the default decoder").
 DEFAULT_DECODER = {"decoder_embed_dim": 384, "decoder_depth": 4, "decoder_num_heads": 6}
 REFERENCE_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 
@@ -44,7 +44,7 @@ class MaskedAutoencoderViT(ViTEncoder):
             raise ValueError(f"contrast_weight must be >= 0 and contrast_temperature > 0, got {contrast_weight}, "
                              f"{contrast_temperature}")
         # an InfoNCE term between two differently masked views of each volume, on their mean visible token: the
-        # pooled feature a classifier reads must then describe the volume, not the mask (README: pretraining)
+        # pooled feature a classifier reads must then describe the volume, not the mask (docs/pretraining.md)
         self.contrast_weight, self.contrast_temperature = float(contrast_weight), float(contrast_temperature)
         self.contrast_head = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(),
                                            nn.Linear(embed_dim, contrast_dim)) if contrast_weight > 0 else None

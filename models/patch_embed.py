@@ -138,7 +138,7 @@ class PatchEmbed(nn.Module):
 class InputNorm(nn.Module):
     """(x - mean) / std with the training data's statistics, fixed at construction (model configuration, not
     weights: the state dict keeps the reference layout). Small binary masks (1.6% foreground) standardised
-    this way give the patch content a scale the positional embedding does not drown (README: recipes)."""
+    this way give the patch content a scale the positional embedding does not drown (docs/finetuning.md: the MedMNIST recipe)."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0):
         super().__init__()

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-from models.contract import ClassifierBase
-from models.registry import register_model
-from util.checkpoint import load_checkpoint
+from volmae.models.contract import ClassifierBase
+from volmae.models.registry import register_model
+from volmae.util.checkpoint import load_checkpoint
 
 MIN_SLICE = 32
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.contract import ROLLOUT
-from models.registry import register_model
+from volmae.models.contract import ROLLOUT
+from volmae.models.registry import register_model
 
 
 def _prefixed(matcher: dict, prefix: str) -> dict:

@@ -13,9 +13,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from models.contract import ROLLOUT
-from models.registry import register_model
-from models.vit_encoder import ViTEncoder
+from volmae.models.contract import ROLLOUT
+from volmae.models.registry import register_model
+from volmae.models.vit_encoder import ViTEncoder
 
 POOLINGS = ("avg", "token", "concat")
 
@@ -63,7 +63,7 @@ class VisionTransformer(ViTEncoder):
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 PATCHES = (2, 4, 7, 8, 14, 16)
 # What `--model auto` builds when no pretrained encoder dictates the architecture: a small hybrid ViT (a
-# convolutional stem of 16 channels, 96 wide, 4 deep), its patch from `auto_patch_size` (README: recipes).
+# convolutional stem of 16 channels, 96 wide, 4 deep), its patch from `auto_patch_size` (docs/finetuning.md: the MedMNIST recipe).
 AUTO_ARCHITECTURE = {"embed_dim": 96, "depth": 4, "num_heads": 3, "stem_channels": 16}
 
 for _patch in PATCHES:

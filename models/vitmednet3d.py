@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from models.contract import ClassifierBase
-from models.pos_embed import sincos_1d
-from models.registry import register_model
+from volmae.models.contract import ClassifierBase
+from volmae.models.pos_embed import sincos_1d
+from volmae.models.registry import register_model
 
 
 def shifted_copies(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ class ViTMedNet3D(ClassifierBase):
     def slice_features(self, volume: torch.Tensor) -> list[torch.Tensor]:
         """Every slice of the CNN output across D, H and W through the 2D backbone: [(N, length, F)] per plane.
         One backbone call per plane: one call on the three planes' slices together was 10-20% slower on CPU
-        (README: evaluation speed)."""
+        (docs/performance.md: evaluation speed)."""
         n, c = volume.shape[:2]
         stacks = [volume.movedim(axis, 1) for axis in (2, 3, 4)]  # (N, length, C, a, b)
         return [self.slice_encoder(stack.reshape(n * stack.shape[1], c, *stack.shape[3:])).reshape(n, stack.shape[1], -1)

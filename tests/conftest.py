@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The demo in the suite: a few pretraining epochs and fewer fine-tuning epochs than `make demo`; enough to leave the prior
+DEMO_TEST_BUDGET = ["--held_back", "8", "--pretrain_epochs", "2", "--finetune_epochs", "30"]
 SHARED_DATA = Path(os.environ.get("VOLMAE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -35,7 +37,7 @@ def run_cli(args: list[str], timeout: float = 600, check: bool = True, env: dict
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Eight small synthetic CT phantoms as NIfTI files."""
-    from datasets.phantoms import write_phantom_corpus
+    from volmae.datasets.phantoms import write_phantom_corpus
 
     folder = tmp_path_factory.mktemp("phantoms")
     write_phantom_corpus(folder, count=8, seed=0, size_range=(24, 40), progress=False)
@@ -50,3 +52,16 @@ def finetuned(tmp_path_factory) -> tuple[Path, np.ndarray]:
              "--model", "vit3d_tiny_patch14", "--epochs", "1", "--bootstrap", "0", "--output_dir", str(out)])
     scores = pd.read_csv(next(out.glob("*_test_*.csv")), header=None, index_col=0).sort_index().values
     return out / "best.pth", scores
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """`make demo`'s pipeline (launch/recipes/demo.sh) on a smaller budget; its output folder."""
+    out = tmp_path_factory.mktemp("demo")
+    result = subprocess.run(["bash", str(REPO / "launch" / "recipes" / "demo.sh"), "--output_dir", str(out), *DEMO_TEST_BUDGET],
+                            cwd=REPO, env={**os.environ, "VOLMAE_PYTHON": sys.executable, "OMP_NUM_THREADS": "2"},
+                            capture_output=True, text=True, timeout=1800)
+    (out / "demo_stdout.txt").write_text(result.stdout)
+    if result.returncode != 0:
+        raise AssertionError(f"demo.sh exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return out

@@ -1,4 +1,4 @@
-"""README, "Adding a model": its example file, dropped into models/ with no other file touched, fine-tunes,
+"""docs/contributing.md, "Adding a model": its example file, dropped into models/ with no other file touched, fine-tunes,
 predicts and explains through the mains."""
 import re
 from pathlib import Path
@@ -13,16 +13,16 @@ EXAMPLE_FILE = REPO / "models" / "readme_example_tiny_cnn3d.py"
 
 
 def readme_example() -> str:
-    """The python block under README's "Adding a model" heading."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Adding a model", 1)[1]
+    """The python block under the "Adding a model" heading of docs/contributing.md."""
+    guide = (REPO / "docs" / "contributing.md").read_text()
+    section = guide.split("## Adding a model", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.fixture
 def example_model():
     code = readme_example()
-    assert len(code.strip().splitlines()) <= 25, "the README promises a short example"
+    assert len(code.strip().splitlines()) <= 25, "the guide promises a short example"
     EXAMPLE_FILE.write_text(code)
     try:
         yield "tiny_cnn3d"
@@ -30,7 +30,7 @@ def example_model():
         EXAMPLE_FILE.unlink(missing_ok=True)
 
 
-def test_the_readme_example_model_fine_tunes_predicts_and_explains(tmp_path, example_model):
+def test_the_guide_example_model_fine_tunes_predicts_and_explains(tmp_path, example_model):
     root = shared_path("medmnist")
     out = tmp_path / "ft"
     run_cli(["main_finetune.py", "--data_flag", "adrenalmnist3d", "--data_root", str(root), "--model", example_model,

@@ -26,13 +26,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from datasets.cache import VolumeCache
 from tests.conftest import run_cli, shared_path
 from tests.volumes import write_bad_inputs
-from util.atomic import DiskWriteError, atomic_write, temporary_for
-from util.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from util.deepspeed_checkpoint import consolidated_fp32_weights
-from util.run_lock import LOCK_FILE, output_folder_lock
+from volmae.datasets.cache import VolumeCache
+from volmae.util.atomic import DiskWriteError, atomic_write, temporary_for
+from volmae.util.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from volmae.util.deepspeed_checkpoint import consolidated_fp32_weights
+from volmae.util.run_lock import LOCK_FILE, output_folder_lock
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "28", "--patch_size", "14", "--decoder_embed_dim", "64",
         "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--log_every", "1",
@@ -104,7 +104,7 @@ def nonfinite_sources(folder: Path) -> dict[str, str]:
 
 
 def build(corpus: Path, output: Path, *extra: str, check: bool = True):
-    return run_cli(["-m", "datasets.build_cache", "--input", str(corpus), "--output", str(output), "--size", "16",
+    return run_cli(["-m", "volmae.datasets.build_cache", "--input", str(corpus), "--output", str(output), "--size", "16",
                     "--workers", "1", *extra], check=check)
 
 
@@ -287,8 +287,8 @@ def test_deepspeed_resume_and_consolidation_refuse_a_crafted_file(tmp_path, phan
 def _parser(name: str):
     import main_predict
     import main_pretrain
-    from datasets import build_cache
-    from finetuning import cli
+    from volmae.datasets import build_cache
+    from volmae.finetuning import cli
     return {"pretrain": main_pretrain.get_args_parser, "finetune": cli.get_args_parser,
             "predict": main_predict.get_args_parser, "cache": build_cache.get_args_parser}[name]()
 
@@ -359,9 +359,9 @@ def test_cleaning_up_a_failed_write_never_hides_its_error(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["main_pretrain.py", "--max_steps", "1"],
-                                     ["-m", "datasets.build_cache", "--input", "PHANTOMS"]])
+                                     ["-m", "volmae.datasets.build_cache", "--input", "PHANTOMS"]])
 def test_an_output_folder_the_disk_refuses_stops_in_one_line(command, phantom_dir):
-    flag = "--output" if "datasets.build_cache" in command else "--output_dir"
+    flag = "--output" if "volmae.datasets.build_cache" in command else "--output_dir"
     command = [str(phantom_dir) if part == "PHANTOMS" else part for part in command]
     result = run_cli([*command, flag, "/dev/full/run"], check=False)
     assert result.returncode == 1 and "cannot create the output folder /dev/full/run" in result.stderr
@@ -399,7 +399,7 @@ def test_a_second_pretraining_in_a_live_folder_is_refused_and_a_dead_one_s_lock_
 def test_a_run_on_a_folder_another_run_holds_is_refused_in_one_line(command, tmp_path, phantom_dir):
     out = tmp_path / "held"
     out.mkdir()
-    args = ["-m", "datasets.build_cache", "--input", str(phantom_dir), "--output", str(out)] if command == "cache" \
+    args = ["-m", "volmae.datasets.build_cache", "--input", str(phantom_dir), "--output", str(out)] if command == "cache" \
         else ["main_finetune.py", "--data_root", str(shared_path("medmnist")), "--data_flag", "breastmnist",
               "--epochs", "1", "--output_dir", str(out)]
     with output_folder_lock(out):
@@ -414,7 +414,7 @@ def test_a_run_on_a_folder_another_run_holds_is_refused_in_one_line(command, tmp
 @pytest.fixture(scope="module")
 def four_shard_cache(tmp_path_factory, phantom_dir) -> Path:
     cache = tmp_path_factory.mktemp("four_shards") / "cache"
-    run_cli(["-m", "datasets.build_cache", "--input", str(phantom_dir), "--output", str(cache), "--size", "28",
+    run_cli(["-m", "volmae.datasets.build_cache", "--input", str(phantom_dir), "--output", str(cache), "--size", "28",
              "--shard_size", "2", "--workers", "1"])
     return cache
 
@@ -531,7 +531,7 @@ def test_prediction_from_cache_rows_gets_the_same_checks(tmp_path, four_shard_ca
 def test_sigterm_during_a_checkpoint_save_lets_the_save_finish(tmp_path, phantom_dir):
     """A base-size MAE takes a second or more to save: SIGTERM sent while the temporary is being written waits
     for the save, then the run stops as preempted with a loadable checkpoint and no temporary left."""
-    from util.preemption import EXIT_PREEMPTED
+    from volmae.util.preemption import EXIT_PREEMPTED
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "main_pretrain.py", "--data_path", str(phantom_dir),
                                 "--model", "mae_vit_base_patch16", "--input_size", "28", "--patch_size", "14",
@@ -550,7 +550,7 @@ def test_sigterm_during_a_checkpoint_save_lets_the_save_finish(tmp_path, phantom
 
 def test_a_2000_row_prediction_with_a_few_bad_rows_keeps_every_row(tmp_path, finetuned):
     """2,000 AdrenalMNIST3D-shaped arrays plus a missing file, a wrong shape and a NaN volume: one output row
-    per input row, in order, the bad ones with their reasons (README: its time and peak memory)."""
+    per input row, in order, the bad ones with their reasons (docs/reliability.md: its time and peak memory)."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(2000):
@@ -577,7 +577,7 @@ def test_a_volume_of_huge_float32_values_is_cached_finite(tmp_path):
     volume = float_volume()
     volume[::2] = 1e30
     write_sitk(volume, corpus / "huge.nii.gz")
-    run_cli(["-m", "datasets.build_cache", "--input", str(corpus), "--output", str(tmp_path / "cache"), "--size", "16",
+    run_cli(["-m", "volmae.datasets.build_cache", "--input", str(corpus), "--output", str(tmp_path / "cache"), "--size", "16",
              "--workers", "1"])
     cache = VolumeCache(tmp_path / "cache")
     assert len(cache) == 1 and np.isfinite(cache[0]).all() and 0 <= cache[0].min() and cache[0].max() <= 1

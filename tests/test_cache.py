@@ -13,15 +13,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.build_cache import build_cache
-from datasets.cache import VolumeCache, encode
-from datasets.phantoms import write_phantom_corpus
-from datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
-from datasets.reading import read_image
-from datasets.volume_dataset import CacheDataset, collate_volumes
 from tests.conftest import REPO, run_cli, shared_path
 from tests.volumes import reoriented_copy, write_bad_inputs
-from util.atomic import TEMPORARY_GLOB
+from volmae.datasets.build_cache import build_cache
+from volmae.datasets.cache import VolumeCache, encode
+from volmae.datasets.phantoms import write_phantom_corpus
+from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
+from volmae.datasets.reading import read_image
+from volmae.datasets.volume_dataset import CacheDataset, collate_volumes
+from volmae.util.atomic import TEMPORARY_GLOB
 
 HALF_STEP = 0.5 / 65535 + 1e-7  # uint16 storage rounds to the nearest of 65536 levels
 
@@ -31,7 +31,7 @@ def shared_cache(tmp_path_factory):
     """The shared real volumes cached at 32^3 by the command users run, with 2 workers."""
     volumes = shared_path("volumes")
     output = tmp_path_factory.mktemp("cache") / "c32"
-    result = run_cli(["-m", "datasets.build_cache", "--input", str(volumes), "--output", str(output),
+    result = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(volumes), "--output", str(output),
                       "--size", "32", "--workers", "2"])
     assert "cached 7 of 7 volumes" in result.stdout
     return output
@@ -125,7 +125,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_good_ones_cached(tmp_path, phan
     corpus = tmp_path / "corpus"
     shutil.copytree(phantom_dir, corpus)
     expected = write_bad_inputs(corpus / "broken", sorted(phantom_dir.glob("*.nii.gz"))[0])
-    result = run_cli(["-m", "datasets.build_cache", "--input", str(corpus), "--output", str(tmp_path / "c"),
+    result = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(corpus), "--output", str(tmp_path / "c"),
                       "--size", "16", "--workers", "2"])
     manifest = pd.read_csv(tmp_path / "c" / "manifest.csv", keep_default_na=False)
     assert len(manifest) == 8 + len(expected)
@@ -141,7 +141,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_good_ones_cached(tmp_path, phan
 
 def test_nothing_cachable_exits_non_zero(tmp_path, phantom_dir):
     write_bad_inputs(tmp_path / "broken", sorted(phantom_dir.glob("*.nii.gz"))[0])
-    result = run_cli(["-m", "datasets.build_cache", "--input", str(tmp_path / "broken"), "--output",
+    result = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(tmp_path / "broken"), "--output",
                       str(tmp_path / "c"), "--size", "16", "--workers", "1"], check=False)
     assert result.returncode == 1 and "no volume could be cached" in result.stderr
 
@@ -150,7 +150,7 @@ def test_a_killed_build_resumes_without_duplicates_or_rework(tmp_path):
     sources = tmp_path / "sources"
     write_phantom_corpus(sources, count=12, seed=5, size_range=(150, 180), progress=False)
     output = tmp_path / "cache"
-    command = [sys.executable, "-m", "datasets.build_cache", "--input", str(sources), "--output", str(output),
+    command = [sys.executable, "-m", "volmae.datasets.build_cache", "--input", str(sources), "--output", str(output),
                "--size", "32", "--workers", "1", "--shard_size", "1"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = output / ".parts"

@@ -7,11 +7,11 @@ import pytest
 import torch
 from medmnist import Evaluator
 
-import models
-from models.load_pretrained import CheckpointMismatchError, adapt_pos_embed, load_encoder
-from models.pos_embed import sincos_pos_embed
 from tests.conftest import run_cli, shared_path
-from util.checkpoint import load_checkpoint
+from volmae import models
+from volmae.models.load_pretrained import CheckpointMismatchError, adapt_pos_embed, load_encoder
+from volmae.models.pos_embed import sincos_pos_embed
+from volmae.util.checkpoint import load_checkpoint
 
 
 def finetune(tmp_path, name, *extra, check=True):
@@ -49,7 +49,7 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_test_uses_it(tmp_path)
     out, _ = finetune(tmp_path, "sel", "--data_flag", "adrenalmnist3d", "--model", "vit3d_tiny_patch14",
                       "--epochs", "3", "--lr", "1e-3")
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    best_epoch = max(log, key=lambda r: r["val_auc"])["epoch"]
+    best_epoch = max(log, key=lambda r: (r["val_auc"], -r["val_loss"]))["epoch"]  # the lower val loss breaks ties
     results = json.loads((out / "results.json").read_text())
     assert results["best_epoch"] == best_epoch == load_checkpoint(out / "best.pth")["epoch"]
     assert results["val"]["auc"] == pytest.approx(max(r["val_auc"] for r in log))

@@ -6,20 +6,21 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-import models
-from datasets.data_profile import choose_augment, profile_images
-from datasets.medmnist_data import RAW_SCALE, MedMNISTSpec, load_split
-from datasets.transforms import NO_AUGMENT, PRESETS, VITMEDNET_AUGMENT, augment_batch, preset
 from tests.conftest import REPO, run_cli, shared_path
-from util.checkpoint import load_checkpoint
-from util.metrics import stays_at_prior
-from util.probe import probe_aucs
-from util.run_log import read_log
+from volmae import models
+from volmae.datasets.data_profile import choose_augment, profile_images
+from volmae.datasets.medmnist_data import RAW_SCALE, MedMNISTSpec, load_split
+from volmae.datasets.transforms import NO_AUGMENT, PRESETS, VITMEDNET_AUGMENT, augment_batch, preset
+from volmae.util.checkpoint import load_checkpoint
+from volmae.util.metrics import bootstrap_auc_ci, stays_at_prior
+from volmae.util.probe import probe_aucs
+from volmae.util.run_log import read_log
 
 
 def medmnist_train(flag: str, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +66,17 @@ def test_predictions_at_the_class_prior_are_recognised():
     assert not stays_at_prior(np.array([[0.8, 0.2], [0.3, 0.7]]), "binary-class")
     assert stays_at_prior(np.array([[0.9, 0.1], [0.8, 0.3]]), "multi-label, binary-class")
     assert not stays_at_prior(np.array([[0.1], [2.0]]), "regression")
+
+
+def test_bootstrap_interval_of_a_small_test_split_is_finite_and_quiet():
+    """Resamples of a small, unbalanced split often hold one class; they have no AUC and must not turn the
+    interval into NaN (sklearn gives NaN with a warning rather than an error)."""
+    truth = np.array([0] * 8 + [1] * 2)
+    scores = np.stack([1 - np.linspace(0, 1, 10), np.linspace(0, 1, 10)], axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low, high = bootstrap_auc_ci(truth, scores, "binary-class", rounds=200)
+    assert np.isfinite([low, high]).all() and low <= high <= 1.0
 
 
 def test_a_run_that_never_leaves_the_prior_says_it_is_collapsed(tmp_path):

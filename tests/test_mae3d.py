@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from models.load_pretrained import load_encoder
-from models.mae3d import REFERENCE_DECODER
-from models.patch_embed import auto_patch_size, stem_patch_size
-from models.pos_embed import sincos_1d, split_embed_dim
-from models.registry import create_model
+from volmae import models
+from volmae.models.load_pretrained import load_encoder
+from volmae.models.mae3d import REFERENCE_DECODER
+from volmae.models.patch_embed import auto_patch_size, stem_patch_size
+from volmae.models.pos_embed import sincos_1d, split_embed_dim
+from volmae.models.registry import create_model
 
 
 def tiny(**overrides):
@@ -245,7 +245,7 @@ def test_the_contrastive_term_rewards_telling_volumes_apart_and_stays_out_of_the
 
 
 def test_fine_tuning_with_the_reconstruction_loss_trains_one_shared_encoder():
-    from models.joint_mae import ClassifierWithReconstruction
+    from volmae.models.joint_mae import ClassifierWithReconstruction
 
     mae = tiny(stem_channels=4)
     classifier = create_model("vit3d", img_size=(16, 24, 32), patch_size=(4, 8, 8), embed_dim=48, depth=2,

@@ -6,9 +6,9 @@ import inspect
 import pytest
 import torch
 
-import models
-from main_predict import embed
-from util.explain import explain
+from volmae import models
+from volmae.main_predict import embed
+from volmae.util.explain import explain
 
 # the smallest input each family takes, and arguments that keep it fast on 2 CPU cores
 SMALL = {
@@ -93,9 +93,9 @@ def test_config_records_the_bound_arguments_and_leaves_out_weight_sources():
 
 
 def test_the_mae_and_the_classifier_share_one_encoder():
-    from models.mae3d import MaskedAutoencoderViT
-    from models.vit import VisionTransformer
-    from models.vit_encoder import ViTEncoder
+    from volmae.models.mae3d import MaskedAutoencoderViT
+    from volmae.models.vit import VisionTransformer
+    from volmae.models.vit_encoder import ViTEncoder
 
     assert issubclass(MaskedAutoencoderViT, ViTEncoder) and issubclass(VisionTransformer, ViTEncoder)
     arch = {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}

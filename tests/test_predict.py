@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-import models
-from models.load_classifier import load_for_inference
 from tests.conftest import run_cli, shared_path
-from util.checkpoint import load_checkpoint
+from volmae import models
+from volmae.models.load_classifier import load_for_inference
+from volmae.util.checkpoint import load_checkpoint
 
 VOLUMES = ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "ch2.nii.gz", "example_ct_dicom")
 
@@ -110,7 +110,7 @@ def test_a_checkpoint_that_is_not_a_classifier_stops_at_once(tmp_path, phantom_d
              "--embeddings", str(tmp_path / "emb.h5"), "--embedding_type", "concat"])
     mae = models.create_model("mae_vit_tiny_patch16", **load_checkpoint(pre / "checkpoint-last.pth")["model_config"])
     mae.load_state_dict(load_checkpoint(pre / "checkpoint-last.pth")["model"])
-    from datasets.preprocess import PreprocessConfig, load_volume
+    from volmae.datasets.preprocess import PreprocessConfig, load_volume
 
     with h5py.File(tmp_path / "emb.h5") as f, torch.no_grad():
         assert sorted(f) == ["a", "b"] and f.attrs["embedding_type"] == "concat"
@@ -140,7 +140,7 @@ def test_embeddings_are_the_classifier_features(tmp_path, finetuned):
 
 def test_cache_entries_can_be_predicted(tmp_path, finetuned):
     cache = tmp_path / "cache"
-    run_cli(["-m", "datasets.build_cache", "--input", str(shared_path("volumes", "example_ct_dicom")),
+    run_cli(["-m", "volmae.datasets.build_cache", "--input", str(shared_path("volumes", "example_ct_dicom")),
              "--output", str(cache), "--size", "32", "--workers", "1"])
     key = pd.read_csv(cache / "manifest.csv")["key"].iloc[0]
     cases = write_cases(tmp_path, [{"path": f"{cache}::{key}"}, {"path": f"{cache}::vol99999999"}])

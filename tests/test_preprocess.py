@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from datasets.orientation import CANONICAL_ORIENTATION, orientation_code, to_canonical
-from datasets.preprocess import PreprocessConfig, load_volume, preprocess_image, resample_to_grid
-from datasets.reading import probe, read_image
-from datasets.sources import list_sources
 from tests.conftest import shared_path
 from tests.volumes import image_from_xyz, reoriented_copy, write_bad_inputs
+from volmae.datasets.orientation import CANONICAL_ORIENTATION, orientation_code, to_canonical
+from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image, resample_to_grid
+from volmae.datasets.reading import probe, read_image
+from volmae.datasets.sources import list_sources
 
 
 @pytest.mark.parametrize("perm,flips", [((2, 0, 1), (True, False, True)), ((1, 0, 2), (False, True, False)),

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, shared_path
-from util.checkpoint import load_checkpoint
-from util.lr_sched import lr_at_step
-from util.run_log import read_log
+from volmae.util.checkpoint import load_checkpoint
+from volmae.util.lr_sched import lr_at_step
+from volmae.util.run_log import read_log
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8",
         "--decoder_embed_dim", "64", "--decoder_depth", "1", "--decoder_num_heads", "2",
@@ -118,8 +118,8 @@ def test_lr_schedule_warms_up_linearly_then_follows_half_cosine():
 
 @pytest.mark.parametrize("mask_type", ["random", "tube"])
 def test_masks_are_keyed_on_seed_epoch_and_sample_whatever_the_batch(mask_type):
-    import models
-    from engine_pretrain import masking_noise
+    from volmae import models
+    from volmae.engine_pretrain import masking_noise
 
     core = models.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, decoder_depth=1)
     cpu = torch.device("cpu")

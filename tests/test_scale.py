@@ -11,11 +11,11 @@ import pytest
 
 from tests.conftest import REPO, run_cli, shared_path
 from tests.slurm_cluster import local_slurm
-from util.atomic import TEMPORARY_GLOB
-from util.checkpoint import load_checkpoint
-from util.dist import rank_environment
-from util.preemption import EXIT_PREEMPTED
-from util.run_log import read_log
+from volmae.util.atomic import TEMPORARY_GLOB
+from volmae.util.checkpoint import load_checkpoint
+from volmae.util.dist import rank_environment
+from volmae.util.preemption import EXIT_PREEMPTED
+from volmae.util.run_log import read_log
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "28", "--patch_size", "14", "--decoder_embed_dim", "64",
         "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--log_every", "1",
@@ -59,7 +59,7 @@ def assert_same_losses(run: dict[int, float], reference: dict[int, float], rel: 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from datasets.phantoms import write_phantom_corpus
+    from volmae.datasets.phantoms import write_phantom_corpus
 
     folder = tmp_path_factory.mktemp("corpus")
     write_phantom_corpus(folder, count=8, seed=1, size_range=(24, 36), progress=False)

@@ -8,11 +8,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import models
-from datasets.blobs import blob_volumes
-from datasets.slices import slice_indices
 from tests.conftest import run_cli, shared_path
-from util.explain_check import blob_explanation_ratio
+from volmae import models
+from volmae.datasets.blobs import blob_volumes
+from volmae.datasets.slices import slice_indices
+from volmae.util.explain_check import blob_explanation_ratio
 
 
 @pytest.mark.parametrize("name,options", [
@@ -49,7 +49,7 @@ def test_slice_selection():
 
 
 def test_vitmednet_shifted_copies_move_one_voxel():
-    from models.vitmednet3d import shifted_copies
+    from volmae.models.vitmednet3d import shifted_copies
 
     x = torch.rand(1, 1, 5, 6, 7)
     copies = shifted_copies(x)

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from datasets.labelled_volumes import fraction_of_patients
-from datasets.preprocess import PreprocessConfig, load_volume
-from datasets.preprocess_choice import choose_preprocess, survey_headers
-from datasets.task_data import TaskDataError, assign_splits
 from tests.conftest import REPO, run_cli, shared_path
 from tests.volumes import image_from_xyz
-from util.checkpoint import load_checkpoint
+from volmae.datasets.labelled_volumes import fraction_of_patients
+from volmae.datasets.preprocess import PreprocessConfig, load_volume
+from volmae.datasets.preprocess_choice import choose_preprocess, survey_headers
+from volmae.datasets.task_data import TaskDataError, assign_splits
+from volmae.util.checkpoint import load_checkpoint
 
 SPHERE_DIAMETER_MM = 12.0
 # (voxels per axis x, y, z; spacing mm; direction): crops of one sphere cut at different pixel sizes, so their
@@ -164,7 +164,7 @@ def test_volumes_setup_end_to_end_reports_bad_rows_and_predicts_its_own_test_sco
 
 def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path):
     """Corpus plus labels to results.json and report.png: pretraining excludes the test split, both inits and the
-    floor at each fraction, the models where the README says."""
+    floor at each fraction, the models where docs/results.md says."""
     images = sorted(shared_path("hippocampus_mri", "images").glob("*.nii.gz"))[:6]
     corpus = tmp_path / "mri.txt"
     corpus.write_text("\n".join(map(str, images)))
@@ -203,7 +203,7 @@ def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path
 def test_build_cache_chooses_the_preprocessing_from_the_headers(sphere_crops, tmp_path):
     listing = tmp_path / "spheres.txt"
     listing.write_text("\n".join(sphere_crops))
-    result = run_cli(["-m", "datasets.build_cache", "--input", str(listing), "--output", str(tmp_path / "cache"),
+    result = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(listing), "--output", str(tmp_path / "cache"),
                       "--resample", "auto", "--size", "auto", "--workers", "1"])
     assert "preprocessing: spacing: the physical extents differ" in result.stdout
     meta = json.loads((tmp_path / "cache" / "cache.json").read_text())["preprocess"]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from util.atomic import atomic_write
+from volmae.util.atomic import atomic_write
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -2,7 +2,20 @@
 import argparse
 from collections.abc import Callable
 
-from util.atomic import DiskWriteError
+from volmae.util.atomic import DiskWriteError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and shows each flag's default after its help. A default
+    that means "chosen later" (None) or an off switch (False) is left to the help text to explain."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or "default" in text
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        shown = ",".join(map(str, action.default)) if isinstance(action.default, (tuple, list)) else str(action.default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def int_tuple(text: str) -> tuple[int, ...]:

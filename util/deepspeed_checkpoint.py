@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from util.checkpoint import CheckpointError, load_checkpoint
+from volmae.util.checkpoint import CheckpointError, load_checkpoint
 
 
 def deepspeed_safe_globals() -> list:

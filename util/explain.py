@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from util.plotting import plt
+from volmae.util.plotting import plt
 
 METHOD_NAMES = {"rollout": "attention rollout", "grad_cam": "Grad-CAM"}
 MONTAGE_SLICES = 36  # evenly spaced axial slices in a montage; every slice of a 28^3 volume
@@ -24,7 +24,7 @@ def method_for(model: torch.nn.Module) -> str:
     """The model's explanation method (models.contract), as shown in titles."""
     if getattr(model, "explain_method", None) not in METHOD_NAMES:
         raise ValueError(f"{type(model).__name__} does not say how to explain it: it needs explain_method "
-                         f"({' or '.join(METHOD_NAMES)}) and cam_layer (README: Adding a model)")
+                         f"({' or '.join(METHOD_NAMES)}) and cam_layer (docs/contributing.md: Adding a model)")
     return METHOD_NAMES[model.explain_method]
 
 
@@ -108,7 +108,7 @@ def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str) -> None:
 def save_explanation(folder: Path, name: str, volume: np.ndarray, heat: np.ndarray, title: str) -> list[Path]:
     """`name`.npy and .nii.gz (the map on the input grid), `name`_overlay.png (middle slices) and, for
     volumes, `name`_montage.png (up to MONTAGE_SLICES evenly spaced axial slices with the map)."""
-    from util.plotting import middle_slices
+    from volmae.util.plotting import middle_slices
 
     folder.mkdir(parents=True, exist_ok=True)
     image = volume[0]
@@ -148,7 +148,7 @@ def explain_predictions(model, x: torch.Tensor, scores: np.ndarray, task: str, c
                         folder: Path, names: list[str]) -> list[Path]:
     """Explain and save each sample's predicted class (the first output for regression), as `names`;
     returns the overlay paths."""
-    from util.metrics import REGRESSION
+    from volmae.util.metrics import REGRESSION
 
     predicted = np.zeros(len(x), dtype=np.int64) if task == REGRESSION else scores.argmax(axis=1)
     heat = explain(model.float(), x.float(), torch.from_numpy(predicted).to(x.device))

@@ -5,10 +5,12 @@ numbers are the benchmark's. Scores follow the Evaluator's convention: softmax p
 (binary tasks: the last column is the positive class) or sigmoids for multi-label tasks.
 """
 import math
+import warnings
 
 import numpy as np
 import torch
 from medmnist.evaluator import getACC, getAUC
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 MULTI_LABEL = "multi-label, binary-class"
@@ -73,10 +75,16 @@ def bootstrap_auc_ci(y_true: np.ndarray, scores: np.ndarray, task: str, rounds: 
     values = []
     for _ in range(rounds):
         pick = rng.integers(0, len(y_true), len(y_true))
-        try:
-            values.append(getAUC(y_true[pick], scores[pick], task))
-        except ValueError:  # a resample with one class only has no AUC
-            continue
+        if task != MULTI_LABEL and len(np.unique(y_true[pick])) < 2:
+            continue  # a resample with one class only has no AUC (sklearn would warn and give NaN)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            try:
+                value = getAUC(y_true[pick], scores[pick], task)
+            except ValueError:
+                continue
+        if np.isfinite(value):
+            values.append(value)
     if len(values) < rounds // 2:
         return None
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from recipe_steps import flags, probe_curve, run, seed_summary
 
-# The recipe (README: "Recipes that learn" says why each value is what it is).
+# The recipe (docs/finetuning.md, the MedMNIST recipe, says why each value is what it is).
 PRETRAIN = {"--model": "auto", "--mask_ratio": "0.75", "--decoder_embed_dim": "96", "--decoder_depth": "2",
             "--decoder_num_heads": "3", "--batch_size": "64", "--blr": "6e-3", "--warmup_epochs": "5",
             "--weight_decay": "0.05"}

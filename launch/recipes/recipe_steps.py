@@ -3,6 +3,7 @@ seconds, remembering finished steps so that a re-run goes on where a killed one 
 a fine-tuning run over seeds."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+# A tqdm progress bar ("epoch 3:  40%|####      | 8/20 [...]"). Popen's text mode turns its carriage returns
+# into newlines, so bars are recognised by their shape, not by '\r'.
+PROGRESS_BAR = re.compile(r"\d+%\|")
 
 
 def run(command: list[str], log: Path, done: Path | None = None, threads: int | None = None,
@@ -31,7 +35,7 @@ def run(command: list[str], log: Path, done: Path | None = None, threads: int | 
                                    bufsize=1, env=env)
         for line in process.stdout:
             out.write(line)
-            if echo and "\r" not in line:  # progress bars stay in the log
+            if echo and not PROGRESS_BAR.search(line):  # progress bars stay in the log
                 sys.stdout.write(line)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = code = os.waitstatus_to_exitcode(status)

@@ -29,15 +29,15 @@ import numpy as np
 import pandas as pd
 from recipe_steps import flags, loss_curve, probe_curve, run, seed_summary
 
-from datasets.labelled_volumes import VolumeTaskOptions, choose_for, fraction_of_patients, read_labels, resolve_source
-from datasets.preprocess import PreprocessConfig
-from datasets.sources import SourceListError, list_sources
-from datasets.task_data import TaskDataError, infer_task
-from util.cli import int_tuple_or_auto, positive_int
-from util.metrics import one_feature_auc
-from util.plotting import label_efficiency_figure
+from volmae.datasets.labelled_volumes import VolumeTaskOptions, choose_for, fraction_of_patients, read_labels, resolve_source
+from volmae.datasets.preprocess import PreprocessConfig
+from volmae.datasets.sources import SourceListError, list_sources
+from volmae.datasets.task_data import TaskDataError, infer_task
+from volmae.util.cli import int_tuple_or_auto, positive_int
+from volmae.util.metrics import one_feature_auc
+from volmae.util.plotting import label_efficiency_figure
 
-# The pretraining and fine-tuning recipe (README "MAE on your own volumes" says why each value is what it is).
+# The pretraining and fine-tuning recipe (docs/results.md, LIDC, says why each value is what it is).
 PRETRAIN = {"--model": "auto", "--mask_ratio": "0.75", "--decoder_embed_dim": "96", "--decoder_depth": "2",
             "--decoder_num_heads": "3", "--batch_size": "32", "--blr": "6e-3", "--warmup_epochs": "10",
             "--weight_decay": "0.05"}
@@ -159,7 +159,7 @@ def main(argv: list[str]) -> None:
         resampling += ["--spacing", ",".join(f"{s:.6g}" for s in config.spacing)]
     corpus_csv, corpus_counts = corpus_list(args, table, out)
     steps = out / "steps"
-    cache = run([python, "-m", "datasets.build_cache", "--input", str(corpus_csv), "--output", str(out / "cache"),
+    cache = run([python, "-m", "volmae.datasets.build_cache", "--input", str(corpus_csv), "--output", str(out / "cache"),
                  "--workers", str(args.workers), "--size", grid_text, *resampling], out / "cache.log",
                 steps / "cache.json")
 
@@ -172,7 +172,7 @@ def main(argv: list[str]) -> None:
         probe_rows.assign(label=probe_rows[labels[0]])[["path", "label", "split"]].to_csv(probe_csv, index=False)
     labelled_csv = out / "labelled.csv"
     pd.DataFrame({"path": list(dict.fromkeys(p for p in table["path"] if p))}).to_csv(labelled_csv, index=False)
-    run([python, "-m", "datasets.build_cache", "--input", str(labelled_csv), "--output", str(out / "volume_cache"),
+    run([python, "-m", "volmae.datasets.build_cache", "--input", str(labelled_csv), "--output", str(out / "volume_cache"),
          "--workers", str(args.workers), "--size", grid_text, *resampling], out / "volume_cache.log",
         steps / "volume_cache.json")  # what fine-tuning reads: built once, before runs share it
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole pipeline on built-in synthetic CT phantoms, what `make demo` runs: labelled phantoms, HDF5 cache,
+# MAE pretraining, fine-tuning from its encoder, prediction with explanations, and a summary.
+#   launch/recipes/demo.sh [--output_dir demo_output] [--count 160] ...
+# Runs $VOLMAE_PYTHON (default: this checkout's .venv/bin/python); --help lists every option.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+exec "${VOLMAE_PYTHON:-$repo/.venv/bin/python}" "$repo/launch/recipes/demo_recipe.py" "$@"

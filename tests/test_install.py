@@ -1,0 +1,62 @@
+"""`pip install -e .` gives commands that work from any folder, beside a foreign top-level `datasets` package
+(as Hugging Face's is in many ML environments): VolMAE's folders install as `volmae.*`, never as top-level names."""
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMMANDS = {"volmae-cache": "volmae.datasets.build_cache:cli", "volmae-pretrain": "volmae.main_pretrain:cli",
+            "volmae-finetune": "volmae.main_finetune:cli", "volmae-predict": "volmae.main_predict:cli"}
+
+
+def foreign_site(root: Path) -> Path:
+    """Top-level `datasets`, `models` and `util` packages that are not VolMAE's."""
+    for name in ("datasets", "models", "util"):
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text(f'"""Not VolMAE\'s {name}."""\nFOREIGN = True\n')
+    return root
+
+
+def run(command: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{command[0]} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_console_scripts_are_the_mains_entry_points():
+    installed = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("volmae-")}
+    assert installed == COMMANDS
+    for name in COMMANDS:
+        assert (BIN / name).is_file(), f"{name} is not installed beside {sys.executable}"
+
+
+def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path, demo_run):
+    site = foreign_site(tmp_path / "site")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+
+    both = run([sys.executable, "-c", "import datasets, models, util, volmae.datasets.cache, volmae.models, volmae.util.cli; "
+                "assert datasets.FOREIGN and models.FOREIGN and util.FOREIGN; print(volmae.datasets.cache.__file__)"],
+               elsewhere, env)
+    assert Path(both.stdout.strip()) == REPO / "datasets" / "cache.py"
+
+    help_text = run([BIN / "volmae-predict", "--help"], elsewhere, env).stdout
+    assert "--input_csv" in help_text and "(default: " in help_text
+
+    cases = pd.read_csv(demo_run / "cases.csv").head(2)
+    cases["path"] = [str(demo_run / path) for path in cases["path"]]
+    cases.to_csv(elsewhere / "cases.csv", index=False)
+    run([BIN / "volmae-predict", "--checkpoint", demo_run / "finetune" / "best.pth", "--input_csv", "cases.csv",
+         "--output_csv", "predictions.csv"], elsewhere, env)
+    predictions = pd.read_csv(elsewhere / "predictions.csv")
+    assert list(predictions["status"]) == ["ok", "ok"]
+
+    run([BIN / "volmae-cache", "--input", demo_run / "held_back", "--output", "cache", "--size", "16", "--workers", "1"],
+        elsewhere, env)
+    assert (elsewhere / "cache" / "cache.json").is_file()
