@@ -94,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", default=None,
-                      help="a VolMAE cache (python -m volmae.datasets.build_cache), or a folder of volumes, .txt of "
+                      help="a VolMAE cache (built by volmae-cache), or a folder of volumes, .txt of "
                            "paths or .csv with a 'path' column read on the fly; default: synthetic CT "
                            "phantoms written to OUTPUT_DIR/phantoms")
     data.add_argument("--normalize", choices=("auto", "none"), default="auto",

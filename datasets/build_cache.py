@@ -1,6 +1,6 @@
 """Build the sharded HDF5 cache from a raw corpus, in parallel, resumably.
 
-    python -m volmae.datasets.build_cache --input /data/ct --output /cache/ct256 --size 256 --workers 8
+    volmae-cache --input /data/ct --output /cache/ct256 --size 256 --workers 8
 
 Sources are split into shards once, in a plan kept in the output folder; each shard is built by
 one worker into a temporary file that is renamed when complete, and its manifest rows are written

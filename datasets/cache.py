@@ -120,7 +120,7 @@ class VolumeCache:
         self.root = Path(root)
         if not is_cache(self.root):
             raise FileNotFoundError(f"{self.root}: not a VolMAE cache (no {META_FILE}); "
-                                    f"build one with `python -m volmae.datasets.build_cache`")
+                                    f"build one with `volmae-cache`")
         self.meta, self.preprocess = _checked_meta(self.root)
         table = pd.read_csv(self.root / MANIFEST_FILE, keep_default_na=False)
         ok = table[table["status"] == "ok"].sort_values("index").reset_index(drop=True)
