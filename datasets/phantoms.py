@@ -121,15 +121,16 @@ def make_phantom(rng: np.random.Generator, size_range: tuple[int, int] = (40, 80
 
 def write_phantom_corpus(output_dir: str | Path, count: int = 24, seed: int = 0,
                          size_range: tuple[int, int] = (40, 80), progress: bool = True,
-                         size: tuple[int, int, int] | None = None) -> list[Path]:
-    """Write `count` phantoms as `phantom_XXX.nii.gz` (skipping files already there)."""
+                         size: tuple[int, int, int] | None = None, lesions: bool = False) -> list[Path]:
+    """Write `count` phantoms as `phantom_XXX.nii.gz` (skipping files already there); with `lesions`, the
+    odd-numbered ones carry a lung mass."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in tqdm(range(count), desc="phantoms", disable=not progress):
         path = output_dir / f"phantom_{i:03d}.nii.gz"
         if not path.exists():
-            image = make_phantom(np.random.default_rng([seed, i]), size_range, size)
+            image = make_phantom(np.random.default_rng([seed, i]), size_range, size, lesion=lesions and i % 2 == 1)
             atomic_write(path, lambda tmp, image=image: sitk.WriteImage(image, str(tmp)))
         paths.append(path)
     return paths
@@ -139,16 +140,8 @@ def write_labelled_corpus(output_dir: str | Path, count: int = 64, seed: int = 0
                           size_range: tuple[int, int] = (40, 80), progress: bool = True) -> Path:
     """`count` phantoms, every other one with a lung mass, and `labels.csv` (path relative to it,
     patient_id, lesion); returns the CSV. The labels alternate so that any prefix is balanced."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in tqdm(range(count), desc="phantoms", disable=not progress):
-        name = f"phantom_{i:03d}.nii.gz"
-        lesion = i % 2
-        if not (output_dir / name).exists():
-            image = make_phantom(np.random.default_rng([seed, i]), size_range, lesion=bool(lesion))
-            atomic_write(output_dir / name, lambda tmp, image=image: sitk.WriteImage(image, str(tmp)))
-        rows.append({"path": name, "patient_id": f"P{seed:03d}-{i:04d}", "lesion": lesion})
+    paths = write_phantom_corpus(output_dir, count, seed, size_range, progress, lesions=True)
+    rows = [{"path": path.name, "patient_id": f"P{seed:03d}-{i:04d}", "lesion": i % 2} for i, path in enumerate(paths)]
 
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
@@ -156,8 +149,9 @@ def write_labelled_corpus(output_dir: str | Path, count: int = 64, seed: int = 0
             writer.writeheader()
             writer.writerows(rows)
 
-    atomic_write(output_dir / "labels.csv", write_csv)
-    return output_dir / "labels.csv"
+    labels = Path(output_dir) / "labels.csv"
+    atomic_write(labels, write_csv)
+    return labels
 
 
 def main() -> None:

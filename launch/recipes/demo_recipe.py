@@ -53,14 +53,13 @@ def summarise(out: Path, seconds: float) -> dict:
     """The fine-tuned classifier's test scores beside the majority share, and the held-back predictions scored."""
     results = json.loads((out / "finetune" / "results.json").read_text())
     test = results["test"]
-    split = pd.read_csv(out / "finetune" / "meta_split.csv")
-    test_labels = split.loc[split["split"] == "test", "lesion"]
+    supports = [entry["support"] for entry in test["per_class"].values()]
     predictions = pd.read_csv(out / "predictions.csv")
     ok = predictions[predictions["status"] == "ok"]
     positive = ok["prob_lesion=1"]  # prediction names its columns prob_<class>, the class being lesion=1
     return {
         "test_auc": test["auc"], "test_acc": test["acc"], "test_n": test["n"], "test_at_prior": test["at_prior"],
-        "test_majority_share": float(test_labels.value_counts(normalize=True).max()),
+        "test_majority_share": max(supports) / sum(supports),
         "collapsed": results["collapsed"],
         "held_back_n": len(predictions), "held_back_ok": len(ok),
         "held_back_auc": float(roc_auc_score(ok["lesion"], positive)) if ok["lesion"].nunique() == 2 else None,
