@@ -141,7 +141,7 @@ class Finetuner:
                             sampler=ShardSampler(len(dataset), self.dist.rank, self.dist.world_size))
         indices, scores = [], []
         for images, _, index in loader:
-            with self.backend.autocast():
+            with self.backend.autocast(inference=True):
                 logits = self.classifier(self.inputs(images, train=False)).float()
             scores.append(logits.cpu().numpy())
             indices.append(index.numpy())

@@ -141,7 +141,7 @@ class Pretrainer:
         self.warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
         optimizer = build_optimizer(core, args.weight_decay, fused=not args.deepspeed)
         self.backend = make_backend(core, optimizer, dist_info, args.deepspeed, args.precision, args.batch_size,
-                                    args.accum_iter, args.clip_grad)
+                                    args.accum_iter, args.clip_grad, cpu_bf16=True)
         self.core = self.backend.module
         self.step = 0
         self.bad_steps_in_row = 0
@@ -343,7 +343,7 @@ class Pretrainer:
             volume = finish_batch(batch, device)
             noise = masking_noise(self.core, batch["index"], HOLDOUT_MASK_EPOCH, self.args.seed, self.args.mask_type,
                                   device)
-            with self.backend.autocast():
+            with self.backend.autocast(inference=True):
                 loss, _, _ = self.core(volume.to(getattr(self.backend, "input_dtype", torch.float32)),
                                        self.args.mask_ratio, self.args.mask_type, noise=noise)
             total += torch.tensor([loss.float().item() * len(volume), len(volume)], device=device, dtype=torch.float64)

@@ -19,33 +19,39 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from volmae.datasets.data_profile import profile_images
 from volmae.datasets.labelled_volumes import fraction_of_patients
-from volmae.datasets.medmnist_data import ArrayDataset, MedMNISTNotFound, subset_indices
+from volmae.datasets.medmnist_data import MedMNISTNotFound, subset_indices
 from volmae.datasets.task_data import TaskData
-from volmae.engine_finetune import Finetuner
+from volmae.finetuning.candidate_runs import train_chosen
 from volmae.finetuning.cli import parse_args
 from volmae.finetuning.model_choice import (
     auto_architecture,
-    build_model,
     input_normalization,
     pretrained_config,
-    with_reconstruction,
 )
 from volmae.finetuning.recipes import PRETRAINED_LAYER_DECAY
-from volmae.finetuning.reporting import aggregate, headline, write_explanations, write_results, write_split_outputs
+from volmae.finetuning.reporting import (
+    aggregate,
+    floor_line,
+    floors,
+    headline,
+    threshold_report,
+    verdict,
+    write_explanations,
+    write_results,
+    write_split_outputs,
+)
 from volmae.finetuning.setups import SETUPS, resolve_augment
-from volmae.models.load_classifier import CLASSIFIER_KIND
 from volmae.util.atomic import make_output_folder, remove_stale_temporaries
-from volmae.util.checkpoint import plain_args
 from volmae.util.cli import report_disk_faults
 from volmae.util.dist import init_distributed, shutdown
 from volmae.util.lr_sched import effective_lr
 from volmae.util.metrics import REGRESSION
 from volmae.util.run_lock import lock_output_folder
-from volmae.util.run_log import RunLog, cpu_seconds
+from volmae.util.run_log import cpu_seconds
+from volmae.util.train_backend import describe_precision
 
 
 def training_subset(args, seed: int, data: TaskData, say) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
@@ -66,40 +72,33 @@ def training_subset(args, seed: int, data: TaskData, say) -> tuple[tuple[np.ndar
     return (images[keep], labels[keep]), used
 
 
-def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, augment, report: dict) -> dict:
-    """Train one seed, keep its best epoch, evaluate it on val and test and write its outputs."""
+def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, profile, report: dict) -> dict:
+    """Train one seed (the candidates of finetuning.search, judged on validation), keep the chosen model's best
+    epoch, evaluate it on val and test once and write its outputs."""
     start, cpu_start = time.perf_counter(), cpu_seconds()
     args.seed = seed
-    torch.manual_seed(seed)
-    np.random.seed(seed)
     make_output_folder(output_dir)
     remove_stale_temporaries(output_dir)  # a killed run's half-written best.pth; this run holds the folder
     say = print if dist_info.is_main else (lambda *a, **k: None)
-    model = build_model(args, data, say)
     train, used = training_subset(args, seed, data, say)
-    splits = {"train": ArrayDataset(*train), **{name: ArrayDataset(*data.splits[name]) for name in ("val", "test")}}
-    trainer = Finetuner(args, with_reconstruction(args, model, say), splits, data.task, len(data.class_names),
-                        dist_info, augment)
-    extra = {"kind": CLASSIFIER_KIND, "model_name": args.model, "model_config": model.config,
-             "class_names": data.class_names, "task": data.task, "data": data.data, "setup": args.setup,
-             "input_size": list(data.input_size), "args": plain_args(args),
-             "preprocess": data.preprocess.to_dict() if data.preprocess is not None else None}
-    run_log = RunLog(output_dir, args.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
+    found_floors = floors(data, train, seed)
     try:
-        selection = trainer.fit(run_log, output_dir / "best.pth", extra)
+        chosen = train_chosen(args, seed, data, train, dist_info, profile, output_dir,
+                              found_floors.get("pca_logreg", {}).get("val_auc"), say)
     except FloatingPointError as err:  # diverged: no results, no success; best.pth, if any, predates it
-        run_log.close()
         raise SystemExit(f"error: seed {seed}: fine-tuning diverged ({err}, e.g. --lr {args.lr / 10:.1e}); "
                          f"no results were written to {output_dir}") from None
-    run_log.close()
+    trainer, model, selection = chosen.trainer, chosen.model, chosen.selection
     evaluated = [split for split in ("val", "test") if len(data.splits[split][0])]
     scores = {split: trainer.scores(split) for split in evaluated}
     result = {"setup": args.setup, "data": data.data, "model": args.model, "finetune": args.finetune,
-              "model_config": model.config, "recipe": args.recipe, "seed": seed, **report, **used, **selection}
+              "model_config": model.config, "recipe": args.recipe, "seed": seed, **report, **used, **selection,
+              "lr": chosen.args.lr, "augment": chosen.augment_report, "search": chosen.search, "floors": found_floors}
     if dist_info.is_main:
         for split in evaluated:
             result[split] = write_split_outputs(output_dir, split, data, data.splits[split][1], scores[split], seed,
                                                 args.bootstrap)
+        result.update(threshold_report(data, scores))
         SETUPS[args.setup].extra_outputs(output_dir, trainer.classifier, data)
         if args.explain and "test" in scores:
             write_explanations(output_dir, trainer.classifier, data, scores["test"], args.explain)
@@ -110,6 +109,9 @@ def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, augme
         say(f"seed {seed}: best epoch {selection['best_epoch']}; {shown} "
             f"{headline(result[shown], data.task == REGRESSION)} in {result['seconds']} s"
             f"{'' if shown == 'test' else ' (no test split)'}")
+        for line in (floor_line(result, shown), verdict(result, shown)):
+            if line:
+                say(f"seed {seed}: {line}")
     return result
 
 
@@ -143,7 +145,7 @@ def main(args) -> None:
     if args.lr is None:
         args.lr = effective_lr(args.blr, None, args.batch_size * dist_info.world_size)
     seeds = args.seeds
-    augment, augment_report = resolve_augment(args, profile)
+    augment_report = resolve_augment(args, profile)[1]
     report = {"data_profile": profile.to_dict(), "augment": augment_report, **data.report}
     if dist_info.is_main:
         source = data.data.get("flag") or data.data.get("meta")
@@ -151,6 +153,9 @@ def main(args) -> None:
               f"{'x'.join(map(str, data.input_size))}: {', '.join(f'{k} {len(v[0])}' for k, v in data.splits.items())}; "
               f"model {args.model}{' ' + json.dumps(args.architecture) if args.architecture else ''}, recipe "
               f"{args.recipe}, lr {args.lr:.2e}, {args.epochs} epochs, seeds {seeds}")
+        if not args.deepspeed:
+            print(f"precision: {describe_precision(args.precision, dist_info.device)}"
+                  f"{'; threads ' + dist_info.cpu_threads if dist_info.cpu_threads else ''}")
         print(f"training data: {profile.describe()}")
         if args.normalization:
             print(f"input standardisation inside the model: mean {args.normalization['input_mean']:.4f}, std "
@@ -158,13 +163,18 @@ def main(args) -> None:
         print(f"augmentation: {augment_report['preset']} ({augment_report['does']})"
               f"{': ' + augment_report['reason'] if args.augment == 'auto' else ''}")
     results = [run_seed(args, seed, data, dist_info, output_dir / f"seed_{seed}" if len(seeds) > 1 else output_dir,
-                        augment, report) for seed in seeds]
+                        profile, report) for seed in seeds]
     if dist_info.is_main and len(seeds) > 1:
         regression = data.task == REGRESSION
         summary = {"setup": args.setup, "data": data.data, "model": args.model, "finetune": args.finetune,
                    "recipe": args.recipe, "seeds": seeds, **report, **aggregate(results, regression)}
         write_results(output_dir, summary)
         print(f"test over {len(seeds)} seeds: {headline(summary['test'], regression)}")
+        if "pca_logreg_floor_auc" in summary["test"]:
+            print(f"PCA + LR floor over the same seeds: test AUC {summary['test']['pca_logreg_floor_auc']['mean']:.4f}")
+        flagged = sorted(set(summary["collapsed_seeds"]) | set(summary["test_at_prior_seeds"]))
+        if flagged:
+            print(f"WARNING: seeds {flagged} collapsed or sat at the class prior: their scores are not results")
     shutdown()
 
 

@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     device.add_argument("--num_workers", type=non_negative_int, default=0, help="processes reading volumes (0: in the main one)")
     device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     device.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU (scores independent of the batch)")
     return parser
 
 

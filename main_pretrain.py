@@ -7,6 +7,7 @@ Without --data_path it writes a small corpus of synthetic CT phantoms and trains
 """
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from medmnist.info import DEFAULT_ROOT
 
 from volmae import models
+from volmae.datasets.cache import is_cache, read_meta
 from volmae.datasets.preprocess import add_preprocess_args, preprocess_config_from_args
 from volmae.datasets.pretrain_data import (
     build_pretrain_dataset,
@@ -23,7 +25,7 @@ from volmae.datasets.pretrain_data import (
 )
 from volmae.datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
 from volmae.engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer, UnreadableDataError
-from volmae.models.mae3d import MASK_TYPES, MAX_MASK_RATIO
+from volmae.models.mae3d import AUTO_DECODER, MASK_TYPES, MAX_MASK_RATIO, PRETRAINING_ONLY_PREFIXES
 from volmae.models.patch_embed import REFERENCE_PATCH, auto_patch_size
 from volmae.models.vit import AUTO_ARCHITECTURE
 from volmae.util.atomic import make_output_folder
@@ -32,19 +34,58 @@ from volmae.util.cli import (
     HelpFormatter,
     grid,
     int_tuple,
+    int_tuple_or_auto,
     non_negative_float,
+    non_negative_float_or_auto,
     non_negative_int,
     positive_float,
     positive_int,
+    positive_int_or_auto,
     report_disk_faults,
 )
 from volmae.util.dist import init_distributed, shutdown
-from volmae.util.lr_sched import effective_lr
+from volmae.util.lr_sched import (
+    AUTO_PRETRAIN_STEPS,
+    auto_epochs,
+    auto_warmup_epochs,
+    effective_lr,
+    optimizer_steps_per_epoch,
+    warmup_warning,
+)
 from volmae.util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
 from volmae.util.run_lock import lock_output_folder
 from volmae.util.run_log import RunLog
+from volmae.util.train_backend import describe_precision
 
+MAE_BLR = 1.5e-4  # MAE's base lr, for its ViTs at large batches
+AUTO_BLR = 6e-3  # the recipes' base lr for the small --model auto (docs/results.md)
 AUTO_MAE = "mae_vit_tiny_patch16"  # --model auto: its encoder is then shaped by AUTO_ARCHITECTURE
+
+
+def resolve_input_size(requested: tuple[int, ...] | str, data_path: str | None) -> tuple[int, ...]:
+    """--input_size auto: the grid a cache was built at (so that no volume is cropped or padded again), else 256."""
+    if requested != "auto":
+        return requested
+    if data_path is not None and is_cache(data_path):
+        try:
+            return tuple(read_meta(Path(data_path))["preprocess"]["size"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"error: --input_size auto: cannot read the grid of the cache {data_path} ({err})") from None
+    return (256,)
+
+
+def resolve_schedule(args: argparse.Namespace, samples: int, world_size: int) -> str:
+    """`--epochs auto` and `--warmup_epochs auto` from the corpus size and the batch; what was chosen, for the log."""
+    per_epoch = optimizer_steps_per_epoch(samples, world_size, args.batch_size, args.accum_iter)
+    notes = []
+    if args.epochs == "auto":
+        args.epochs = auto_epochs(per_epoch)
+        notes.append(f"epochs auto: {args.epochs} x {per_epoch} steps for about {AUTO_PRETRAIN_STEPS} steps")
+    if args.warmup_epochs == "auto":
+        total = min(args.epochs * per_epoch, args.max_steps or math.inf)
+        args.warmup_epochs = auto_warmup_epochs(total, per_epoch)
+        notes.append("warmup auto: a tenth of the steps")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,8 +93,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="mae_vit_large_patch16", choices=("auto", *models.list_models("mae_")),
                        help="auto: the small hybrid ViT of models.vit.AUTO_ARCHITECTURE (convolutional stem, 4 blocks "
-                            "of 96) with --patch_size auto, the MedMNIST recipe's")
-    model.add_argument("--input_size", type=int_tuple, default=(256,), help="N or D,H,W voxels the model sees")
+                            "of 96, 0.75M parameters) with --patch_size auto and a decoder of its scale "
+                            "(models.mae3d.AUTO_DECODER: 2 blocks of 96), the recipes'")
+    model.add_argument("--input_size", type=int_tuple_or_auto, default="auto",
+                       help="N or D,H,W voxels the model sees; auto: a cache's own grid (volmae-cache --size), else 256")
     model.add_argument("--patch_size", type=patch_size_arg, default=None,
                        help="N or D,H,W voxels, or auto (chosen from the grid: models.patch_embed.auto_patch_size); "
                             "default: 16, or auto with --model auto")
@@ -77,13 +120,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=positive_int, default=4, help="volumes per rank per micro-batch")
     optim.add_argument("--accum_iter", type=positive_int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--epochs", type=positive_int, default=400, help="passes over the corpus")
+    optim.add_argument("--epochs", type=positive_int_or_auto, default="auto",
+                       help="passes over the corpus; auto: enough for about 1,500 optimizer steps "
+                            "(util.lr_sched.AUTO_PRETRAIN_STEPS: more passes over a small corpus, fewer over a large one)")
     optim.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps "
                        "(the schedule then spans them)")
-    optim.add_argument("--blr", type=positive_float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
+    optim.add_argument("--blr", type=positive_float, default=None,
+                       help="base lr: lr = blr * effective batch / 256 (default: 6e-3 for --model auto, the recipes' "
+                            "small model; 1.5e-4, MAE's, for the named ViTs)")
     optim.add_argument("--lr", type=positive_float, default=None, help="absolute lr (overrides --blr)")
     optim.add_argument("--min_lr", type=non_negative_float, default=0.0, help="lr at the end of the cosine schedule")
-    optim.add_argument("--warmup_epochs", type=non_negative_float, default=40, help="linear warmup from 0 to --lr")
+    optim.add_argument("--warmup_epochs", type=non_negative_float_or_auto, default="auto",
+                       help="linear warmup from 0 to --lr, in epochs; auto: a tenth of the run's steps "
+                            "(a warning when a warmup takes most of the run)")
     optim.add_argument("--weight_decay", type=non_negative_float, default=0.05, help="AdamW weight decay")
     optim.add_argument("--clip_grad", type=positive_float, default=None, help="max gradient norm (default: no clipping)")
     optim.add_argument("--max_bad_steps", type=non_negative_int, default=20,
@@ -147,7 +196,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     device = parser.add_argument_group("device and distributed (ranks come from torchrun or SLURM)")
     device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     device.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
+                             "fp32 elsewhere; evaluation on a CPU stays fp32; fp16 uses a GradScaler")
     device.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
                         help="train with DeepSpeed ZeRO (launch/deepspeed/*.json); batch size, accumulation and "
                              "clipping still come from the optimisation flags")
@@ -233,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
         normalization = profile.normalization if args.normalize == "auto" else {}
         args.data_path = f"{spec.root}/{spec.filename} (train split)"
     else:
-        input_size, in_chans, normalization = grid(args.input_size), 1, {}
+        input_size, in_chans, normalization = grid(resolve_input_size(args.input_size, args.data_path)), 1, {}
         if args.data_path is None:
             args.data_path = phantom_corpus(args.output_dir, args.num_phantoms, args.seed, dist_info.is_main)
         dataset, config = build_pretrain_dataset(args.data_path, input_size,
@@ -252,13 +302,14 @@ def main(args: argparse.Namespace) -> int:
 
     overrides = {"img_size": input_size, "in_chans": in_chans, "norm_pix_loss": args.norm_pix_loss, **normalization}
     if args.model == "auto":
-        overrides.update(AUTO_ARCHITECTURE)
+        overrides.update({**AUTO_ARCHITECTURE, **AUTO_DECODER})
     for key in ("depth", "stem_channels", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
                 "contrast_weight", "contrast_temperature"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     overrides["patch_size"] = resolve_patch_size(args, input_size, overrides.get("stem_channels", 0) > 0)
-    if args.model == "auto":
+    auto_model = args.model == "auto"
+    if auto_model:
         args.model = AUTO_MAE
     try:
         core = models.create_model(args.model, **overrides)
@@ -267,7 +318,10 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
 
     effective_batch = args.batch_size * args.accum_iter * dist_info.world_size
+    if args.blr is None:
+        args.blr = AUTO_BLR if auto_model else MAE_BLR
     args.lr = effective_lr(args.blr, args.lr, effective_batch)
+    schedule_note = resolve_schedule(args, len(dataset), dist_info.world_size)
     extra_state = {"model_name": args.model, "model_config": core.config, "data": data_info,
                    "preprocess": config.to_dict() if config is not None else None}
     probe = build_probe(args, core, config, say)
@@ -277,7 +331,10 @@ def main(args: argparse.Namespace) -> int:
         say(f"resumed from {checkpoint} at step {trainer.step}")
 
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
-    say(f"model {args.model}: {n_params / 1e6:.1f}M trainable parameters, grid {core.grid_size}, "
+    n_decoder = sum(p.numel() for name, p in core.named_parameters()
+                    if p.requires_grad and name.startswith(PRETRAINING_ONLY_PREFIXES))
+    say(f"model {args.model}: {n_params / 1e6:.2f}M trainable parameters (encoder {(n_params - n_decoder) / 1e6:.2f}M, "
+        f"decoder {n_decoder / 1e6:.2f}M), grid {core.grid_size}, "
         f"{core.num_visible(args.mask_ratio, args.mask_type)}/{core.num_patches} patches visible")
     grid_note = f", grid {config.size}, {config.resample}" if config is not None else ""
     held = f", {len(holdout)} held out for val_loss" if holdout is not None else ""
@@ -286,8 +343,13 @@ def main(args: argparse.Namespace) -> int:
         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
     engine = f"DeepSpeed ZeRO-{trainer.backend.config.get('zero_optimization', {}).get('stage', 0)}" \
         if args.deepspeed else ("DDP" if dist_info.distributed else "single process")
-    say(f"{dist_info.world_size} rank(s) on {dist_info.device} ({engine}), precision {trainer.backend.precision}; "
-        f"effective batch {effective_batch}, lr {args.lr:.3e}")
+    say(f"{dist_info.world_size} rank(s) on {dist_info.device} ({engine}), precision "
+        f"{trainer.backend.precision if args.deepspeed else describe_precision(args.precision, dist_info.device, cpu_bf16=True)}; "
+        f"effective batch {effective_batch}, lr {args.lr:.3e}"
+        f"{'; threads ' + dist_info.cpu_threads if dist_info.cpu_threads else ''}")
+    say(f"schedule: {args.epochs} epochs, warmup {args.warmup_epochs:g} epochs ({trainer.warmup_steps} steps){schedule_note}")
+    if warning := warmup_warning(trainer.warmup_steps, trainer.total_steps):
+        say(warning)
 
     run_log = RunLog(output_dir, args.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
     try:

@@ -24,6 +24,10 @@ MAX_FIT_SPREAD = 1.25
 COVERAGE = 0.9  # the grid covers this share of the set's extents along each axis
 GRID_MULTIPLE = 8  # grid axes are multiples of this, so that patches of 2, 4 and 8 voxels tile them
 MAX_AUTO_EDGE = 256
+# An automatic grid holds at most this many voxels (48 x 32 x 32, about 36^3): a study's cost grows with them, and
+# on a 2-core CPU a grid of this size keeps one seed's pretraining and fine-tuning near an hour (docs/results.md).
+# Where the finest spacing would need more, the spacing grows until the grid fits; --input_size sets any grid.
+AUTO_VOXEL_BUDGET = 48 * 32 * 32
 SURVEY_LIMIT = 512  # headers read at most (evenly spread), so a corpus of thousands is surveyed in seconds
 
 
@@ -96,15 +100,19 @@ def choose_preprocess(survey: HeaderSurvey, base: PreprocessConfig, size: tuple[
     facts = (f"largest extents {low:.1f}-{high:.1f} mm (10th-90th percentile, x{spread:.2f}), median finest "
              f"spacing {finest:.3g} mm, 90th-percentile extent {'x'.join(f'{e:.1f}' for e in covered)} mm (D x H x W)")
     if spread <= MAX_FIT_SPREAD:
-        grid = size or tuple(min(MAX_AUTO_EDGE, _round_up(e / finest, 16)) for e in np.median(extents, axis=0))
+        median = np.median(extents, axis=0)
+        spacing = budget_spacing(median, finest, 16)
+        grid = size or _grid(median, spacing, 16)
         config = _with(base, size=grid, resample="fit", spacing=None)
+        cost = "" if size else f" on a grid of {_budget_note(grid, spacing, finest)}"
         reason = (f"fit: the volumes cover similar fields of view ({facts}); each is kept whole at one isotropic "
-                  f"spacing, which varies by at most x{spread:.2f} across the set")
+                  f"spacing, which varies by at most x{spread:.2f} across the set{cost}")
         return PreprocessChoice(config, reason, survey.to_dict())
     if size is None:
-        spacing = finest
-        grid = tuple(min(MAX_AUTO_EDGE, _round_up(e / spacing)) for e in covered)
-        how = f"the median finest spacing, {spacing:.3g} mm, on a grid covering 90% of the extents per axis"
+        spacing = budget_spacing(covered, finest, GRID_MULTIPLE)
+        grid = _grid(covered, spacing, GRID_MULTIPLE)
+        how = (f"the coarser of the median finest spacing and the spacing whose grid covering 90% of the extents per "
+               f"axis fits the voxel budget: {_budget_note(grid, spacing, finest)}")
     else:
         grid = tuple(size)
         spacing = max(finest, float(max(e / g for e, g in zip(covered, grid))))
@@ -114,6 +122,26 @@ def choose_preprocess(survey: HeaderSurvey, base: PreprocessConfig, size: tuple[
     reason = (f"spacing: the physical extents differ ({facts}), so fitting each volume to the grid would lose its "
               f"physical size; one isotropic spacing for all: {how}: {'x'.join(map(str, grid))} voxels")
     return PreprocessChoice(config, reason, survey.to_dict())
+
+
+def _grid(extent: np.ndarray, spacing: float, multiple: int) -> tuple[int, ...]:
+    return tuple(min(MAX_AUTO_EDGE, _round_up(e / spacing, multiple)) for e in extent)
+
+
+def budget_spacing(extent: np.ndarray, finest: float, multiple: int, budget: int = AUTO_VOXEL_BUDGET) -> float:
+    """The finest isotropic spacing, not below `finest`, at which the grid covering `extent` holds at most
+    `budget` voxels. The voxel count only falls as the spacing grows, and changes where an axis's extent is a
+    whole number of `multiple`-voxel blocks, so the answer is `finest` or one of those spacings."""
+    blocks = [e / (k * multiple) for e in extent for k in range(1, int(e / (finest * multiple)) + 2)]
+    candidates = sorted({finest, *(b for b in blocks if b > finest)})
+    return next((s for s in candidates if math.prod(_grid(extent, s, multiple)) <= budget), candidates[-1])
+
+
+def _budget_note(grid: tuple[int, ...], spacing: float, finest: float) -> str:
+    voxels = math.prod(grid)
+    coarser = f", coarser than the median finest {finest:.3g} mm to fit" if spacing > finest * 1.0001 else ""
+    return (f"{spacing:.3g} mm{coarser}, {voxels:,} voxels (budget {AUTO_VOXEL_BUDGET:,}; --input_size sets any "
+            f"grid)")
 
 
 def _with(base: PreprocessConfig, **changes) -> PreprocessConfig:

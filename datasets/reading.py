@@ -1,8 +1,10 @@
-"""Reading any volume SimpleITK can read: NIfTI, MHA/MHD, NRRD files and DICOM series folders.
+"""Reading any volume SimpleITK can read: NIfTI, Analyze (.hdr/.img, SPM's output), MHA/MHD, NRRD files and
+DICOM series folders.
 
 Errors are `VolumeReadError`s whose message is the reason alone (callers add the source), so the
 same text can go to a log line or into a manifest's `reason` column.
 """
+import contextlib
 import logging
 import math
 import re
@@ -16,7 +18,8 @@ from volmae.datasets.nifti_check import is_nifti2, nifti_empty_axis, nifti_nonfi
 
 log = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+# an Analyze 7.5 (or NIfTI pair) volume is listed by its .hdr; its voxels are in the .img beside it
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".mha", ".mhd", ".nrrd", ".nhdr")
 DICOM_SUFFIXES = (".dcm", ".ima")
 SERIES_SEPARATOR = "::"  # "folder::SeriesInstanceUID" names one series of a folder holding several
 MODALITY_KEY = "0008|0060"
@@ -94,12 +97,19 @@ def check_voxel_count(size: tuple[int, ...], max_voxels: int) -> None:
                               f"--max_voxels {max_voxels:,}; skipped before decoding")
 
 
+def _is_analyze_pair(path: Path) -> bool:
+    return path.name.lower().endswith(".hdr")
+
+
 def _check_file(path: Path, max_voxels: int) -> sitk.ImageFileReader:
     if path.stat().st_size == 0:
         raise VolumeReadError("empty file")
+    if _is_analyze_pair(path) and not any(path.with_suffix(s).is_file() for s in (".img", ".IMG", ".img.gz")):
+        raise VolumeReadError(f"an Analyze header without its data file {path.with_suffix('.img').name} beside it")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    reader.ReadImageInformation()
+    with quiet_itk_warnings(_is_analyze_pair(path)):
+        reader.ReadImageInformation()
     if reader.GetDimension() < 3:
         raise VolumeReadError(f"a {reader.GetDimension()}-D image, not a volume")
     check_voxel_count(reader.GetSize(), max_voxels)
@@ -117,6 +127,19 @@ def _check_dicom(source: str, max_voxels: int) -> list[str]:
     columns, rows = reader.GetSize()[:2]
     check_voxel_count((columns, rows, len(files)), max_voxels)
     return files
+
+
+@contextlib.contextmanager
+def quiet_itk_warnings(quiet: bool):
+    """ITK warns on stderr that Analyze is deprecated, once per file read: a corpus of SPM output would bury the
+    log in it. The format is read all the same, so the warning says nothing a user can act on."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    if quiet:
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def image_like(array: np.ndarray, template: sitk.Image) -> sitk.Image:
@@ -163,8 +186,9 @@ def read_image(source: str, max_voxels: int = MAX_VOXELS) -> sitk.Image:
     if not path.exists():
         raise VolumeReadError("no such file or folder")
     try:
-        image = _read_dicom(source, max_voxels) if path.is_dir() else \
-            restore_nonfinite(_check_file(path, max_voxels).Execute(), path)
+        with quiet_itk_warnings(_is_analyze_pair(path)):
+            image = _read_dicom(source, max_voxels) if path.is_dir() else \
+                restore_nonfinite(_check_file(path, max_voxels).Execute(), path)
     except RuntimeError as err:
         raise VolumeReadError(itk_reason(err, path)) from None
     return first_volume(image, source)

@@ -6,6 +6,7 @@ from medmnist.info import DEFAULT_ROOT
 from volmae.datasets.preprocess import AUTO, add_preprocess_args
 from volmae.datasets.transforms import PRESETS
 from volmae.finetuning.recipes import PRETRAINED_LAYER_DECAY, RECIPES
+from volmae.finetuning.search import SEARCH_MODES
 from volmae.finetuning.setups import SETUPS
 from volmae.util.cli import (
     HelpFormatter,
@@ -111,6 +112,12 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
                             "(inside the model); with --finetune the encoder's own statistics always apply")
     optim.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="--augment none")
     optim.add_argument("--clip_grad", type=positive_float, default=None, help="max gradient norm (default: no clipping)")
+    optim.add_argument("--search", choices=("auto", *SEARCH_MODES), default="auto",
+                       help="settings left unset (lr, augmentation) chosen on validation among a few candidates "
+                            "(finetuning.search): fallback tries them in turn until one leaves the class prior and "
+                            "clears the PCA floor on validation; full trains all and keeps the best validation AUC; "
+                            "auto: fallback for --setup volumes, none for the reference setups' published recipes")
+    optim.add_argument("--search_budget", type=positive_int, default=4, help="candidates tried at most per seed")
     optim.add_argument("--seeds", type=seed_list, default=[0],
                        help="comma-separated; each seed is a full run, then mean and std")
 
@@ -125,7 +132,8 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     device = parser.add_argument_group("device and distributed (ranks come from torchrun or SLURM)")
     device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     device.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 fine-tuning lost small lesions there: "
+                             "docs/performance.md); fp16 uses a GradScaler")
     device.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed ZeRO-1/2")
     return parser
 
@@ -144,6 +152,7 @@ def parse_args(argv: list[str], description: str = __doc__) -> argparse.Namespac
     parser = get_args_parser(description)
     args = parser.parse_args(argv)
     args.recipe = args.recipe or SETUPS[args.setup].recipe
+    args.given = sorted(key for key in RECIPES[args.recipe] if getattr(args, key, None) is not None)  # not searched
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

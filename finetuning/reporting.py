@@ -10,8 +10,17 @@ from medmnist import Evaluator
 
 from volmae.datasets.stored import to_unit_float
 from volmae.datasets.task_data import TaskData
+from volmae.util.baselines import image_floor, majority_share
 from volmae.util.explain import explain_predictions
-from volmae.util.metrics import REGRESSION, classification_metrics, confusion, regression_metrics, stays_at_prior
+from volmae.util.metrics import (
+    REGRESSION,
+    accuracy_at,
+    classification_metrics,
+    confusion,
+    regression_metrics,
+    stays_at_prior,
+    youden_threshold,
+)
 from volmae.util.plotting import confusion_figure, plt, roc_figure
 
 HEADLINE = {False: ("auc", "acc"), True: ("r2", "pearson")}
@@ -78,4 +87,67 @@ def aggregate(results: list[dict], regression: bool) -> dict:
                           "total": float(np.sum([r[clock] for r in results]))}
     summary["collapsed_seeds"] = [r["seed"] for r in results if r.get("collapsed")]
     summary["collapsed"] = bool(summary["collapsed_seeds"])
+    summary["test_at_prior_seeds"] = [r["seed"] for r in results if r.get("test", {}).get("at_prior")]
+    for split in ("val", "test"):
+        pca = [r["floors"]["pca_logreg"][f"{split}_auc"] for r in results
+               if f"{split}_auc" in r.get("floors", {}).get("pca_logreg", {})]
+        if pca:
+            summary[split]["pca_logreg_floor_auc"] = {"mean": float(np.mean(pca)), "std": float(np.std(pca)), "values": pca}
+        at_threshold = [r[f"{split}_acc_at_val_threshold"] for r in results if f"{split}_acc_at_val_threshold" in r]
+        if at_threshold:
+            summary[split]["acc_at_val_threshold"] = {"mean": float(np.mean(at_threshold)), "std": float(np.std(at_threshold))}
     return summary
+
+
+def floors(data: TaskData, train: tuple[np.ndarray, np.ndarray], seed: int) -> dict:
+    """What an image model must beat, on the same training samples: each split's majority share and the PCA +
+    logistic regression floor (util.baselines), chosen on validation."""
+    if data.task == REGRESSION:
+        return {}
+    result = {f"{split}_majority_share": majority_share(data.splits[split][1])
+              for split in ("val", "test") if len(data.splits[split][0])}
+    test = data.splits["test"] if len(data.splits["test"][0]) else None
+    image = image_floor(train, data.splits["val"], test, data.task, len(data.class_names), seed)
+    if image is not None:
+        result["pca_logreg"] = image
+    return result
+
+
+def threshold_report(data: TaskData, scores: dict[str, np.ndarray]) -> dict:
+    """Binary tasks: the cut chosen on validation (util.metrics.youden_threshold) and each split's accuracy at it,
+    beside the accuracy at 0.5 that uncalibrated scores can make look bad."""
+    if data.task != "binary-class" or "val" not in scores:
+        return {}
+    threshold = youden_threshold(data.splits["val"][1], scores["val"])
+    if threshold is None:
+        return {}
+    return {"val_threshold": threshold, **{f"{split}_acc_at_val_threshold": accuracy_at(data.splits[split][1], scores[split],
+                                                                                       threshold) for split in scores}}
+
+
+def verdict(result: dict, split: str) -> str:
+    """Warnings a reader must see beside a score: a collapsed model, one at the class prior, one below a floor."""
+    notes = []
+    if result.get("collapsed"):
+        notes.append("COLLAPSED: its validation predictions never left the class prior")
+    elif result.get(split, {}).get("at_prior"):
+        notes.append(f"AT THE PRIOR on {split}: one class, or scores that ignore the input")
+    floor = result.get("floors", {}).get("pca_logreg", {}).get(f"{split}_auc")
+    auc = result.get(split, {}).get("auc")
+    if floor is not None and auc is not None and np.isfinite(floor) and auc < floor:
+        notes.append(f"BELOW the PCA + logistic regression floor ({split} AUC {floor:.4f})")
+    return "; ".join(notes)
+
+
+def floor_line(result: dict, split: str) -> str:
+    """`floors: majority 0.735, PCA + LR AUC 0.912; ACC at the validation threshold 0.812`, where known."""
+    parts = []
+    found = result.get("floors", {})
+    if f"{split}_majority_share" in found:
+        parts.append(f"majority share {found[f'{split}_majority_share']:.4f}")
+    if f"{split}_auc" in found.get("pca_logreg", {}):
+        parts.append(f"PCA + LR AUC {found['pca_logreg'][f'{split}_auc']:.4f}")
+    text = f"floors: {', '.join(parts)}" if parts else ""
+    if f"{split}_acc_at_val_threshold" in result:
+        text += f"{'; ' if text else ''}ACC at the validation-chosen threshold {result[f'{split}_acc_at_val_threshold']:.4f}"
+    return text

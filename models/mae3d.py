@@ -26,6 +26,9 @@ PRETRAINING_ONLY_PREFIXES = ("decoder_", "mask_token", "contrast_head")
 # Chosen from benchmarks/bench_model.py (docs/performance.md, "Choice of the default decoder").
 DEFAULT_DECODER = {"decoder_embed_dim": 384, "decoder_depth": 4, "decoder_num_heads": 6}
 REFERENCE_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
+# the decoder of `--model auto`, in proportion to its small encoder (models.vit.AUTO_ARCHITECTURE): with the default
+# decoder, 9.5M of a 80x96x80 MAE's parameters would be decoder, 0.75M encoder
+AUTO_DECODER = {"decoder_embed_dim": 96, "decoder_depth": 2, "decoder_num_heads": 3}
 
 
 class MaskedAutoencoderViT(ViTEncoder):

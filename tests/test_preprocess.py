@@ -131,6 +131,27 @@ def test_4d_input_contributes_its_first_frame_with_a_warning(caplog):
     np.testing.assert_allclose(sitk.GetArrayFromImage(image).transpose(2, 1, 0), frames[..., 0])
 
 
+def test_analyze_pairs_as_spm_writes_them_read_like_the_same_voxels_in_mha(tmp_path, capfd):
+    """An Analyze 7.5 .hdr/.img pair (written by nibabel, as SPM's PET output is) is listed once, by its header,
+    and preprocesses to the array of the same voxels written by SimpleITK as MHA (Analyze has no orientation:
+    identity directions), quietly; a header without its .img is refused with that reason."""
+    rng = np.random.default_rng(0)
+    xyz = rng.normal(size=(9, 11, 7)).astype(np.float32)
+    xyz[:3, :4, :2] += 5.0  # asymmetric along every axis
+    nibabel.save(nibabel.AnalyzeImage(xyz, np.diag([2.0, 2.5, 3.0, 1.0])), tmp_path / "pet.hdr")
+    reference = image_from_xyz(xyz, spacing=(2.0, 2.5, 3.0))
+    sitk.WriteImage(reference, str(tmp_path / "same.mha"))
+    assert list_sources(tmp_path) == [str(tmp_path / "pet.hdr"), str(tmp_path / "same.mha")]
+    image = read_image(str(tmp_path / "pet.hdr"))
+    assert image.GetSpacing() == (2.0, 2.5, 3.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), xyz)
+    config = PreprocessConfig(size=(8, 12, 10), resample="spacing", spacing=(2.0, 2.0, 2.0), modality="mr")
+    np.testing.assert_array_equal(load_volume(str(tmp_path / "pet.hdr"), config), load_volume(str(tmp_path / "same.mha"), config))
+    assert "deprecated" not in capfd.readouterr().err
+    (tmp_path / "pet.img").unlink()
+    assert probe(str(tmp_path / "pet.hdr")) == "an Analyze header without its data file pet.img beside it"
+
+
 def test_each_kind_of_broken_file_is_refused_with_its_reason(tmp_path, phantom_dir):
     good = sorted(phantom_dir.glob("*.nii.gz"))[0]
     expected = write_bad_inputs(tmp_path, good)

@@ -19,7 +19,8 @@ from volmae.util.run_log import read_log
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "28", "--patch_size", "14", "--decoder_embed_dim", "64",
         "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--log_every", "1",
-        "--vis_every", "0", "--warmup_epochs", "1", "--lr", "1e-3", "--keep_every", "0"]
+        "--vis_every", "0", "--warmup_epochs", "1", "--lr", "1e-3", "--keep_every", "0",
+        "--precision", "fp32"]  # runs are compared step by step: bf16 (auto on CPUs with it) rounds with the batch split
 
 
 def pretrain_command(data: Path, out: Path, *extra: str) -> list[str]:

@@ -192,12 +192,15 @@ def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path
             assert (out / "finetune" / init / f"frac_{fraction}" / "seed_0" / "best.pth").is_file()
         assert 0 <= entry["floor"]["test_auc_mean"] <= 1 and entry["floor"]["column"] == "diameter_mm"
         assert "mae_minus_scratch_test_auc" in entry
+        paired = entry["paired"]  # both arms on the same test samples, resampled by patient
+        assert paired["seeds"] == 1 and paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+        assert 0 <= entry["pca_floor"]["test_auc_mean"] <= 1
     assert summary["fractions"]["0.5"]["train_patients"] < summary["fractions"]["1"]["train_patients"]
     curve = summary["pretrain"]["per_seed"]["0"]
     assert any("val_loss" in point for point in curve["curve"]) and len(curve["probe"]) >= 2
     assert summary["cpu_seconds_one_seed"] > summary["pretrain"]["cpu_seconds_per_seed"] > 0
     assert (out / "report.png").stat().st_size > 10_000
-    assert "fraction 1: test AUC mae" in result.stdout
+    assert "fraction 1: test AUC mae" in result.stdout and "fraction 1: MAE - scratch" in result.stdout
 
 
 def test_build_cache_chooses_the_preprocessing_from_the_headers(sphere_crops, tmp_path):

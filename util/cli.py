@@ -88,6 +88,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_int_or_auto(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def non_negative_float_or_auto(text: str) -> float | str:
+    return "auto" if text == "auto" else non_negative_float(text)
+
+
 def share(text: str) -> float:
     """A share in (0, 1]: a fraction of the data, or a decay factor."""
     value = _number(float, text)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from volmae.util.threads import set_cpu_threads
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -12,6 +14,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    cpu_threads: str = ""  # on a CPU: torch's thread count and why (util.threads)
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +70,7 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
                                     rank=rank, world_size=world_size)
         else:
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, device)
+    return DistInfo(rank, world_size, local_rank, device, set_cpu_threads() if device.type == "cpu" else "")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

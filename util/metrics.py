@@ -139,3 +139,54 @@ def one_feature_auc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray
         return math.nan
     model = LogisticRegression().fit(np.asarray(train_x, dtype=np.float64).reshape(-1, 1), train_y)
     return float(roc_auc_score(test_y, model.predict_proba(np.asarray(test_x, dtype=np.float64).reshape(-1, 1))[:, 1]))
+
+
+def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float | None:
+    """Binary tasks: the cut on the positive class's score that maximises sensitivity + specificity on these
+    samples (the validation split's), for an accuracy that does not assume calibrated scores. None if one class."""
+    from sklearn.metrics import roc_curve
+
+    truth = np.asarray(y_true).reshape(-1)
+    if len(np.unique(truth)) < 2:
+        return None
+    fpr, tpr, thresholds = roc_curve(truth, scores[:, -1])
+    return float(min(1.0, thresholds[int(np.argmax(tpr - fpr))]))
+
+
+def accuracy_at(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """Binary accuracy when the positive class is predicted from score >= threshold."""
+    return float(np.mean((scores[:, -1] >= threshold).astype(int) == np.asarray(y_true).reshape(-1)))
+
+
+def _auc(y_true: np.ndarray, scores: np.ndarray, task: str) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if task == "binary-class":
+        return float(roc_auc_score(y_true.reshape(-1), scores[:, -1]))
+    return float(getAUC(y_true, scores, task))
+
+
+def paired_auc_difference(y_true: np.ndarray, arm_a: list[np.ndarray], arm_b: list[np.ndarray], groups: np.ndarray,
+                          task: str = "binary-class", rounds: int = 2000, seed: int = 0) -> dict:
+    """AUC(a) - AUC(b) on the same test samples, averaged over seeds (arm_a[i] and arm_b[i] are seed i's scores
+    of the two arms), with a 95% percentile interval from resampling test patients (`groups`): a patient's samples
+    are drawn together, and each resample is scored for every seed, so the interval holds both the test set's
+    and the seeds' variation. `share_above_zero` is the share of resamples in which a beats b."""
+    y_true, groups = np.asarray(y_true), np.asarray(groups)
+    if len(arm_a) != len(arm_b) or not arm_a:
+        raise ValueError(f"paired arms need the same number of seeds, got {len(arm_a)} and {len(arm_b)}")
+    diff = float(np.mean([_auc(y_true, a, task) - _auc(y_true, b, task) for a, b in zip(arm_a, arm_b)]))
+    patients, members = np.unique(groups, return_inverse=True)
+    rows_of = [np.flatnonzero(members == i) for i in range(len(patients))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(rounds):
+        pick = np.concatenate([rows_of[i] for i in rng.integers(0, len(patients), len(patients))])
+        if len(np.unique(y_true[pick].reshape(len(pick), -1)[:, 0] if task == MULTI_LABEL else y_true[pick])) < 2:
+            continue
+        values.append(np.mean([_auc(y_true[pick], a[pick], task) - _auc(y_true[pick], b[pick], task)
+                               for a, b in zip(arm_a, arm_b)]))
+    values = np.asarray(values)
+    return {"difference": diff, "ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))],
+            "share_above_zero": float(np.mean(values > 0)), "seeds": len(arm_a), "patients": int(len(patients)),
+            "samples": int(len(y_true)), "rounds": int(len(values))}

@@ -90,7 +90,7 @@ def label_efficiency_figure(result: dict) -> plt.Figure:
     """The volumes recipe's report: test AUC against the fraction of labelled training patients (MAE and scratch,
     mean and std over seeds, the one-column floor), then the pretraining curves (training and held-out
     reconstruction loss, frozen-feature probe AUCs) of every seed."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     fractions = sorted(result["fractions"], key=float)
     x = [float(f) for f in fractions]
     styles = {"mae": ("MAE-pretrained", "tab:blue"), "scratch": ("from scratch", "tab:orange")}
@@ -104,6 +104,10 @@ def label_efficiency_figure(result: dict) -> plt.Figure:
         floor = [result["fractions"][f]["floor"] for f in fractions]
         ax.errorbar(x, [f["test_auc_mean"] for f in floor], yerr=[f["test_auc_std"] for f in floor], marker="s",
                     capsize=4, color="grey", linestyle="--", label=f"{floor[0]['column']} alone")
+    if result["fractions"][fractions[0]].get("pca_floor"):
+        pca = [result["fractions"][f]["pca_floor"] for f in fractions]
+        ax.errorbar(x, [f["test_auc_mean"] for f in pca], yerr=[f["test_auc_std"] for f in pca], marker="^",
+                    capsize=4, color="tab:green", linestyle=":", label="PCA + LR on voxels")
     patients = [result["fractions"][f]["train_patients"] for f in fractions]
     ax.set_xscale("log")
     ax.set_xticks(x, [f"{v:g}\n({p} pat.)" for v, p in zip(x, patients)])
@@ -134,5 +138,21 @@ def label_efficiency_figure(result: dict) -> plt.Figure:
     axes[2].set_title("probes (frozen features)")
     if axes[2].lines:
         axes[2].legend(fontsize="x-small")
+    paired = [(v, result["fractions"][f]["paired"]) for v, f in zip(x, fractions) if "paired" in result["fractions"][f]]
+    if paired:
+        ax = axes[3]
+        for v, entry in paired:
+            low, high = entry["ci95"]
+            ax.errorbar([v], [entry["difference"]], yerr=[[entry["difference"] - low], [high - entry["difference"]]],
+                        marker="o", capsize=4, color="tab:blue")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:g}" for v in x])
+        ax.minorticks_off()
+        ax.set_xlabel("fraction of the training patients labelled")
+        ax.set_ylabel("test AUC, MAE - scratch")
+        ax.set_title(f"paired difference, 95% CI ({paired[0][1]['seeds']} seeds, test patients resampled)", fontsize="small")
+    else:
+        axes[3].axis("off")
     fig.tight_layout()
     return fig

@@ -26,11 +26,36 @@ from volmae.util.dist import DistInfo, barrier
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 autocast on CUDA and fp32 on CPU."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> str:
+    """'auto' is bf16 autocast on CUDA. On a CPU it is bf16 only where the caller allows it (`cpu_bf16`: MAE
+    pretraining steps) and the CPU has native bf16, fp32 elsewhere. Fine-tuning, evaluation and prediction on a CPU
+    stay fp32: bf16 fine-tuning lost the demo's small lesions (collapsed at the class prior where fp32 reached test
+    AUC 1.0, docs/performance.md), and fp32 scores do not depend on the batch they were computed in."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_bf16 and native_cpu_bf16() else "fp32"
+
+
+def describe_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> str:
+    """The training precision and, under 'auto', why: printed by the mains."""
+    chosen = resolve_precision(precision, device, cpu_bf16)
+    if precision != "auto":
+        return f"{chosen} (--precision)"
+    if device.type == "cuda":
+        return "bf16 autocast (auto: CUDA)"
+    if chosen == "bf16":
+        return "bf16 autocast (auto: this CPU computes bf16 natively; evaluation stays fp32; --precision fp32 to turn off)"
+    if cpu_bf16:
+        return "fp32 (auto: this CPU has no native bf16, AVX512-BF16 or AMX)"
+    return "fp32 (auto: fine-tuning on a CPU stays fp32, where bf16 lost small lesions; --precision bf16 to try it)"
 
 
 def _free_port() -> int:
@@ -43,21 +68,24 @@ class TorchBackend:
     """Single process or DDP; autocast and (for fp16) a GradScaler; checkpoints as plain dicts."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
-                 precision: str, accum_iter: int, clip_grad: float | None):
+                 precision: str, accum_iter: int, clip_grad: float | None, cpu_bf16: bool = False):
         self.module = module.to(dist_info.device)
         self.dist = dist_info
         self.optimizer = optimizer
         self.accum_iter = accum_iter
         self.clip_grad = clip_grad
-        self.precision = resolve_precision(precision, dist_info.device)
+        self.requested_precision = precision
+        self.precision = resolve_precision(precision, dist_info.device, cpu_bf16)
         self.scaler = torch.amp.GradScaler(dist_info.device.type) if self.precision == "fp16" else None
         self.model = self.module
         if dist_info.distributed:
             device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=device_ids, broadcast_buffers=False)
 
-    def autocast(self):
-        dtype = AUTOCAST_DTYPES[self.precision]
+    def autocast(self, inference: bool = False):
+        """Autocast for a training step, or with `inference` for evaluation (fp32 on a CPU under 'auto')."""
+        dtype = AUTOCAST_DTYPES[resolve_precision(self.requested_precision, self.dist.device) if inference
+                                else self.precision]
         return torch.autocast(self.dist.device.type, dtype=dtype, enabled=dtype is not None)
 
     def accumulating(self, last: bool):
@@ -162,7 +190,7 @@ class DeepSpeedBackend:
     def input_dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
 
-    def autocast(self):
+    def autocast(self, inference: bool = False):
         return contextlib.nullcontext()  # DeepSpeed holds the weights in the configured dtype
 
     def accumulating(self, last: bool):
@@ -215,8 +243,9 @@ class DeepSpeedBackend:
 
 def make_backend(module: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
                  deepspeed_config: str | None, precision: str, batch_size: int, accum_iter: int = 1,
-                 clip_grad: float | None = None) -> TorchBackend | DeepSpeedBackend:
-    """DeepSpeed when a config is given (its JSON sets the precision), else plain PyTorch or DDP."""
+                 clip_grad: float | None = None, cpu_bf16: bool = False) -> TorchBackend | DeepSpeedBackend:
+    """DeepSpeed when a config is given (its JSON sets the precision), else plain PyTorch or DDP; `cpu_bf16` lets
+    'auto' pick bf16 on a CPU with native bf16 (resolve_precision)."""
     if deepspeed_config:
         return DeepSpeedBackend(module, optimizer, dist_info, deepspeed_config, batch_size, accum_iter, clip_grad)
-    return TorchBackend(module, optimizer, dist_info, precision, accum_iter, clip_grad)
+    return TorchBackend(module, optimizer, dist_info, precision, accum_iter, clip_grad, cpu_bf16)

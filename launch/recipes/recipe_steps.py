@@ -58,7 +58,8 @@ def flags(options: dict) -> list[str]:
 def seed_summary(runs: list[dict], extra_cpu: float = 0.0) -> dict:
     """Mean and std of test AUC and ACC over seeds; `runs` are per-seed results.json contents."""
     rows = [{"seed": r["seed"], "test_auc": r["test"]["auc"], "test_acc": r["test"]["acc"], "val_auc": r["val"]["auc"],
-             "best_epoch": r["best_epoch"], "collapsed": r["collapsed"], "test_at_prior": r["test"]["at_prior"],
+             "test_acc_at_val_threshold": r.get("test_acc_at_val_threshold"), "best_epoch": r["best_epoch"],
+             "collapsed": r["collapsed"], "test_at_prior": r["test"]["at_prior"],
              "cpu_seconds": r["cpu_seconds"], "seconds": r["seconds"]} for r in runs]
     auc, acc = [r["test_auc"] for r in rows], [r["test_acc"] for r in rows]
     finetune_cpu = sum(r["cpu_seconds"] for r in rows)

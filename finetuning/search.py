@@ -1,0 +1,74 @@
+"""Settings the data decides, chosen on validation: a few candidate (lr, augmentation) pairs per seed.
+
+One default cannot serve every dataset: on an FDG-PET set nobody here tuned for, the recipe's lr and full
+augmentation sat at the class prior, where 4x the lr with flips reached test AUC 0.83 (issue 25). So the flags a user
+leaves unset become candidates, tried on the training split and judged on validation only:
+  - fallback (the default for users' volumes): the recipe's values first; the next candidate only when a model
+    collapses, sits at the class prior, or scores below the PCA + logistic regression floor on validation, so a
+    dataset the recipe serves pays for one run;
+  - full: every candidate, the best validation score kept.
+The test split is read once, by the chosen model; results.json lists every candidate with its validation scores.
+"""
+import argparse
+import math
+from dataclasses import asdict, dataclass
+
+SEARCH_MODES = ("none", "fallback", "full")
+LR_FACTORS = (1.0, 4.0)  # the recipe's lr, and one high enough to leave the prior where the recipe's is too low
+FALLBACK_AUGMENT = "flips"  # the lightest augmentation that still regularises
+
+
+@dataclass(frozen=True)
+class Candidate:
+    lr: float
+    augment: str
+
+    @property
+    def name(self) -> str:
+        return f"lr{self.lr:.2e}_{self.augment}"
+
+    def apply(self, args: argparse.Namespace) -> argparse.Namespace:
+        """A copy of the run's flags with this candidate's values; the run's own flags are left as they were."""
+        return argparse.Namespace(**{**vars(args), "lr": self.lr, "augment": self.augment})
+
+
+def search_mode(args: argparse.Namespace) -> str:
+    if args.search != "auto":
+        return args.search
+    return "fallback" if args.setup == "volumes" else "none"
+
+
+def candidates(args: argparse.Namespace, chosen_augment: str) -> list[Candidate]:
+    """The recipe's (lr, augmentation) first, then the most different pair, then the rest, at most
+    --search_budget; a flag the user set is not searched."""
+    if search_mode(args) == "none":
+        return [Candidate(args.lr, chosen_augment)]
+    lrs = [args.lr] if {"lr", "blr"} & set(args.given) or args.lr == 0 else [args.lr * f for f in LR_FACTORS]
+    augments = [chosen_augment] if "augment" in args.given else list(dict.fromkeys([chosen_augment, FALLBACK_AUGMENT]))
+    pairs = [(lrs[0], augments[0]), (lrs[-1], augments[-1])]
+    pairs += [(lr, augment) for lr in lrs for augment in augments]
+    unique = list(dict.fromkeys(Candidate(lr, augment) for lr, augment in pairs))
+    return unique[:args.search_budget]
+
+
+def clears_validation(record: dict) -> bool:
+    """Left the class prior and reached the PCA + logistic regression floor on validation (where there is one)."""
+    floor = record.get("val_floor_auc")
+    score = record["val_score"]
+    above = floor is None or not math.isfinite(floor) or (math.isfinite(score) and score >= floor)
+    return not record["collapsed"] and not record["val_at_prior"] and above
+
+
+def rank_key(record: dict) -> tuple:
+    """Clearing validation first, then having left the class prior (a model at the prior is never preferred to one
+    that left it, whatever its AUC from tiny score differences), then the validation score (an undefined one last)."""
+    score = record["val_score"]
+    left_prior = not record["collapsed"] and not record["val_at_prior"]
+    return clears_validation(record), left_prior, score if math.isfinite(score) else -math.inf
+
+
+def candidate_record(candidate: Candidate, selection: dict, val_score: float, val_at_prior: bool,
+                     val_floor_auc: float | None) -> dict:
+    return {"name": candidate.name, **asdict(candidate), "best_epoch": selection["best_epoch"],
+            "collapsed": selection["collapsed"], "val_score": val_score, "val_at_prior": val_at_prior,
+            "val_floor_auc": val_floor_auc}
