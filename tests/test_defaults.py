@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import run_cli, shared_path
 from volmae import models
+from volmae.datasets.build_cache import build_cache
 from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.preprocess_choice import AUTO_VOXEL_BUDGET, HeaderSurvey, choose_preprocess
 from volmae.engine_pretrain import build_optimizer
@@ -92,6 +93,13 @@ def test_pretraining_defaults_print_a_small_model_an_auto_schedule_and_the_warmu
     assert "lr 7.500e-04" in quiet  # the recipes' base lr 6e-3 at batch 32
     loud = run_cli([*common, "--warmup_epochs", "40", "--output_dir", str(tmp_path / "long_warmup")]).stdout
     assert "WARNING: the warmup takes 360 of the run's 2 steps" in loud
+
+
+def test_pretraining_takes_the_grid_of_the_cache_it_reads(phantom_dir, tmp_path):
+    build_cache(str(phantom_dir), tmp_path / "cache", PreprocessConfig(size=(16, 24, 24)), progress=False)
+    result = run_cli(["main_pretrain.py", "--data_path", str(tmp_path / "cache"), "--model", "auto", "--batch_size", "4",
+                      "--max_steps", "1", "--vis_every", "0", "--num_workers", "0", "--output_dir", str(tmp_path / "run")])
+    assert "(CacheDataset, grid (16, 24, 24), fit) -> (16, 24, 24)" in result.stdout
 
 
 def survey(extents_mm: list[tuple[float, float, float]], spacing: float) -> HeaderSurvey:
