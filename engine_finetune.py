@@ -210,5 +210,5 @@ class Finetuner:
                        f"predictions were one class, or scores that do not depend on the input. Its AUC is noise, "
                        f"not a result (results.json: collapsed: true). Train longer, raise the learning rate, or "
                        f"check the augmentation.")
-        return {"best_epoch": best["epoch"], f"best_{metric}": best["score"], "epochs_run": epochs_run,
-                "epochs_at_prior": prior_epochs, "collapsed": collapsed}
+        return {"best_epoch": best["epoch"], f"best_{metric}": best["score"], "best_val_at_prior": not best["key"][0],
+                "epochs_run": epochs_run, "epochs_at_prior": prior_epochs, "collapsed": collapsed}

@@ -105,6 +105,11 @@ class IndexSubset(Dataset):
         self.dataset.set_epoch(epoch)
 
 
+def held_out_count(volumes: int, fraction: float) -> int:
+    """How many of `volumes` hold_out keeps out: the `fraction`, at least one, never all."""
+    return min(volumes - 1, max(1, round(fraction * volumes)))
+
+
 def hold_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
     """(training part, held-out part without augmentation): a fixed random `fraction` of the samples (at least
     one) is kept out of training, to measure the reconstruction loss on volumes the model never learned from."""
@@ -113,7 +118,7 @@ def hold_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset,
     if len(dataset) < 2:
         raise ValueError(f"holding out part of {len(dataset)} volume(s) leaves nothing to train on")
     order = np.random.default_rng(seed).permutation(len(dataset))
-    count = min(len(dataset) - 1, max(1, round(fraction * len(dataset))))
+    count = held_out_count(len(dataset), fraction)
     plain = copy.copy(dataset)
     plain.augment = False
     return IndexSubset(dataset, np.sort(order[count:])), IndexSubset(plain, np.sort(order[:count]))

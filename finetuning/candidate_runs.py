@@ -24,7 +24,6 @@ from volmae.finetuning.setups import resolve_augment
 from volmae.models.load_classifier import CLASSIFIER_KIND
 from volmae.util.checkpoint import plain_args
 from volmae.util.dist import DistInfo, barrier
-from volmae.util.metrics import selection_score, stays_at_prior
 from volmae.util.run_log import RunLog
 
 MOVED_OUTPUTS = ("best.pth", "log.txt", "tensorboard")
@@ -78,7 +77,6 @@ def train_chosen(args: argparse.Namespace, seed: int, data: TaskData, train: tup
     todo = candidates(args, default_augment)
     mode = search_mode(args)
     records, best, folders = [], None, {}
-    val_labels = data.splits["val"][1]
     for i, candidate in enumerate(todo):
         if i == 1 and dist_info.is_main:  # a second candidate: the first one's files move beside it
             _move_into(output_dir, output_dir / "search" / todo[0].name)
@@ -97,9 +95,7 @@ def train_chosen(args: argparse.Namespace, seed: int, data: TaskData, train: tup
                             "diverged": str(err)})
             say(f"seed {seed}: candidate {candidate.name} diverged ({err})")
             continue
-        val_scores = trainer.scores("val")
-        record = candidate_record(candidate, selection, selection_score(val_labels, val_scores, data.task),
-                                  stays_at_prior(val_scores, data.task), val_floor_auc)
+        record = candidate_record(candidate, selection, val_floor_auc)
         records.append(record)
         if best is None or rank_key(record) > rank_key(best[0]):
             best = (record, ChosenRun(trainer, model, run_args, selection, augment_report, {}))

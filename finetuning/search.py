@@ -67,8 +67,10 @@ def rank_key(record: dict) -> tuple:
     return clears_validation(record), left_prior, score if math.isfinite(score) else -math.inf
 
 
-def candidate_record(candidate: Candidate, selection: dict, val_score: float, val_at_prior: bool,
-                     val_floor_auc: float | None) -> dict:
+def candidate_record(candidate: Candidate, selection: dict, val_floor_auc: float | None) -> dict:
+    """What a trained candidate is judged by: its best epoch's validation score (AUC, R2 for regression) and
+    whether that epoch sat at the class prior, as engine_finetune.Finetuner.fit chose it."""
+    score = next(value for key, value in selection.items() if key in ("best_val_auc", "best_val_r2"))
     return {"name": candidate.name, **asdict(candidate), "best_epoch": selection["best_epoch"],
-            "collapsed": selection["collapsed"], "val_score": val_score, "val_at_prior": val_at_prior,
+            "collapsed": selection["collapsed"], "val_score": score, "val_at_prior": selection["best_val_at_prior"],
             "val_floor_auc": val_floor_auc}

@@ -74,8 +74,8 @@ class TorchBackend:
         self.optimizer = optimizer
         self.accum_iter = accum_iter
         self.clip_grad = clip_grad
-        self.requested_precision = precision
         self.precision = resolve_precision(precision, dist_info.device, cpu_bf16)
+        self.inference_precision = resolve_precision(precision, dist_info.device)
         self.scaler = torch.amp.GradScaler(dist_info.device.type) if self.precision == "fp16" else None
         self.model = self.module
         if dist_info.distributed:
@@ -84,8 +84,7 @@ class TorchBackend:
 
     def autocast(self, inference: bool = False):
         """Autocast for a training step, or with `inference` for evaluation (fp32 on a CPU under 'auto')."""
-        dtype = AUTOCAST_DTYPES[resolve_precision(self.requested_precision, self.dist.device) if inference
-                                else self.precision]
+        dtype = AUTOCAST_DTYPES[self.inference_precision if inference else self.precision]
         return torch.autocast(self.dist.device.type, dtype=dtype, enabled=dtype is not None)
 
     def accumulating(self, last: bool):

@@ -31,6 +31,7 @@ from recipe_steps import flags, loss_curve, probe_curve, run, seed_summary
 
 from volmae.datasets.labelled_volumes import VolumeTaskOptions, choose_for, fraction_of_patients, read_labels, resolve_source
 from volmae.datasets.preprocess import PreprocessConfig
+from volmae.datasets.pretrain_data import held_out_count
 from volmae.datasets.sources import SourceListError, list_sources
 from volmae.datasets.task_data import TaskDataError, infer_task
 from volmae.util.cli import int_tuple_or_auto, positive_int, positive_int_or_auto
@@ -96,7 +97,7 @@ def planned_pretrain_epochs(requested: int | str, cache: Path) -> int:
         return requested
     manifest = pd.read_csv(cache / "manifest.csv", keep_default_na=False)
     volumes = int((manifest["status"] == "ok").sum())
-    trained = volumes - min(volumes - 1, max(1, round(HOLDOUT * volumes)))
+    trained = volumes - held_out_count(volumes, HOLDOUT)
     return auto_epochs(optimizer_steps_per_epoch(trained, 1, int(PRETRAIN["--batch_size"]), 1))
 
 
