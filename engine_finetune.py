@@ -45,6 +45,18 @@ def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=fused)
 
 
+class Patience:
+    """Early stopping: exhausted once `patience` epochs in a row have not lowered the validation loss
+    (None: never)."""
+
+    def __init__(self, patience: int | None):
+        self.patience, self.best, self.stale = patience, math.inf, 0
+
+    def exhausted(self, val_loss: float) -> bool:
+        self.best, self.stale = (val_loss, 0) if val_loss < self.best else (self.best, self.stale + 1)
+        return bool(self.patience) and self.stale >= self.patience
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """'balanced' weights n / (classes * count) from the training labels."""
     counts = np.bincount(labels.reshape(-1), minlength=num_classes).astype(np.float64)
@@ -171,7 +183,7 @@ class Finetuner:
         val_labels = self.splits["val"].labels
         metric = "val_r2" if self.task == REGRESSION else "val_auc"
         best = {"key": (False, -math.inf, -math.inf), "score": -math.inf, "epoch": -1, "state": None}
-        best_loss, stale, prior_epochs = math.inf, 0, 0
+        patience, prior_epochs = Patience(self.args.patience), 0
         for epoch in range(self.args.epochs):
             start = time.perf_counter()
             train_loss = self.train_epoch(epoch)
@@ -197,10 +209,9 @@ class Finetuner:
                 tqdm.write(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                            f"{metric.replace('_', ' ')} {score:.4f}{' (stays at the class prior)' if at_prior else ''}"
                            f"{' (best)' if improved else ''}")
-            best_loss, stale = (val_loss, 0) if val_loss < best_loss else (best_loss, stale + 1)
-            if self.args.patience and stale >= self.args.patience:
+            if patience.exhausted(val_loss):
                 if self.dist.is_main:
-                    tqdm.write(f"early stop: validation loss has not improved for {stale} epochs")
+                    tqdm.write(f"early stop: validation loss has not improved for {patience.stale} epochs")
                 break
         self.classifier.load_state_dict(best["state"])
         epochs_run = epoch + 1

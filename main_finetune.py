@@ -92,7 +92,8 @@ def run_seed(args, seed: int, data: TaskData, dist_info, output_dir: Path, profi
     evaluated = [split for split in ("val", "test") if len(data.splits[split][0])]
     scores = {split: trainer.scores(split) for split in evaluated}
     result = {"setup": args.setup, "data": data.data, "model": args.model, "finetune": args.finetune,
-              "model_config": model.config, "recipe": args.recipe, "seed": seed, **report, **used, **selection,
+              "model_config": model.config, "recipe": args.recipe, "patience": args.patience, "seed": seed,
+              **report, **used, **selection,
               "lr": chosen.args.lr, "augment": chosen.augment_report, "search": chosen.search, "floors": found_floors}
     if dist_info.is_main:
         for split in evaluated:

@@ -72,5 +72,6 @@ def candidate_record(candidate: Candidate, selection: dict, val_floor_auc: float
     whether that epoch sat at the class prior, as engine_finetune.Finetuner.fit chose it."""
     score = next(value for key, value in selection.items() if key in ("best_val_auc", "best_val_r2"))
     return {"name": candidate.name, **asdict(candidate), "best_epoch": selection["best_epoch"],
+            "epochs_run": selection["epochs_run"],
             "collapsed": selection["collapsed"], "val_score": score, "val_at_prior": selection["best_val_at_prior"],
             "val_floor_auc": val_floor_auc}

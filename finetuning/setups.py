@@ -95,6 +95,7 @@ class Setup:
     full_augment: Callable[[argparse.Namespace], AugmentConfig] = lambda _args: AugmentConfig()
     extra_outputs: Callable[[Path, torch.nn.Module, TaskData], None] = no_extra_outputs
     split_ratio: str = "0.85,0.15,0"  # train,val,test shares of the patients of a labels CSV without a split column
+    early_stop: bool = False  # --patience auto unless the recipe or the command line says otherwise
 
 
 SETUPS = {setup.name: setup for setup in (
@@ -105,7 +106,7 @@ SETUPS = {setup.name: setup for setup in (
     # volumes resampled to a common spacing keep their physical size, often the label's strongest signal:
     # the affine augmentation rotates and shifts them but does not rescale them
     Setup("volumes", "mae", volumes_data, lambda _args: replace(AugmentConfig(), scale=(1.0, 1.0)),
-          split_ratio="0.7,0.15,0.15"),
+          split_ratio="0.7,0.15,0.15", early_stop=True),
 )}
 
 

@@ -196,6 +196,16 @@ def test_the_search_tries_unset_settings_only_and_never_prefers_a_model_at_the_p
     assert max([at_prior, below], key=rank_key) is below  # below the floor, but it left the prior
 
 
+def test_own_volumes_stop_early_after_a_third_of_the_epochs_and_published_recipes_keep_theirs():
+    volumes = ["--setup", "volumes", "--meta", "labels.csv", "--label", "y"]
+    assert parse_args(volumes).patience == 10  # 30 epochs: the floor of 10
+    assert parse_args([*volumes, "--epochs", "127"]).patience == 43
+    assert parse_args([*volumes, "--patience", "3"]).patience == 3
+    assert parse_args(["--setup", "medmnist"]).patience is None
+    assert parse_args(["--setup", "medmnist", "--patience", "auto", "--epochs", "60"]).patience == 20
+    assert parse_args(["--setup", "slivit", "--meta", "m.csv"]).patience == 5
+
+
 @pytest.fixture(scope="module")
 def lidc_split(tmp_path_factory):
     """60 real LIDC crops of whole patients with a fixed split column, so that the split cannot move."""

@@ -9,6 +9,7 @@ from medmnist import Evaluator
 
 from tests.conftest import run_cli, shared_path
 from volmae import models
+from volmae.engine_finetune import Patience
 from volmae.models.load_pretrained import CheckpointMismatchError, adapt_pos_embed, load_encoder
 from volmae.models.pos_embed import sincos_pos_embed
 from volmae.util.checkpoint import load_checkpoint
@@ -53,6 +54,19 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_test_uses_it(tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert results["best_epoch"] == best_epoch == load_checkpoint(out / "best.pth")["epoch"]
     assert results["val"]["auc"] == pytest.approx(max(r["val_auc"] for r in log))
+
+
+def test_patience_stops_once_the_validation_loss_stops_improving(tmp_path):
+    rule = Patience(2)
+    assert [rule.exhausted(loss) for loss in (0.7, 0.6, 0.65, 0.5, 0.55, 0.5)] == [False] * 5 + [True]  # ties: stale
+    assert not any(Patience(None).exhausted(loss) for loss in (0.5, 0.6, 0.7, 0.8))
+    out, result = finetune(tmp_path, "stop", "--data_flag", "adrenalmnist3d", "--model", "vit3d_tiny_patch14",
+                           "--epochs", "12", "--lr", "0", "--warmup_epochs", "0", "--patience", "2")
+    losses = [json.loads(line)["val_loss"] for line in (out / "log.txt").read_text().splitlines()]
+    replay = Patience(2)
+    expected = next((epoch + 1 for epoch, loss in enumerate(losses) if replay.exhausted(loss)), 12)
+    assert len(losses) == expected == json.loads((out / "results.json").read_text())["epochs_run"]
+    assert ("early stop" in result.stdout) == (expected < 12)
 
 
 def test_medmnist_recipe_uses_adam_and_the_official_schedule(tmp_path):

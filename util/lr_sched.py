@@ -5,7 +5,9 @@ import torch
 
 
 def lr_at_step(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based); warmup reaches `base_lr` at its last step."""
+    """Learning rate for optimizer step `step` (0-based); warmup reaches `base_lr` at its last step. The decay
+    never climbs: a `min_lr` above `base_lr` (lr 0 evaluates the initial weights) is lowered to it."""
+    min_lr = min(min_lr, base_lr)
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
