@@ -39,7 +39,7 @@ def commands(name: str, method: str, args: argparse.Namespace) -> list[list[str]
     out = Path(args.work_dir) / name / method
     base = ["--data_flag", data["flag"], "--size", str(data["size"]), "--data_root", args.data_root]
     finetune = [sys.executable, "main_finetune.py", *base, "--seeds", args.seeds, "--output_dir", str(out),
-                "--num_workers", "0"]
+                "--num_workers", "0", "--overwrite"]
     if method == "resnet18_medmnist":
         return [[*finetune, "--model", data["resnet"], "--recipe", "medmnist", "--epochs", str(args.resnet_epochs)]]
     setup = [*finetune, "--epochs", str(args.setup_epochs)]

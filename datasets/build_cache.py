@@ -38,7 +38,7 @@ from volmae.datasets.preprocess import AUTO, PreprocessConfig, add_preprocess_ar
 from volmae.datasets.preprocess_choice import choose_preprocess, survey_headers
 from volmae.datasets.reading import VolumeReadError, read_image
 from volmae.datasets.sources import SourceListError, list_sources
-from volmae.util.atomic import atomic_write, make_output_folder, remove_stale_temporaries
+from volmae.util.atomic import atomic_write, ensure_room, make_output_folder, remove_stale_temporaries
 from volmae.util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, report_disk_faults
 from volmae.util.run_lock import output_folder_lock
 
@@ -48,6 +48,9 @@ MANIFEST_COLUMNS = ["index", "source", "status", "reason", "shard", "key", "moda
                     "original_spacing", "intensity_low", "intensity_high", "nonfinite_filled", "seconds"]
 
 _progress: "queue.Queue | None" = None  # set in each worker: one tick per finished volume
+
+
+HDF5_HEADROOM = 2**20  # bytes beyond a volume's raw size: its attributes, chunk index and the file's metadata
 
 
 def shard_name(shard: int) -> str:
@@ -90,6 +93,10 @@ def built_with(meta: dict, config: PreprocessConfig, dtype: str) -> bool:
     return meta["dtype"] == dtype and same_output(PreprocessConfig.from_dict(meta["preprocess"]), config)
 
 
+class CacheSettingsError(ValueError):
+    """The folder holds a cache of other preprocessing settings; the caller names the flag that picks another."""
+
+
 def write_meta(root: Path, config: PreprocessConfig, dtype: str) -> None:
     """Create cache.json, or check that an existing cache was built with the same settings."""
     meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "dtype": dtype, "preprocess": config.to_dict()}
@@ -97,9 +104,8 @@ def write_meta(root: Path, config: PreprocessConfig, dtype: str) -> None:
     if path.exists():
         existing = read_meta(root)
         if not built_with(existing, config, dtype):
-            raise SystemExit(f"error: {root} holds a cache built with other settings "
-                             f"({json.dumps(existing['preprocess'])}, dtype {existing['dtype']}); "
-                             f"use another --output")
+            raise CacheSettingsError(f"{root} holds a cache built with other settings "
+                                     f"({json.dumps(existing['preprocess'])}, dtype {existing['dtype']})")
         return
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
@@ -151,16 +157,18 @@ def _build_volume(group: h5py.Group, index: int, source: str, shard: str, config
     try:
         image = read_image(source, config.max_voxels)
         result = preprocess_image(image, config)
+    except VolumeReadError as err:
+        row["reason"] = str(err)
+    except Exception as err:  # one bad input of thousands must not stop the build
+        row["reason"] = f"{type(err).__name__}: {err}"
+    else:  # outside the handlers above: a disk that refuses the shard stops the build, it loses no volume
+        ensure_room(Path(group.file.filename).with_name(shard), result.array.nbytes + HDF5_HEADROOM)
         write_volume(group, volume_key(index), result.array, dtype, _volume_attrs(image, source, config, result))
         row.update(status="ok", shard=shard, key=volume_key(index), modality=result.modality,
                    original_size="x".join(map(str, image.GetSize())),
                    original_spacing="x".join(f"{s:.4g}" for s in image.GetSpacing()),
                    intensity_low=result.intensity_range[0], intensity_high=result.intensity_range[1],
                    nonfinite_filled=result.nonfinite_filled)
-    except VolumeReadError as err:
-        row["reason"] = str(err)
-    except Exception as err:  # one bad input of thousands must not stop the build
-        row["reason"] = f"{type(err).__name__}: {err}"
     row["seconds"] = round(time.perf_counter() - start, 3)
     if _progress is not None:
         _progress.put(row["status"])
@@ -297,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                                itk_threads=args.itk_threads)
     except (SourceListError, VolumeReadError) as err:
         raise SystemExit(f"error: {err}") from None
+    except CacheSettingsError as err:
+        raise SystemExit(f"error: {err}; use another --output") from None
     print(summarise(manifest, Path(args.output), time.perf_counter() - start))
     if not (manifest["status"] == "ok").any():
         print("error: no volume could be cached", file=sys.stderr)

@@ -13,14 +13,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from volmae.datasets.build_cache import build_cache, built_with
+from volmae.datasets.build_cache import CacheSettingsError, build_cache, built_with
 from volmae.datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
+from volmae.datasets.label_checks import (
+    CSV_FIRST_ROW,
+    missing_labels,
+    refuse_one_class,
+    refuse_patients_in_two_splits,
+    refuse_shared_files,
+)
 from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
 from volmae.datasets.reading import VolumeReadError
 from volmae.datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
-
-CSV_FIRST_ROW = 2  # the line of the first data row: the header is line 1
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,8 @@ def cache_volumes(sources: list[str], cache_dir: Path, config: PreprocessConfig,
         return complete
     try:
         manifest = build_cache(list(dict.fromkeys(sources)), cache_dir, config, workers=workers)
-    except SystemExit as err:  # a cache of other settings in that folder
-        raise TaskDataError(str(err).removeprefix("error: ")) from None
+    except CacheSettingsError as err:
+        raise TaskDataError(f"{err}; give another --volume_cache") from None
     return {row["source"]: row for row in manifest.to_dict("records")}
 
 
@@ -104,9 +109,16 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
     their preprocessing, and the rows that could not be used. OUTPUT_DIR/meta_split.csv is the CSV with absolute
     paths, the split of every row and whether it was used."""
     table = read_labels(csv, options)
-    task = infer_task(table, options.labels, options.requested_task)
-    targets, names = label_arrays(table, options.labels, task, csv)
-    usable = [path for path in table["path"] if path]
+    refuse_shared_files(table, options.group, csv)
+    unlabelled = missing_labels(table, options.labels)
+    excluded = [{"row": int(i) + CSV_FIRST_ROW, "path": table["path"].iloc[i],
+                 "reason": f"no label in {', '.join(options.labels)}"} for i in np.flatnonzero(unlabelled)]
+    labelled = table[~unlabelled]
+    if labelled.empty:
+        raise TaskDataError(f"{csv}: no row has a label in {', '.join(options.labels)}")
+    task = infer_task(labelled, options.labels, options.requested_task)
+    targets, names = label_arrays(labelled, options.labels, task, csv)
+    usable = [path for path in labelled["path"] if path]
     if not usable:
         raise TaskDataError(f"{csv}: every 'path' is empty")
     choice = choose_for(usable, options)
@@ -117,8 +129,8 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
     except CacheError as err:
         raise TaskDataError(str(err)) from None
     position = {source: i for i, source in enumerate(cache.manifest["source"])}
-    keep, excluded, loaded = [], [], []
-    for i, path in enumerate(table["path"]):
+    keep, loaded = [], []
+    for j, (i, path) in enumerate(zip(labelled.index, labelled["path"])):
         row = rows.get(path)
         if not path:
             reason = "empty path"
@@ -127,20 +139,23 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
         else:
             try:
                 loaded.append(cache.read_stored(position[path]))
-                keep.append(i)
+                keep.append(j)
                 continue
             except CacheReadError as err:  # a damaged cache costs this row, named, not the run
                 reason = f"cached copy unreadable: {err}"
-        excluded.append({"row": i + CSV_FIRST_ROW, "path": path, "reason": reason})
+        excluded.append({"row": int(i) + CSV_FIRST_ROW, "path": path, "reason": reason})
+    excluded.sort(key=lambda item: item["row"])
     if excluded:
-        print(f"warning: {len(excluded)} of {len(table)} rows of {csv} left out (their volumes cannot be read):")
+        print(f"warning: {len(excluded)} of {len(table)} rows of {csv} left out (no label, or a volume that cannot "
+              f"be read):")
         for item in excluded:
             print(f"  line {item['row']} ({item['path']}): {item['reason']}")
     if not keep:
-        raise TaskDataError(f"{csv}: none of the {len(table)} rows has a readable volume")
+        raise TaskDataError(f"{csv}: none of the {len(table)} rows has a label and a readable volume")
     volumes = np.stack(loaded)
-    kept = table.iloc[keep].reset_index(drop=True)
+    kept = labelled.iloc[keep].reset_index(drop=True)
     targets = targets[keep]
+    refuse_one_class(targets, task, names, csv)
     groups = kept[options.group].astype(str).to_numpy() if options.group in kept.columns else \
         kept["path"].to_numpy()
     splits, split_groups, sources = {}, {}, {}
@@ -153,10 +168,8 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
     if empty:
         raise TaskDataError(f"{csv}: the {' and '.join(empty)} split(s) would be empty; give more rows, another "
                             f"--split_ratio or a split column")
-    crossing = set(split_groups["train"]) & (set(split_groups["val"]) | set(split_groups["test"]))
-    if crossing and options.group in table.columns:
-        raise TaskDataError(f"{csv}: the split column puts patient(s) {', '.join(sorted(crossing)[:5])} in more than "
-                            f"one split")
+    refuse_patients_in_two_splits(split_groups, csv)
+    refuse_one_class(splits["train"][1], task, names, csv, "row of the train split")
     config = choice.config
     data = {"source": "volumes", "meta": str(csv), "labels": list(options.labels), "group": options.group,
             "input_size": list(config.size), "in_chans": 1, "stored_dtype": str(cache.stored_dtype),
@@ -166,8 +179,8 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
               "split_counts": {s: int(len(splits[s][0])) for s in SPLITS},
               "split_patients": {s: int(len(set(split_groups[s]))) for s in SPLITS}}
     output_dir.mkdir(parents=True, exist_ok=True)
-    used = set(keep)
-    table.assign(status=["ok" if i in used else "excluded" for i in range(len(table))]).to_csv(
+    used = set(labelled.index[keep])
+    table.assign(status=["ok" if i in used else "excluded" for i in table.index]).to_csv(
         output_dir / "meta_split.csv", index=False)
     return TaskData(splits, task, names, tuple(config.size), 1, data, preprocess=config, groups=split_groups,
                     sources=sources, report=report)

@@ -126,7 +126,10 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="./output_finetune",
-                        help="best.pth, results.json, scores, curves and log.txt; one run at a time")
+                        help="best.pth, results.json, scores, curves and log.txt; one run at a time, and a folder "
+                             "holding a finished run is refused unless --overwrite")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace the finished run in OUTPUT_DIR (its results.json goes first)")
     output.add_argument("--log_dir", default=None, help="tensorboard folder (default OUTPUT_DIR/tensorboard)")
     output.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap rounds for the AUC confidence interval")
     output.add_argument("--explain", type=non_negative_int, default=0, metavar="N",

@@ -10,6 +10,7 @@ from medmnist import Evaluator
 
 from volmae.datasets.stored import to_unit_float
 from volmae.datasets.task_data import TaskData
+from volmae.util.atomic import atomic_write
 from volmae.util.baselines import image_floor, majority_share
 from volmae.util.explain import explain_predictions
 from volmae.util.metrics import (
@@ -23,6 +24,7 @@ from volmae.util.metrics import (
 )
 from volmae.util.plotting import confusion_figure, plt, roc_figure
 
+RESULTS_FILE = "results.json"  # written last: a folder that has it holds a finished run
 HEADLINE = {False: ("auc", "acc"), True: ("r2", "pearson")}
 
 
@@ -40,7 +42,7 @@ def write_split_outputs(output_dir: Path, split: str, data: TaskData, labels: np
         table.insert(i, f"label_{i}" if labels.shape[1] > 1 else "label", column)
     if data.sources is not None:  # which file each score belongs to
         table.insert(0, "path", data.sources[split])
-    table.to_csv(output_dir / f"{split}_scores.csv", index_label="index")
+    atomic_write(output_dir / f"{split}_scores.csv", lambda tmp: table.to_csv(tmp, index_label="index"))
     if data.medmnist is not None:
         spec = data.medmnist
         evaluator = Evaluator(spec.flag, split, size=spec.size, root=spec.root)
@@ -50,10 +52,10 @@ def write_split_outputs(output_dir: Path, split: str, data: TaskData, labels: np
         matrix = confusion(labels, scores, data.task, len(data.class_names))
         if matrix is not None:
             figure = confusion_figure(matrix, data.class_names, f"{data.data.get('flag', 'test')} test")
-            figure.savefig(output_dir / "confusion_matrix.png", dpi=120)
+            atomic_write(output_dir / "confusion_matrix.png", lambda tmp, f=figure: f.savefig(tmp, dpi=120))
             plt.close(figure)
         figure = roc_figure(labels, scores, data.task, data.class_names, "test")
-        figure.savefig(output_dir / "roc_curve.png", dpi=120)
+        atomic_write(output_dir / "roc_curve.png", lambda tmp: figure.savefig(tmp, dpi=120))
         plt.close(figure)
     return metrics
 
@@ -66,7 +68,7 @@ def write_explanations(output_dir: Path, model: torch.nn.Module, data: TaskData,
 
 
 def write_results(output_dir: Path, result: dict) -> None:
-    (output_dir / "results.json").write_text(json.dumps(result, indent=2))
+    atomic_write(output_dir / RESULTS_FILE, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
 
 
 def headline(values: dict, regression: bool) -> str:

@@ -7,24 +7,72 @@ deletes. A full, read-only or forbidden disk is reported as such (DiskWriteError
 """
 import errno
 import os
+import re
+import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 TEMPORARY_GLOB = ".tmp-*"
 DISK_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                errno.EPERM: "operation not permitted"}
+HDF5_ERRNO = re.compile(r"errno = (\d+)")
 
 
 class DiskWriteError(OSError):
     """A write that the disk refused; the message names the file and the cause, in one line."""
 
 
-def disk_fault(err: OSError, path: Path) -> DiskWriteError | None:
-    """The disk-level cause of `err` as one line about `path`, or None when it is not one."""
-    if err.errno not in DISK_FAULTS:
+def disk_fault(err: BaseException, path: Path, kept: str = "an existing file there is unchanged"
+               ) -> DiskWriteError | None:
+    """The disk-level cause of `err` as one line about `path` and what it still holds (`kept`), or None when
+    it is not one. HDF5 reports a failed write as a RuntimeError whose text carries the errno."""
+    code = fault_errno(err)
+    if code not in DISK_FAULTS:
         return None
-    return DiskWriteError(f"cannot write {path}: {DISK_FAULTS[err.errno]}; an existing file there is unchanged")
+    return DiskWriteError(f"cannot write {path}: {DISK_FAULTS[code]}{free_space(path)}; {kept}")
+
+
+def fault_errno(err: BaseException) -> int | None:
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno
+    found = HDF5_ERRNO.search(str(err)) if isinstance(err, (OSError, RuntimeError)) else None
+    return int(found.group(1)) if found else None
+
+
+def ensure_room(path: Path, needed: int, kept: str = "an existing file there is unchanged") -> None:
+    """Refuse, as a disk fault, a write of up to `needed` bytes that the file system holding `path` has no room
+    for: HDF5 reports a full disk late, from deep inside its own cleanup, with a traceback per freed object."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise DiskWriteError(f"cannot write {path}: no space left on the device ({free / 2**20:,.2f} MB free "
+                             f"there, the next volume needs up to {needed / 2**20:,.2f} MB); {kept}")
+
+
+@contextmanager
+def disk_writes(path: str | os.PathLike, kept: str):
+    """Writes in place (appends, logs, locks): a disk fault becomes one DiskWriteError naming `path` and what
+    it still holds."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        fault = disk_fault(err, Path(path), kept)
+        if fault is None:
+            raise
+        raise fault from err
+
+
+def free_space(path: Path) -> str:
+    """', N MB free' on the file system that holds `path`, or '' when it cannot be asked."""
+    try:
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:,.2f} MB free there)"
 
 
 def temporary_for(path: Path) -> Path:
@@ -41,16 +89,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        _discard(tmp)  # first, so that the free space reported is what the disk has without it
         fault = disk_fault(err, path)
         if fault is None:
             raise
         raise fault from err
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # e.g. the folder turned read-only: the temporary stays for remove_stale_temporaries
+        _discard(tmp)
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # e.g. the folder turned read-only: the temporary stays for remove_stale_temporaries
 
 
 def make_output_folder(path: str | os.PathLike) -> Path:

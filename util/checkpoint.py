@@ -21,10 +21,35 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: _save(obj, tmp))
 
 
+class _WriteErrorKeeper:
+    """A file that remembers the first OSError its writes raised: torch's zip writer turns it into a
+    RuntimeError ('unexpected pos') that no longer says the disk was full."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def _save(obj: Any, tmp: Path) -> None:
-    """Through a Python file, so that a full disk raises OSError(ENOSPC) rather than torch's 'unexpected pos'."""
+    """Through a Python file, so that a full disk raises OSError(ENOSPC), not torch's 'unexpected pos'."""
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        keeper = _WriteErrorKeeper(f)
+        try:
+            torch.save(obj, keeper)
+            f.flush()
+        except RuntimeError:
+            if keeper.error is not None:
+                raise keeper.error from None
+            raise
 
 
 class CheckpointError(ValueError):

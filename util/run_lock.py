@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from volmae.util.atomic import disk_writes
+
 LOCK_FILE = ".volmae-run.lock"
 
 
@@ -44,7 +46,8 @@ def _release(fd: int) -> None:
 
 def _acquire(folder: str | os.PathLike) -> int:
     path = Path(folder) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with disk_writes(path, "nothing else was written"):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -57,8 +60,13 @@ def _acquire(folder: str | os.PathLike) -> int:
         print(f"note: taking over {path} from {describe(previous)}, which is no longer running", flush=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
+    try:
+        with disk_writes(path, "nothing else was written"):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -122,7 +122,7 @@ def main() -> int:
          "--label", "lesion", "--group", "patient_id", "--finetune", str(out / "pretrain" / "encoder.pth"),
          "--model", "auto", "--input_size", str(args.size), "--resample", "fit", "--batch_size", "8", "--lr", "1e-3",
          *FINETUNE, "--epochs", str(args.finetune_epochs), "--seeds", str(args.seed), "--bootstrap", "200",
-         "--output_dir", str(out / "finetune"),
+         "--output_dir", str(out / "finetune"), "--overwrite",
          "--volume_cache", str(out / "volume_cache")], logs / "finetune.log", done=logs / "finetune.done")
     run([python, "main_predict.py", "--checkpoint", str(out / "finetune" / "best.pth"), "--input_csv", str(cases),
          "--output_csv", str(out / "predictions.csv"), "--explain", str(out / "explanations"), "--overwrite"],

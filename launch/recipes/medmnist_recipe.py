@@ -63,7 +63,7 @@ def main() -> None:
                     "--vis_every", "0", "--keep_every", "0", "--output_dir", str(pretrain_dir)],
                    out / "pretrain.log")
     finetune = [python, "main_finetune.py", *data, *flags(FINETUNE), "--seeds", args.seeds, *subset,
-                "--num_workers", str(args.num_workers), "--epochs", str(args.epochs)]
+                "--num_workers", str(args.num_workers), "--epochs", str(args.epochs), "--overwrite"]
     steps = {"pretrain": pretrain}
     steps["mae"] = run([*finetune, "--finetune", str(pretrain_dir / "encoder.pth"), "--output_dir", str(out / "mae")],
                        out / "mae.log")

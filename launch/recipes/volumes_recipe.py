@@ -249,7 +249,8 @@ def main(argv: list[str]) -> None:
 
     common = [python, "main_finetune.py", *flags(FINETUNE), "--meta", str(labels_csv), "--label", args.label,
               "--group", args.group, "--input_size", grid_text, *resampling, "--volume_cache", str(out / "volume_cache"),
-              "--cache_workers", str(args.workers), "--bootstrap", "0"]
+              "--cache_workers", str(args.workers), "--bootstrap", "0",
+              "--overwrite"]  # the recipe's own folders: a step killed after its results but before its record reruns
     inits = ["mae", "scratch"] if args.baseline else ["mae"]
     runs: dict[tuple[str, float, int], Future] = {}
     for init in reversed(inits):  # scratch runs first: they need no pretraining, so they fill the wait for it
