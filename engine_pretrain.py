@@ -54,6 +54,14 @@ class Preempted(RuntimeError):
         self.step = step
 
 
+RESUME_DEFINING = ("model", "input_size", "patch_size", "in_chans", "depth", "stem_channels", "decoder_embed_dim",
+                   "decoder_depth", "decoder_num_heads", "mask_ratio", "mask_type", "norm_pix_loss", "contrast_weight")
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume from was trained with other defining settings; the message names each flag."""
+
+
 def build_optimizer(model: torch.nn.Module, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95) as in MAE; no weight decay on norms, biases and tokens. Fused: one kernel for all
     parameters instead of a loop of small operations per tensor (on CPU a quarter of a ViT-B step; docs/performance.md).
@@ -190,10 +198,20 @@ class Pretrainer:
         return None
 
     def resume(self, path: Path) -> None:
-        state = self.backend.resume(path)
+        state = self.backend.resume(path, self.check_resumable)
         self.step = int(state["step"])
         self.applied_steps = int(state.get("applied_steps", self.step))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+
+    def check_resumable(self, saved: dict, path: Path) -> None:
+        """A checkpoint of another model, grid, masking or target cannot continue this run: its weights would
+        not fit, or its loss would change meaning mid-run (1.03 to 1.80 with --norm_pix_loss)."""
+        current = plain_args(self.args)
+        changed = [key for key in RESUME_DEFINING if key in saved and saved[key] != current.get(key)]
+        if changed:
+            shown = "; ".join(f"--{key} {saved[key]} there, {current.get(key)} here" for key in changed)
+            raise ResumeMismatchError(f"{path} was trained with other settings ({shown}); resume with the same "
+                                      f"flags, or start this run in a new --output_dir")
 
     # ---- one optimizer step ------------------------------------------------------------------
 

@@ -24,7 +24,14 @@ from volmae.datasets.pretrain_data import (
     phantom_corpus,
 )
 from volmae.datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
-from volmae.engine_pretrain import FeatureProbe, NonFiniteLossError, Preempted, Pretrainer, UnreadableDataError
+from volmae.engine_pretrain import (
+    FeatureProbe,
+    NonFiniteLossError,
+    Preempted,
+    Pretrainer,
+    ResumeMismatchError,
+    UnreadableDataError,
+)
 from volmae.models.mae3d import AUTO_DECODER, MASK_TYPES, MAX_MASK_RATIO, PRETRAINING_ONLY_PREFIXES
 from volmae.models.patch_embed import REFERENCE_PATCH, auto_patch_size
 from volmae.models.vit import AUTO_ARCHITECTURE
@@ -216,7 +223,7 @@ def resume(args, trainer: Pretrainer, say) -> Path | None:
             raise SystemExit(f"error: --resume {path}: no such file")
         trainer.resume(path)
         return path
-    except CheckpointError as err:
+    except (CheckpointError, ResumeMismatchError) as err:
         raise SystemExit(f"error: cannot resume: {err}") from None
 
 

@@ -245,6 +245,22 @@ def test_resume_auto_falls_back_past_a_truncated_checkpoint(tmp_path, phantom_di
     assert f"resumed from {out / 'checkpoint-0.pth'} at step 2" in result.stdout
 
 
+@pytest.mark.parametrize("changed,flag", [(["--mask_ratio", "0.6"], "--mask_ratio 0.75 there, 0.6 here"),
+                                          (["--norm_pix_loss"], "--norm_pix_loss False there, True here"),
+                                          (["--input_size", "42"], "--input_size"),
+                                          (["--decoder_embed_dim", "32"], "--decoder_embed_dim")])
+def test_resume_refuses_another_model_grid_masking_or_target_naming_the_flag(tmp_path, phantom_dir, two_epochs,
+                                                                              changed, flag):
+    out = tmp_path / "run"
+    shutil.copytree(two_epochs, out)
+    before = (out / "checkpoint-last.pth").read_bytes()
+    result = pretrain(phantom_dir, out, "--batch_size", "4", "--epochs", "3", *changed)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot resume:") and flag in line and "new --output_dir" in line, line
+    assert (out / "checkpoint-last.pth").read_bytes() == before
+
+
 def test_no_readable_checkpoint_stops_in_one_line(tmp_path, phantom_dir):
     out = tmp_path / "run"
     out.mkdir()

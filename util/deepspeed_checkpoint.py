@@ -36,17 +36,20 @@ def tag_folder(folder: Path, tag: str | None = None) -> Path:
     return path
 
 
-def validate_deepspeed_checkpoint(folder: Path, tag: str | None = None) -> Path:
-    """Load every file of the checkpoint with weights_only=True before DeepSpeed touches any; the tag folder,
-    or CheckpointError naming the first file that is refused."""
+def validate_deepspeed_checkpoint(folder: Path, tag: str | None = None) -> dict:
+    """Load every file of the checkpoint with weights_only=True before DeepSpeed touches any; the client state
+    saved with the model (VolMAE's step, args ...), or CheckpointError naming the first file that is refused."""
     path = tag_folder(Path(folder), tag)
     files = sorted(p for p in path.iterdir() if p.is_file())
     if not files:
         raise CheckpointError(f"{path}: an empty DeepSpeed checkpoint folder")
+    client = {}
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         for file in files:
-            load_checkpoint(file)
-    return path
+            state = load_checkpoint(file)
+            if file.name.endswith("model_states.pt"):
+                client = state
+    return client
 
 
 def use_weights_only_loading(engine) -> None:

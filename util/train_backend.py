@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -134,8 +135,11 @@ class TorchBackend:
             remove_stale_temporaries(output_dir)
         return resume_candidates(output_dir)
 
-    def resume(self, path: Path) -> dict:
+    def resume(self, path: Path, check: Callable[[dict, Path], None] | None = None) -> dict:
+        """`check(saved args, path)` runs before any state is loaded (a changed model would not fit)."""
         checkpoint = load_checkpoint(path)
+        if check is not None:
+            check(checkpoint.get("args") or {}, path)
         self.module.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler") is not None:
@@ -224,9 +228,12 @@ class DeepSpeedBackend:
         folder = output_dir / self.CHECKPOINT_DIR
         return [folder] if (folder / "latest").exists() else []
 
-    def resume(self, path: Path) -> dict:
-        """Every file of the checkpoint passes weights_only loading before DeepSpeed reads any."""
-        validate_deepspeed_checkpoint(path)
+    def resume(self, path: Path, check: Callable[[dict, Path], None] | None = None) -> dict:
+        """Every file of the checkpoint passes weights_only loading before DeepSpeed reads any, and
+        `check(saved args, path)` runs before DeepSpeed loads its state."""
+        saved = validate_deepspeed_checkpoint(path)
+        if check is not None:
+            check(saved.get("args") or {}, path)
         _, client_state = self.engine.load_checkpoint(str(path))
         set_rng_state(client_state["rng"])
         return client_state
