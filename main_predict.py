@@ -91,10 +91,37 @@ def check_outputs(args: argparse.Namespace) -> None:
     for target in filter(None, (args.output_csv, args.embeddings)):
         if reason := unwritable_reason(Path(target), args.overwrite):
             raise SystemExit(f"error: {target} {reason}")
+    refuse_shared_paths(args)
     if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
         raise SystemExit(f"error: --explain {args.explain} is a file, not a folder")
     if args.embeddings and Path(args.embeddings).suffix.lower() not in (".npy", ".h5"):
         raise SystemExit(f"error: --embeddings must end in .npy or .h5, got {args.embeddings}")
+
+
+def refuse_shared_paths(args: argparse.Namespace) -> None:
+    """Each output a file of its own, never one of the inputs: --output_csv equal to --embeddings would replace
+    the scores with the array, and an output over the input CSV or checkpoint would destroy it."""
+    named = [(flag, getattr(args, flag)) for flag in ("output_csv", "embeddings", "explain", "input_csv", "checkpoint")
+             if getattr(args, flag)]
+    for i, (flag, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if Path(path).resolve() == Path(other_path).resolve() and flag in ("output_csv", "embeddings", "explain"):
+                raise SystemExit(f"error: --{flag} and --{other} are the same path ({path}); give each output its "
+                                 f"own file")
+
+
+def unique_names(values: list[str]) -> list[str]:
+    """`values` made safe for a file or HDF5 key and unique: a clash after sanitising (`a/b` and `a_b`) gets a
+    suffix (`a_b-2`), so no case takes another's file; callers keep the mapping beside the id."""
+    taken, names = set(), []
+    for value in values:
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", value)
+        name, n = base, 2
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def embed(model: torch.nn.Module, features: torch.Tensor, kind: str) -> torch.Tensor:
@@ -112,7 +139,7 @@ def explanation_names(table: pd.DataFrame, id_col: str) -> list[str]:
     """File names for each row's explanation: its id made safe for a file name, else row<N> (0-based)."""
     if id_col not in table.columns:
         return [f"row{row}" for row in range(len(table))]
-    return [re.sub(r"[^A-Za-z0-9._-]", "_", str(value)) or f"row{row}" for row, value in enumerate(table[id_col])]
+    return unique_names([str(value) or f"row{row}" for row, value in enumerate(table[id_col])])
 
 
 def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info, names: list[str]) -> dict[int, dict]:
@@ -182,7 +209,8 @@ def prediction_table(table: pd.DataFrame, results: dict, meta: dict, is_classifi
     return out
 
 
-def write_embeddings(path: Path, table: pd.DataFrame, results: dict, id_col: str, kind: str) -> None:
+def write_embeddings(path: Path, table: pd.DataFrame, results: dict, id_col: str, kind: str,
+                     overwrite: bool) -> None:
     rows = range(len(table))
     dim = next(len(results[r]["embedding"]) for r in rows if not results[r]["error"])
     if path.suffix.lower() == ".npy":
@@ -190,9 +218,10 @@ def write_embeddings(path: Path, table: pd.DataFrame, results: dict, id_col: str
         for r in rows:
             if not results[r]["error"]:
                 array[r] = results[r]["embedding"]
-        atomic_write(path, lambda tmp: np.save(tmp, array))
+        atomic_write(path, lambda tmp: np.save(tmp, array), replace=overwrite)
         return
-    keys = table[id_col] if id_col in table.columns else pd.Series([str(r) for r in rows])
+    ids = [str(v) for v in table[id_col]] if id_col in table.columns else [str(r) for r in rows]
+    keys = embedding_keys(table, id_col)
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
@@ -200,9 +229,15 @@ def write_embeddings(path: Path, table: pd.DataFrame, results: dict, id_col: str
             f.attrs["key_column"] = id_col if id_col in table.columns else "row"
             for r in rows:
                 if not results[r]["error"]:
-                    f.create_dataset(str(keys.iloc[r]).replace("/", "_"), data=results[r]["embedding"])
+                    f.create_dataset(keys[r], data=results[r]["embedding"]).attrs["id"] = ids[r]
 
-    atomic_write(path, write)
+    atomic_write(path, write, replace=overwrite)
+
+
+def embedding_keys(table: pd.DataFrame, id_col: str) -> list[str]:
+    """Each row's key in an .h5 of embeddings: its id made a unique HDF5 name (the CSV's `embedding_key`)."""
+    return unique_names([str(v) for v in table[id_col]] if id_col in table.columns else
+                        [str(r) for r in range(len(table))])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -226,12 +261,14 @@ def main(args: argparse.Namespace) -> int:
     results = gather(predict_rows(loaded, dataset, args, dist_info, names), dist_info)
     seconds = time.perf_counter() - start
     if dist_info.is_main:
+        ok = sum(1 for r in results.values() if not r["error"])
         if args.output_csv:
             output = prediction_table(table, results, loaded.meta, loaded.is_classifier, bool(args.explain))
-            atomic_write(Path(args.output_csv), lambda tmp: output.to_csv(tmp, index=False))
-        ok = sum(1 for r in results.values() if not r["error"])
+            if args.embeddings and Path(args.embeddings).suffix.lower() == ".h5":
+                output["embedding_key"] = embedding_keys(table, args.id_col)
+            atomic_write(Path(args.output_csv), lambda tmp: output.to_csv(tmp, index=False), replace=args.overwrite)
         if args.embeddings and ok:
-            write_embeddings(Path(args.embeddings), table, results, args.id_col, args.embedding_type)
+            write_embeddings(Path(args.embeddings), table, results, args.id_col, args.embedding_type, args.overwrite)
         print(f"{len(table)} rows: {ok} ok, {len(table) - ok} error; {ok / max(seconds, 1e-9):.2f} volumes/s "
               f"on {dist_info.world_size} rank(s); wrote {', '.join(filter(None, (args.output_csv, args.embeddings)))}")
         for row, value in sorted(results.items()):

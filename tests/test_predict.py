@@ -1,4 +1,6 @@
 """main_predict.py: CSV in, CSV out, every row accounted for; embeddings; torchrun sharding."""
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -7,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import run_cli, shared_path
+from tests.conftest import REPO, run_cli, shared_path
 from volmae import models
 from volmae.models.load_classifier import load_for_inference
+from volmae.util.atomic import OutputAppearedError, atomic_write
 from volmae.util.checkpoint import load_checkpoint
 
 VOLUMES = ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "ch2.nii.gz", "example_ct_dicom")
@@ -160,3 +163,63 @@ def test_two_ranks_write_the_single_process_output(tmp_path, finetuned):
              "--batch_size", "2"])
     one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
     pd.testing.assert_frame_equal(one, two, atol=1e-6)
+
+
+def test_an_output_that_appears_meanwhile_is_kept_and_ours_goes_beside_it(tmp_path):
+    target = tmp_path / "pred.csv"
+
+    def write_while_another_run_finishes(tmp):
+        target.write_text("the other run's rows")
+        tmp.write_text("our rows")
+
+    with pytest.raises(OutputAppearedError, match="pred.csv appeared while this run was working") as caught:
+        atomic_write(target, write_while_another_run_finishes, replace=False)
+    assert target.read_text() == "the other run's rows"
+    kept = Path(str(caught.value).rsplit("this run's output is ", 1)[1])
+    assert kept.read_text() == "our rows" and kept.parent == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pred.csv", kept.name])  # no temporary left
+
+
+def test_two_predictions_into_one_csv_never_lose_either(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    cases = write_cases(tmp_path, [{"id": f"v{i}", "path": str(shared_path("volumes", "example_ct_sm.nii.gz"))}
+                                   for i in range(2)])
+    command = [sys.executable, "main_predict.py", "--checkpoint", str(checkpoint), "--input_csv", cases,
+               "--output_csv", str(tmp_path / "pred.csv")]
+    runs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outcomes = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in outcomes) == [0, 1], outcomes
+    refusal = next(err for code, err in outcomes if code == 1).strip().splitlines()[-1]
+    assert "Traceback" not in refusal and ("exists; pass --overwrite" in refusal or "appeared while" in refusal)
+    assert len(pd.read_csv(tmp_path / "pred.csv")) == 2
+    if "appeared while" in refusal:  # both finished: the second one's rows went beside the first one's
+        assert len(pd.read_csv(refusal.rsplit("this run's output is ", 1)[1])) == 2
+
+
+def test_an_output_equal_to_another_output_or_an_input_is_refused(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    cases = write_cases(tmp_path, [{"path": str(shared_path("volumes", "example_ct_sm.nii.gz"))}])
+    result = run_cli(["main_predict.py", "--checkpoint", str(checkpoint), "--input_csv", cases,
+                      "--output_csv", str(tmp_path / "out.npy"), "--embeddings", str(tmp_path / "out.npy")],
+                     check=False)
+    assert result.returncode == 1 and "--output_csv and --embeddings are the same path" in result.stderr
+    result = predict(checkpoint, cases, cases, "--overwrite", check=False)
+    assert result.returncode == 1 and "--output_csv and --input_csv are the same path" in result.stderr
+    assert "example_ct_sm" in Path(cases).read_text()
+
+
+def test_ids_that_clash_after_sanitising_keep_their_own_files(tmp_path, finetuned):
+    checkpoint, _ = finetuned
+    images = np.load(shared_path("medmnist", "adrenalmnist3d.npz"))["test_images"][:2]
+    for i, image in enumerate(images):
+        np.save(tmp_path / f"v{i}.npy", image)
+    cases = write_cases(tmp_path, [{"id": "a/b", "path": "v0.npy"}, {"id": "a_b", "path": "v1.npy"}])
+    predict(checkpoint, cases, tmp_path / "pred.csv", "--explain", str(tmp_path / "maps"),
+            "--embeddings", str(tmp_path / "emb.h5"))
+    out = pd.read_csv(tmp_path / "pred.csv")
+    assert list(out["embedding_key"]) == ["a_b", "a_b-2"]
+    assert out["explanation"].nunique() == 2 and all(Path(p).exists() for p in out["explanation"])
+    with h5py.File(tmp_path / "emb.h5") as f:
+        assert {key: f[key].attrs["id"] for key in f} == {"a_b": "a/b", "a_b-2": "a_b"}
+        assert not np.allclose(f["a_b"][()], f["a_b-2"][()])

@@ -17,6 +17,7 @@ TEMPORARY_GLOB = ".tmp-*"
 DISK_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                errno.EPERM: "operation not permitted"}
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV)
 HDF5_ERRNO = re.compile(r"errno = (\d+)")
 
 
@@ -79,16 +80,28 @@ def temporary_for(path: Path) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """`write(temporary)` writes the content; then it replaces `path`. Nothing is left behind on failure, and
-    cleaning up never hides the error that stopped the write."""
+class OutputAppearedError(FileExistsError):
+    """A file that must not be replaced appeared while this run worked; the message names where this run's
+    output went instead."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = True) -> None:
+    """`write(temporary)` writes the content; then it replaces `path`, or with `replace=False` takes its place
+    only if nothing is there (a hard link: atomic, and it never clobbers a file another run wrote meanwhile;
+    this run's output then goes beside it, OutputAppearedError naming both). Nothing is left behind on failure,
+    and cleaning up never hides the error that stopped the write."""
     path = Path(path)
     tmp = temporary_for(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_beside(tmp, path)
+    except OutputAppearedError:
+        raise
     except (OSError, RuntimeError) as err:
         _discard(tmp)  # first, so that the free space reported is what the disk has without it
         fault = disk_fault(err, path)
@@ -97,6 +110,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         raise fault from err
     finally:
         _discard(tmp)
+
+
+def _publish_beside(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        pass
+    except OSError as err:  # a file system without hard links: check, then rename (a narrow race remains)
+        if err.errno not in NO_HARD_LINKS or path.exists():
+            raise
+        os.replace(tmp, path)
+        return
+    kept = path.with_name(f"{path.stem}.{os.getpid()}{path.suffix}")
+    os.link(tmp, kept)
+    raise OutputAppearedError(f"{path} appeared while this run was working (another run wrote it?); it is left "
+                              f"as it is, and this run's output is {kept}")
 
 
 def _discard(tmp: Path) -> None:

@@ -2,7 +2,7 @@
 import argparse
 from collections.abc import Callable
 
-from volmae.util.atomic import DiskWriteError
+from volmae.util.atomic import DiskWriteError, OutputAppearedError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -116,9 +116,9 @@ def seed_list(text: str) -> list[int]:
 
 
 def report_disk_faults(entry: Callable[..., int | None], *args) -> int | None:
-    """Run an entry point; a disk that refuses a write (full, read-only) ends it in one line naming the file and
-    the cause, instead of a traceback from deep inside a save."""
+    """Run an entry point; a disk that refuses a write (full, read-only), or an output another run wrote
+    meanwhile, ends it in one line naming the file and the cause, instead of a traceback from deep inside a save."""
     try:
         return entry(*args)
-    except DiskWriteError as err:
+    except (DiskWriteError, OutputAppearedError) as err:
         raise SystemExit(f"error: {err}") from None
