@@ -45,6 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--input_csv", required=True,
                         help="one case per row: a volume file, DICOM folder, npy, or CACHE::KEY, relative to the CSV")
     inputs.add_argument("--path_col", default="path", help="the column naming each case's volume")
+    inputs.add_argument("--allow_external_data", action="store_true",
+                        help="let a detached header (.mhd, .nhdr) name a data file outside its own folder")
     inputs.add_argument("--id_col", default="id", help="the column identifying each case, when the CSV has it (else the row number)")
 
     outputs = parser.add_argument_group("output")
@@ -254,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("error: --explain needs a fine-tuned classifier; this checkpoint is an encoder")
     if not args.output_csv and not args.embeddings:
         raise SystemExit("error: nothing to write: give --output_csv and/or --embeddings")
-    spec = InputSpec.from_meta(loaded.meta)
+    spec = InputSpec.from_meta(loaded.meta, args.allow_external_data)
     dataset = CaseDataset(list(table[args.path_col]), Path(args.input_csv).resolve().parent, spec)
     start = time.perf_counter()
     names = explanation_names(table, args.id_col)

@@ -84,8 +84,10 @@ def load_plan(root: Path, sources: list[str], shard_size: int) -> pd.DataFrame:
 
 
 def same_output(a: PreprocessConfig, b: PreprocessConfig) -> bool:
-    """Settings that change the cached arrays agree; the reading limit (max_voxels) may differ between runs."""
-    return {**a.to_dict(), "max_voxels": 0} == {**b.to_dict(), "max_voxels": 0}
+    """Settings that change the cached arrays agree; the reading limits (max_voxels, external_data) may differ
+    between runs."""
+    reading = {"max_voxels": 0, "external_data": False}
+    return {**a.to_dict(), **reading} == {**b.to_dict(), **reading}
 
 
 def built_with(meta: dict, config: PreprocessConfig, dtype: str) -> bool:
@@ -155,7 +157,7 @@ def _build_volume(group: h5py.Group, index: int, source: str, shard: str, config
     start = time.perf_counter()
     row = {"index": index, "source": source, "status": "skipped", "reason": "", "shard": "", "key": ""}
     try:
-        image = read_image(source, config.max_voxels)
+        image = read_image(source, config.max_voxels, config.external_data)
         result = preprocess_image(image, config)
     except VolumeReadError as err:
         row["reason"] = str(err)

@@ -32,6 +32,7 @@ CHUNK_EDGE = 64
 CHUNK_CACHE_BYTES = 64 * 2**20  # h5py's default 1 MiB per dataset is too small for 64^3 crops
 STORAGE_DTYPES = ("uint16", "uint8", "float16", "float32")
 DEFAULT_STORAGE_DTYPE = "uint16"
+SHARD_FILE = re.compile(r"shard-\d{5}\.h5")  # the only names build_cache gives: a manifest cannot point elsewhere
 
 
 def compression() -> hdf5plugin.Blosc:
@@ -138,6 +139,10 @@ class VolumeCache:
         dtype, shape = np.dtype(self.meta["dtype"]), self.shape
         unreadable: dict[str, str] = {}
         for shard, rows in manifest.groupby("shard", sort=True):
+            if not SHARD_FILE.fullmatch(str(shard)):
+                unreadable.update(dict.fromkeys(rows["source"], f"{self.root / MANIFEST_FILE} names the shard "
+                                                                 f"{shard!r}, not a shard file of this cache folder"))
+                continue
             try:
                 with h5py.File(self.root / shard, "r") as handle:
                     group = handle.get("volumes", getclass=False)

@@ -50,12 +50,14 @@ class InputSpec:
     stored_dtype: str | None = None  # volumes trained on went through a cache in this dtype: so do these
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "InputSpec":
+    def from_meta(cls, meta: dict, external_data: bool = False) -> "InputSpec":
+        """The checkpoint's preprocessing; whether a detached header may name an outside data file is the
+        predicting user's choice (`external_data`), not the training run's."""
         data = meta.get("data") or {}
         input_size = tuple(meta["input_size"])
         preprocess = meta.get("preprocess")
-        config = PreprocessConfig.from_dict(preprocess) if preprocess else \
-            PreprocessConfig(size=input_size) if len(input_size) == 3 else None
+        config = PreprocessConfig.from_dict({**preprocess, "external_data": external_data}) if preprocess else \
+            PreprocessConfig(size=input_size, external_data=external_data) if len(input_size) == 3 else None
         in_chans = int(data.get("in_chans", meta.get("model_config", {}).get("in_chans", 1)))
         stack = (int(data["slices"]), str(data["sparsing"]), int(data["slice_size"])) if "sparsing" in data else None
         return cls(input_size, in_chans, data.get("raw_scale"), config, stack, data.get("stored_dtype"))

@@ -39,6 +39,7 @@ class PreprocessConfig:
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
     nonfinite: str = "skip"  # NaN/Inf voxels: skip the volume, or fill them with the background value
     max_voxels: int = MAX_VOXELS  # larger headers are skipped before decoding
+    external_data: bool = False  # detached headers (.mhd, .nhdr) may name data files outside their folder
     version: int = 1
 
     def __post_init__(self):
@@ -181,7 +182,7 @@ def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocesse
 
 def load_volume(source: str, config: PreprocessConfig) -> np.ndarray:
     """Read and preprocess one source (file or DICOM folder): (1, D, H, W) float32 in [0, 1]."""
-    return preprocess_image(read_image(source, config.max_voxels), config).array
+    return preprocess_image(read_image(source, config.max_voxels, config.external_data), config).array
 
 
 AUTO = "auto"
@@ -208,7 +209,11 @@ def add_preprocess_args(parser, default_resample: str = "fit", allow_auto: bool 
                             "those voxels with the background (CT air, MR minimum) and warn")
     group.add_argument("--max_voxels", type=int, default=MAX_VOXELS,
                        help="skip, from the header and before decoding, volumes with more voxels than this "
-                            "(default %(default)s: about 8 GB while preprocessing)")
+                            "(default %(default)s: about 8 GB while preprocessing), or more decoded bytes than "
+                            "that many 4-byte voxels")
+    group.add_argument("--allow_external_data", action="store_true",
+                       help="let a detached header (.mhd, .nhdr) name a data file outside its own folder "
+                            "(refused by default: a CSV row could otherwise make VolMAE read any file)")
 
 
 def preprocess_config_from_args(args, size: tuple[int, int, int]) -> PreprocessConfig:
@@ -224,4 +229,5 @@ def preprocess_config_from_args(args, size: tuple[int, int, int]) -> PreprocessC
         spacing = values * 3 if len(values) == 1 else values
     resample = "fit" if args.resample == AUTO else args.resample
     return PreprocessConfig(size=size, resample=resample, spacing=spacing, modality=args.modality,
-                            ct_window=window, nonfinite=args.nonfinite, max_voxels=args.max_voxels)
+                            ct_window=window, nonfinite=args.nonfinite, max_voxels=args.max_voxels,
+                            external_data=args.allow_external_data)

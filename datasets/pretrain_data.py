@@ -19,7 +19,7 @@ from volmae.util.dist import barrier
 log = logging.getLogger(__name__)
 
 
-def readable_sources(data_path: str, announce: bool, max_voxels: int) -> list[str]:
+def readable_sources(data_path: str, announce: bool, max_voxels: int, external_data: bool = False) -> list[str]:
     """The corpus' sources that pass a header check; the others are named in a warning."""
     try:
         sources = list_sources(data_path)
@@ -27,7 +27,7 @@ def readable_sources(data_path: str, announce: bool, max_voxels: int) -> list[st
         raise SystemExit(f"error: {err}") from None
     readable = []
     for source in sources:
-        reason = probe(source, max_voxels)
+        reason = probe(source, max_voxels, external_data)
         if reason is None:
             readable.append(source)
         elif announce:
@@ -60,7 +60,7 @@ def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], con
             return CacheDataset(cache, input_size, augment, seed), cache.preprocess
         except ValueError as err:
             raise SystemExit(f"error: {data_path}: {err}") from None
-    return VolumeFileDataset(readable_sources(data_path, is_main, config.max_voxels), config, augment, seed), config
+    return VolumeFileDataset(readable_sources(data_path, is_main, config.max_voxels, config.external_data), config, augment, seed), config
 
 
 def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, seed: int,

@@ -27,6 +27,7 @@ POSITION_KEY = "0020|0032"  # ImagePositionPatient
 # Headers promising more voxels than this are skipped before decoding: preprocessing holds a few float32
 # copies of a volume, so 2^29 voxels (e.g. 512 x 512 x 2048) needs roughly 8 GB; raise it on larger machines.
 MAX_VOXELS = 2 ** 29
+BUDGET_VOXEL_BYTES = 4  # --max_voxels counts float32-sized voxels: the decoded-byte budget is 4 x max_voxels
 
 
 class VolumeReadError(ValueError):
@@ -89,21 +90,66 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
-def check_voxel_count(size: tuple[int, ...], max_voxels: int) -> None:
-    """Refuse, from the header alone, a volume too large to decode on this machine."""
+def check_voxel_count(size: tuple[int, ...], max_voxels: int, voxel_bytes: int = BUDGET_VOXEL_BYTES) -> None:
+    """Refuse, from the header alone, a volume too large to decode on this machine: more voxels than
+    --max_voxels, or more decoded bytes than that many 4-byte voxels (a float64 or multi-component volume gets
+    proportionally fewer voxels, since a small compressed file can decode to many gigabytes)."""
     count = math.prod(int(length) for length in size[:3])
+    shape = "x".join(map(str, size))
     if count > max_voxels:
-        raise VolumeReadError(f"the header promises {count:,} voxels ({'x'.join(map(str, size))}), more than "
-                              f"--max_voxels {max_voxels:,}; skipped before decoding")
+        raise VolumeReadError(f"the header promises {count:,} voxels ({shape}), more than --max_voxels "
+                              f"{max_voxels:,}; skipped before decoding")
+    budget = max_voxels * BUDGET_VOXEL_BYTES
+    if count * voxel_bytes > budget:
+        raise VolumeReadError(f"the header promises {count:,} voxels ({shape}) of {voxel_bytes} bytes, "
+                              f"{count * voxel_bytes / 2**30:.1f} GiB decoded, more than the {budget / 2**30:.1f} "
+                              f"GiB that --max_voxels {max_voxels:,} allows (4-byte voxels); skipped before decoding")
+
+
+def voxel_bytes(reader: sitk.ImageFileReader) -> int:
+    """Bytes per decoded voxel, all components, from the header's pixel type (e.g. '64-bit float': 8)."""
+    bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    return (int(bits.group(1)) // 8 if bits else BUDGET_VOXEL_BYTES) * max(1, reader.GetNumberOfComponents())
+
+
+def check_data_files(path: Path, allow_external: bool) -> None:
+    """A detached header (.mhd, .nhdr) names its data file(s); they must sit in the header's folder, so that a
+    CSV row cannot make the cache, fine-tuning or prediction read any file on the machine (`/etc/passwd`)."""
+    if allow_external or not path.name.lower().endswith((".mhd", ".nhdr")):
+        return
+    folder = path.parent.resolve()
+    for name in detached_data_files(path):
+        target = Path(name)
+        if target.is_absolute() or folder not in (folder / target).resolve().parents:
+            raise VolumeReadError(f"its header names the data file {name!r}, outside its folder {folder}; "
+                                  f"--allow_external_data reads it anyway")
+
+
+def detached_data_files(path: Path) -> list[str]:
+    """The data file names a MetaImage (ElementDataFile) or detached NRRD (data file) header gives."""
+    lines = path.read_bytes()[:65536].decode("latin-1").splitlines()
+    key = re.compile(r"\s*(ElementDataFile\s*=|data ?file\s*:)\s*(.*)", re.IGNORECASE)
+    for i, line in enumerate(lines):
+        found = key.match(line)
+        if not found:
+            continue
+        value = found.group(2).strip()
+        if value.upper() == "LOCAL":
+            return []
+        if value.upper().startswith("LIST"):
+            return [entry.strip() for entry in lines[i + 1:] if entry.strip()]
+        return [value.split()[0]] if value else []
+    return []
 
 
 def _is_analyze_pair(path: Path) -> bool:
     return path.name.lower().endswith(".hdr")
 
 
-def _check_file(path: Path, max_voxels: int) -> sitk.ImageFileReader:
+def _check_file(path: Path, max_voxels: int, external_data: bool = False) -> sitk.ImageFileReader:
     if path.stat().st_size == 0:
         raise VolumeReadError("empty file")
+    check_data_files(path, external_data)
     if _is_analyze_pair(path) and not any(path.with_suffix(s).is_file() for s in (".img", ".IMG", ".img.gz")):
         raise VolumeReadError(f"an Analyze header without its data file {path.with_suffix('.img').name} beside it")
     reader = sitk.ImageFileReader()
@@ -112,7 +158,7 @@ def _check_file(path: Path, max_voxels: int) -> sitk.ImageFileReader:
         reader.ReadImageInformation()
     if reader.GetDimension() < 3:
         raise VolumeReadError(f"a {reader.GetDimension()}-D image, not a volume")
-    check_voxel_count(reader.GetSize(), max_voxels)
+    check_voxel_count(reader.GetSize(), max_voxels, voxel_bytes(reader))
     if _is_nifti(path) and (reason := nifti_empty_axis(path) or nifti_truncation(path)):
         raise VolumeReadError(reason)
     return reader
@@ -125,7 +171,7 @@ def _check_dicom(source: str, max_voxels: int) -> list[str]:
     reader.SetFileName(files[0])
     reader.ReadImageInformation()
     columns, rows = reader.GetSize()[:2]
-    check_voxel_count((columns, rows, len(files)), max_voxels)
+    check_voxel_count((columns, rows, len(files)), max_voxels, voxel_bytes(reader))
     return files
 
 
@@ -180,15 +226,16 @@ def first_volume(image: sitk.Image, source: str) -> sitk.Image:
     return image
 
 
-def read_image(source: str, max_voxels: int = MAX_VOXELS) -> sitk.Image:
-    """Read a volume file or DICOM series folder as a scalar 3D SimpleITK image, its non-finite voxels kept."""
+def read_image(source: str, max_voxels: int = MAX_VOXELS, external_data: bool = False) -> sitk.Image:
+    """Read a volume file or DICOM series folder as a scalar 3D SimpleITK image, its non-finite voxels kept;
+    `external_data` lets a detached header name a data file outside its folder."""
     path, _ = split_series(source)
     if not path.exists():
         raise VolumeReadError("no such file or folder")
     try:
         with quiet_itk_warnings(_is_analyze_pair(path)):
             image = _read_dicom(source, max_voxels) if path.is_dir() else \
-                restore_nonfinite(_check_file(path, max_voxels).Execute(), path)
+                restore_nonfinite(_check_file(path, max_voxels, external_data).Execute(), path)
     except RuntimeError as err:
         raise VolumeReadError(itk_reason(err, path)) from None
     return first_volume(image, source)
@@ -236,7 +283,7 @@ def read_header(source: str, max_voxels: int = MAX_VOXELS) -> Header:
         raise VolumeReadError(itk_reason(err, path)) from None
 
 
-def probe(source: str, max_voxels: int = MAX_VOXELS) -> str | None:
+def probe(source: str, max_voxels: int = MAX_VOXELS, external_data: bool = False) -> str | None:
     """Check a source from its header alone; the reason it cannot be used, or None."""
     path, _ = split_series(source)
     if not path.exists():
@@ -245,7 +292,7 @@ def probe(source: str, max_voxels: int = MAX_VOXELS) -> str | None:
         if path.is_dir():
             _check_dicom(source, max_voxels)
         else:
-            _check_file(path, max_voxels)
+            _check_file(path, max_voxels, external_data)
     except VolumeReadError as err:
         return str(err)
     except RuntimeError as err:

@@ -503,6 +503,23 @@ def test_a_crafted_cache_volume_that_reads_outside_its_shard_is_left_out(tmp_pat
     assert shards[3].name in next(iter(cache_object.unreadable.values()))
 
 
+@pytest.mark.parametrize("named", ["../elsewhere/shard-00000.h5", "/tmp/shard-00000.h5", "shard-00000.h5/../x.h5"])
+def test_a_manifest_that_names_a_shard_outside_the_cache_is_not_followed(tmp_path, four_shard_cache, named):
+    cache, shards = damaged_cache(tmp_path, four_shard_cache)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(shards[0], elsewhere / "shard-00000.h5")
+    manifest = pd.read_csv(cache / "manifest.csv", keep_default_na=False)
+    moved = manifest["shard"] == shards[1].name
+    manifest.loc[moved, "shard"] = named
+    manifest.to_csv(cache / "manifest.csv", index=False)
+    cache_object = VolumeCache(cache)
+    assert len(cache_object) == 8 - moved.sum() and set(cache_object.manifest["shard"]) == {
+        p.name for p in shards if p != shards[1]}
+    assert all("not a shard file of this cache folder" in why for why in cache_object.unreadable.values())
+
+
+
 @pytest.mark.parametrize("field,value,message", [("dtype", "uint8", "stored as uint16, cache.json says uint8"),
                                                  ("size", [20, 28, 28], "cache.json says (1, 20, 28, 28)"),
                                                  ("size", [-1, 28, 28], "is malformed: size must be three positive")])

@@ -11,7 +11,7 @@ from tests.conftest import shared_path
 from tests.volumes import image_from_xyz, reoriented_copy, write_bad_inputs
 from volmae.datasets.orientation import CANONICAL_ORIENTATION, orientation_code, to_canonical
 from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image, resample_to_grid
-from volmae.datasets.reading import probe, read_image
+from volmae.datasets.reading import VolumeReadError, probe, read_image
 from volmae.datasets.sources import list_sources
 
 
@@ -164,3 +164,47 @@ def test_each_kind_of_broken_file_is_refused_with_its_reason(tmp_path, phantom_d
             assert fragment in reason, (name, reason)
     shutil.copy(good, tmp_path / "good.nii.gz")
     assert probe(str(tmp_path / "good.nii.gz")) is None
+
+
+def write_detached(header: Path, data_file: str, kind: str = "mhd", size=(6, 5, 4), element: str = "MET_SHORT") -> None:
+    """A MetaImage (.mhd) or detached NRRD (.nhdr) header that names `data_file`."""
+    if kind == "mhd":
+        header.write_text(f"ObjectType = Image\nNDims = 3\nDimSize = {' '.join(map(str, size))}\n"
+                          f"ElementType = {element}\nElementSpacing = 1 1 1\nElementDataFile = {data_file}\n")
+    else:
+        header.write_text(f"NRRD0004\ntype: short\ndimension: 3\nsizes: {' '.join(map(str, size))}\n"
+                          f"spacings: 1 1 1\nencoding: raw\nendian: little\ndata file: {data_file}\n")
+
+
+@pytest.mark.parametrize("kind", ["mhd", "nhdr"])
+def test_a_detached_header_reads_only_data_beside_it(tmp_path, kind):
+    """A header may name any file as its data (/etc/passwd): only files in its own folder are read, unless
+    --allow_external_data says otherwise."""
+    volume = np.arange(120, dtype=np.int16).reshape(4, 5, 6)
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "scans" / "beside.raw").write_bytes(volume.tobytes())
+    (tmp_path / "elsewhere" / "far.raw").write_bytes(volume.tobytes())
+    cases = {"ok": "beside.raw", "up": "../elsewhere/far.raw", "abs": str(tmp_path / "elsewhere" / "far.raw"),
+             "passwd": "/etc/passwd"}
+    for name, data_file in cases.items():
+        write_detached(tmp_path / "scans" / f"{name}.{kind}", data_file, kind)
+    assert probe(str(tmp_path / "scans" / f"ok.{kind}")) is None
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(str(tmp_path / "scans" / f"ok.{kind}"))), volume)
+    for name in ("up", "abs", "passwd"):
+        reason = probe(str(tmp_path / "scans" / f"{name}.{kind}"))
+        assert reason is not None and "outside its folder" in reason and "--allow_external_data" in reason, reason
+        with pytest.raises(VolumeReadError, match="outside its folder"):
+            read_image(str(tmp_path / "scans" / f"{name}.{kind}"))
+    allowed = read_image(str(tmp_path / "scans" / f"up.{kind}"), external_data=True)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(allowed), volume)
+
+
+def test_decoded_bytes_are_budgeted_from_the_header_before_decoding(tmp_path):
+    """--max_voxels counts 4-byte voxels: a float64 header gets half as many, refused before any decoding."""
+    (tmp_path / "tiny.raw").write_bytes(b"\0" * 16)  # never read: the header alone decides
+    write_detached(tmp_path / "big.mhd", "tiny.raw", size=(100, 100, 60), element="MET_DOUBLE")
+    write_detached(tmp_path / "small.mhd", "tiny.raw", size=(100, 100, 60), element="MET_FLOAT")
+    reason = probe(str(tmp_path / "big.mhd"), max_voxels=800_000)
+    assert reason is not None and "of 8 bytes" in reason and "skipped before decoding" in reason, reason
+    assert "of 8 bytes" not in (probe(str(tmp_path / "small.mhd"), max_voxels=800_000) or "")
