@@ -36,7 +36,7 @@ from volmae.datasets.cache import (
 )
 from volmae.datasets.preprocess import AUTO, PreprocessConfig, add_preprocess_args, preprocess_config_from_args, preprocess_image
 from volmae.datasets.preprocess_choice import choose_preprocess, survey_headers
-from volmae.datasets.reading import VolumeReadError, read_image
+from volmae.datasets.reading import VolumeReadError, read_image, source_stamp
 from volmae.datasets.sources import SourceListError, list_sources
 from volmae.util.atomic import atomic_write, ensure_room, make_output_folder, remove_stale_temporaries
 from volmae.util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, report_disk_faults
@@ -45,7 +45,7 @@ from volmae.util.run_lock import output_folder_lock
 PLAN_FILE = "plan.csv"
 PARTS_DIR = ".parts"
 MANIFEST_COLUMNS = ["index", "source", "status", "reason", "shard", "key", "modality", "original_size",
-                    "original_spacing", "intensity_low", "intensity_high", "nonfinite_filled", "seconds"]
+                    "original_spacing", "intensity_low", "intensity_high", "nonfinite_filled", "seconds", "stamp"]
 
 _progress: "queue.Queue | None" = None  # set in each worker: one tick per finished volume
 
@@ -66,12 +66,13 @@ def default_shard_size(count: int, workers: int, largest: int = 64) -> int:
     return max(1, min(largest, math.ceil(count / (4 * workers))))
 
 
-def load_plan(root: Path, sources: list[str], shard_size: int) -> pd.DataFrame:
-    """The source -> shard assignment: kept from an earlier run, new sources appended as new shards."""
+def load_plan(root: Path, sources: list[str], shard_size: int, changed: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The source -> shard assignment: kept from an earlier run, new sources (and `changed` ones, again, under a
+    new index) appended as new shards."""
     plan_path = root / PLAN_FILE
     plan = pd.read_csv(plan_path, keep_default_na=False) if plan_path.exists() else \
         pd.DataFrame({"index": pd.Series(dtype=int), "source": pd.Series(dtype=str), "shard": pd.Series(dtype=int)})
-    known = set(plan["source"])
+    known = set(plan["source"]) - set(changed)
     new = [s for s in dict.fromkeys(sources) if s not in known]
     if new:
         first_index = int(plan["index"].max()) + 1 if len(plan) else 0
@@ -155,7 +156,8 @@ def _build_volume(group: h5py.Group, index: int, source: str, shard: str, config
                   dtype: str) -> dict:
     """Read, preprocess and store one source; its manifest row says what happened."""
     start = time.perf_counter()
-    row = {"index": index, "source": source, "status": "skipped", "reason": "", "shard": "", "key": ""}
+    row = {"index": index, "source": source, "status": "skipped", "reason": "", "shard": "", "key": "",
+           "stamp": source_stamp(source)}  # before reading: a change during the read shows on the next run
     try:
         image = read_image(source, config.max_voxels, config.external_data)
         result = preprocess_image(image, config)
@@ -183,10 +185,29 @@ def clean_temporaries(root: Path) -> None:
     remove_stale_temporaries(root / PARTS_DIR)
 
 
+def cached_rows(root: Path) -> pd.DataFrame:
+    """Every finished shard's rows; a source cached again has several, the newest (highest index) counts."""
+    parts = [pd.read_csv(p, keep_default_na=False, dtype={"stamp": str}) for p in sorted((root / PARTS_DIR).glob("shard-*.csv"))]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
+
+
+def changed_sources(root: Path, sources: list[str]) -> list[str]:
+    """Sources of this build whose stamp (reading.source_stamp) differs from the one recorded when they were
+    cached: replaced at the same path, or missing then and present now. Caches built before stamps were
+    recorded are not second-guessed."""
+    rows = cached_rows(root)
+    if rows.empty or "stamp" not in rows.columns:
+        return []
+    recorded = dict(zip(rows.sort_values("index")["source"], rows.sort_values("index")["stamp"]))
+    return [s for s in dict.fromkeys(sources) if s in recorded and recorded[s] != source_stamp(s)]
+
+
 def write_manifest(root: Path, plan: pd.DataFrame) -> pd.DataFrame:
-    parts = [pd.read_csv(p, keep_default_na=False) for p in sorted((root / PARTS_DIR).glob("shard-*.csv"))]
-    manifest = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
-    manifest = manifest[manifest["index"].isin(plan["index"])].sort_values("index")
+    """One row per source, its newest build; `recached` says which were built again because they changed."""
+    rows = cached_rows(root)
+    rows = rows[rows["index"].isin(plan["index"])].sort_values("index")
+    builds = rows.groupby("source")["index"].transform("size")
+    manifest = rows.assign(recached=builds > 1).drop_duplicates("source", keep="last")
     atomic_write(root / MANIFEST_FILE, lambda tmp: manifest.to_csv(tmp, index=False))
     return manifest
 
@@ -206,8 +227,12 @@ def _build_locked(input_path: str | list[str], root: Path, config: PreprocessCon
                   shard_size: int | None, progress: bool, itk_threads: int | None) -> pd.DataFrame:
     sources = list(input_path) if isinstance(input_path, list) else list_sources(input_path)
     write_meta(root, config, dtype)
-    plan = load_plan(root, sources, shard_size or default_shard_size(len(sources), workers))
     clean_temporaries(root)
+    changed = changed_sources(root, sources)
+    if changed and progress:
+        print(f"{len(changed)} source(s) changed since they were cached (size, modification time, or now present): "
+              f"caching them again, e.g. {changed[0]}")
+    plan = load_plan(root, sources, shard_size or default_shard_size(len(sources), workers), tuple(changed))
     done = {int(p.stem.split("-")[1]) for p in (root / PARTS_DIR).glob("shard-*.csv")}
     todo = {shard: list(zip(group["index"], group["source"]))
             for shard, group in plan.groupby("shard") if shard not in done}

@@ -24,7 +24,7 @@ from volmae.datasets.label_checks import (
 )
 from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
-from volmae.datasets.reading import VolumeReadError
+from volmae.datasets.reading import VolumeReadError, source_stamp
 from volmae.datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
 
 
@@ -85,9 +85,13 @@ def finished_cache(sources: list[str], cache_dir: Path, config: PreprocessConfig
         return None
     if not built_with(read_meta(cache_dir), config, DEFAULT_STORAGE_DTYPE):
         return None
-    manifest = pd.read_csv(cache_dir / MANIFEST_FILE, keep_default_na=False)
+    manifest = pd.read_csv(cache_dir / MANIFEST_FILE, keep_default_na=False, dtype={"stamp": str})
     rows = {row["source"]: row for row in manifest.to_dict("records")}
-    return rows if all(source in rows for source in sources) else None
+    if not all(source in rows for source in sources):
+        return None
+    if "stamp" in manifest.columns and any(rows[s]["stamp"] != source_stamp(s) for s in dict.fromkeys(sources)):
+        return None  # a source changed since it was cached: build_cache caches it again
+    return rows
 
 
 def cache_volumes(sources: list[str], cache_dir: Path, config: PreprocessConfig, workers: int) -> dict[str, dict]:

@@ -1,5 +1,6 @@
 """Checks on NIfTI-1 files that ITK does not make: truncation (ITK fills the gap with garbage), zero-length
-axes (ITK reads them as length 1) and non-finite voxels (ITK's NIfTI reader turns NaN and Inf into 0)."""
+axes (ITK reads them as length 1), voxel sizes of 0, NaN or Inf (read as 1 mm) and non-finite voxels (ITK's
+NIfTI reader turns NaN and Inf into 0)."""
 import gzip
 import math
 import struct
@@ -28,6 +29,7 @@ class NiftiHeader(NamedTuple):
     datatype: int
     bitpix: int
     data_offset: int
+    spacing: tuple[float, ...]  # pixdim of the first three axes, as stored
 
 
 def _header_fields(header: bytes) -> NiftiHeader | None:
@@ -37,9 +39,11 @@ def _header_fields(header: bytes) -> NiftiHeader | None:
             dims = struct.unpack(endian + "8h", header[40:56])
             datatype, bitpix = struct.unpack(endian + "hh", header[70:74])
             vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             ndim = max(0, min(dims[0], 7))
+            offset = int(vox_offset) if math.isfinite(vox_offset) else 0
             return NiftiHeader(endian, tuple(dims[1:ndim + 1]), datatype, bitpix,
-                               max(int(vox_offset), NIFTI1_HEADER_SIZE))
+                               max(offset, NIFTI1_HEADER_SIZE), tuple(pixdim[1:4]))
     return None
 
 
@@ -57,6 +61,14 @@ def nifti_empty_axis(path: Path) -> str | None:
     if fields is None or all(d > 0 for d in fields.dims[:3]):
         return None
     return f"the header gives an axis of length 0 (dims {'x'.join(map(str, fields.dims))}): no voxels"
+
+
+def nifti_bad_spacing(path: Path) -> str | None:
+    """A voxel size of 0, NaN or Inf in the header (ITK would read it as 1 mm, without a word), or None."""
+    fields = _read_header(path)
+    if fields is None or all(math.isfinite(v) and v > 0 for v in fields.spacing[:len(fields.dims[:3])]):
+        return None
+    return f"the header gives a voxel size of {' x '.join(f'{v:g}' for v in fields.spacing)} mm: not a usable spacing"
 
 
 def nifti_nonfinite_mask(path: Path) -> np.ndarray | None:

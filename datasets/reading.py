@@ -7,6 +7,7 @@ same text can go to a log line or into a manifest's `reason` column.
 import contextlib
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from volmae.datasets.nifti_check import is_nifti2, nifti_empty_axis, nifti_nonfinite_mask, nifti_truncation
+from volmae.datasets.nifti_check import (
+    is_nifti2,
+    nifti_bad_spacing,
+    nifti_empty_axis,
+    nifti_nonfinite_mask,
+    nifti_truncation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +34,7 @@ POSITION_KEY = "0020|0032"  # ImagePositionPatient
 # Headers promising more voxels than this are skipped before decoding: preprocessing holds a few float32
 # copies of a volume, so 2^29 voxels (e.g. 512 x 512 x 2048) needs roughly 8 GB; raise it on larger machines.
 MAX_VOXELS = 2 ** 29
+PLAUSIBLE_SPACING_MM = (0.01, 50.0)
 BUDGET_VOXEL_BYTES = 4  # --max_voxels counts float32-sized voxels: the decoded-byte budget is 4 x max_voxels
 
 
@@ -41,6 +49,32 @@ def is_volume_file(path: Path) -> bool:
 def split_series(source: str) -> tuple[Path, str | None]:
     folder, _, series = source.partition(SERIES_SEPARATOR)
     return Path(folder), series or None
+
+
+def source_stamp(source: str) -> str:
+    """Size and modification time of what a source reads (a DICOM folder: its files'; a detached or Analyze
+    header: it and the data files beside it), so a cache knows when a source changed at the same path.
+    '' for a source that does not exist."""
+    path, _ = split_series(source)
+    try:
+        if path.is_dir():
+            stats = [entry.stat() for entry in os.scandir(path) if entry.is_file()]
+        else:
+            stats = [path.stat()] + [p.stat() for p in _data_files_beside(path) if p.is_file()]
+    except OSError:
+        return ""
+    return f"{sum(st.st_size for st in stats)}:{max((st.st_mtime_ns for st in stats), default=0)}:{len(stats)}"
+
+
+def _data_files_beside(path: Path) -> list[Path]:
+    if _is_analyze_pair(path):
+        return [path.with_suffix(suffix) for suffix in (".img", ".IMG", ".img.gz")]
+    if path.name.lower().endswith((".mhd", ".nhdr")):
+        try:
+            return [path.parent / name for name in detached_data_files(path)]
+        except OSError:
+            return []
+    return []
 
 
 def dicom_series_ids(folder: Path) -> tuple[str, ...]:
@@ -106,6 +140,15 @@ def check_voxel_count(size: tuple[int, ...], max_voxels: int, voxel_bytes: int =
                               f"GiB that --max_voxels {max_voxels:,} allows (4-byte voxels); skipped before decoding")
 
 
+def check_spacing(spacing: tuple[float, ...]) -> None:
+    """Refuse a voxel size no scanner gives (zero, non-finite, or outside 0.01-50 mm): one such header would
+    otherwise steer the automatic grid of a whole corpus."""
+    low, high = PLAUSIBLE_SPACING_MM
+    if not all(math.isfinite(v) and low <= v <= high for v in spacing):
+        raise VolumeReadError(f"the header gives a voxel size of {' x '.join(f'{v:g}' for v in spacing)} mm, outside "
+                              f"the plausible {low:g}-{high:g} mm")
+
+
 def voxel_bytes(reader: sitk.ImageFileReader) -> int:
     """Bytes per decoded voxel, all components, from the header's pixel type (e.g. '64-bit float': 8)."""
     bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
@@ -159,8 +202,9 @@ def _check_file(path: Path, max_voxels: int, external_data: bool = False) -> sit
     if reader.GetDimension() < 3:
         raise VolumeReadError(f"a {reader.GetDimension()}-D image, not a volume")
     check_voxel_count(reader.GetSize(), max_voxels, voxel_bytes(reader))
-    if _is_nifti(path) and (reason := nifti_empty_axis(path) or nifti_truncation(path)):
+    if _is_nifti(path) and (reason := nifti_empty_axis(path) or nifti_bad_spacing(path) or nifti_truncation(path)):
         raise VolumeReadError(reason)
+    check_spacing(reader.GetSpacing()[:3])
     return reader
 
 
@@ -172,6 +216,7 @@ def _check_dicom(source: str, max_voxels: int) -> list[str]:
     reader.ReadImageInformation()
     columns, rows = reader.GetSize()[:2]
     check_voxel_count((columns, rows, len(files)), max_voxels, voxel_bytes(reader))
+    check_spacing(reader.GetSpacing()[:2])
     return files
 
 

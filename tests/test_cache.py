@@ -1,7 +1,10 @@
 """The HDF5 cache: building (parallel, resumable, robust to bad inputs), reading, and training on it."""
+import gzip
+import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -15,11 +18,11 @@ from torch.utils.data import DataLoader
 
 from tests.conftest import REPO, run_cli, shared_path
 from tests.volumes import reoriented_copy, write_bad_inputs
-from volmae.datasets.build_cache import build_cache
+from volmae.datasets.build_cache import CacheSettingsError, build_cache
 from volmae.datasets.cache import VolumeCache, encode
 from volmae.datasets.phantoms import write_phantom_corpus
 from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
-from volmae.datasets.reading import read_image
+from volmae.datasets.reading import probe, read_image
 from volmae.datasets.volume_dataset import CacheDataset, collate_volumes
 from volmae.util.atomic import TEMPORARY_GLOB
 
@@ -193,8 +196,55 @@ def test_new_sources_are_appended_and_other_settings_refused(tmp_path, phantom_d
     manifest = build_cache(str(corpus), tmp_path / "c", config, progress=False)
     assert len(manifest) == 5 and manifest["key"].is_unique
     assert all((tmp_path / "c" / n).stat().st_mtime_ns == m for n, m in first.items())
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(CacheSettingsError, match="other settings"):
         build_cache(str(corpus), tmp_path / "c", PreprocessConfig(size=(24, 24, 24)), progress=False)
+
+
+def test_a_source_replaced_at_its_path_or_appearing_later_is_cached_again(tmp_path, phantom_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    files = sorted(phantom_dir.glob("*.nii.gz"))
+    for f in files[:3]:
+        shutil.copy(f, corpus / f.name)
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(str(corpus / f.name) for f in files[:4]))  # the 4th is not there yet
+    config = PreprocessConfig(size=(16, 16, 16))
+    first = build_cache(str(listed), tmp_path / "c", config, progress=False)
+    assert list(first["status"]) == ["ok", "ok", "ok", "skipped"]
+    shutil.copy(files[5], corpus / files[0].name)  # another scan at the same path
+    shutil.copy(files[3], corpus / files[3].name)  # the missing one appears
+    manifest = build_cache(str(listed), tmp_path / "c", config, progress=False)
+    assert len(manifest) == 4 and (manifest["status"] == "ok").all() and manifest["source"].is_unique
+    recached = dict(zip(manifest["source"].map(lambda s: s.rsplit("/", 1)[1]), manifest["recached"]))
+    assert recached == {files[0].name: True, files[1].name: False, files[2].name: False, files[3].name: True}
+    cache = VolumeCache(tmp_path / "c")
+    row = int(np.flatnonzero(cache.manifest["source"] == str(corpus / files[0].name))[0])
+    np.testing.assert_allclose(cache[row][0], load_volume(str(files[5]), config)[0], atol=HALF_STEP)
+    again = build_cache(str(listed), tmp_path / "c", config, progress=False)  # nothing changed: nothing rebuilt
+    assert set(again["index"]) == set(manifest["index"])
+
+
+@pytest.mark.parametrize("spacing,why", [(0.0, "not a usable spacing"), (float("nan"), "not a usable spacing"),
+                                         (float("inf"), "not a usable spacing"), (1e30, "outside the plausible")])
+def test_implausible_spacings_are_refused_per_volume_and_cannot_steer_the_grid(tmp_path, spacing, why):
+    crops = sorted((shared_path("lidc_nodules") / "images").glob("*.nii.gz"))[:6]
+    odd = tmp_path / "odd.nii.gz"
+    raw = bytearray(gzip.decompress(crops[0].read_bytes()))
+    raw[80:84] = struct.pack("<f", spacing)  # pixdim[2], as written (nibabel would repair a 0 on saving)
+    odd.write_bytes(gzip.compress(bytes(raw)))
+    reason = probe(str(odd))
+    assert reason is not None and why in reason, reason
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(map(str, [*crops, odd])))
+    with_odd = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(listed), "--output", str(tmp_path / "a"),
+                        "--size", "auto", "--resample", "auto"])
+    listed.write_text("\n".join(map(str, crops)))
+    without = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(listed), "--output", str(tmp_path / "b"),
+                       "--size", "auto", "--resample", "auto"])
+    grid = [json.loads((tmp_path / name / "cache.json").read_text())["preprocess"]["size"] for name in "ab"]
+    assert grid[0] == grid[1] and "cached 6 of 7" in with_odd.stdout and "cached 6 of 6" in without.stdout
+    manifest = pd.read_csv(tmp_path / "a" / "manifest.csv", keep_default_na=False)
+    assert why in manifest.loc[manifest["source"] == str(odd), "reason"].item()
 
 
 def test_volume_cache_refuses_a_folder_that_is_not_a_cache(tmp_path):
