@@ -27,6 +27,7 @@ from tqdm import tqdm
 from volmae.datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
 from volmae.models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from volmae.util.atomic import atomic_write
+from volmae.util.capped import print_capped
 from volmae.util.cli import HelpFormatter, non_negative_int, positive_int, report_disk_faults
 from volmae.util.dist import init_distributed, shutdown
 from volmae.util.explain import explain_predictions
@@ -273,9 +274,11 @@ def main(args: argparse.Namespace) -> int:
             write_embeddings(Path(args.embeddings), table, results, args.id_col, args.embedding_type, args.overwrite)
         print(f"{len(table)} rows: {ok} ok, {len(table) - ok} error; {ok / max(seconds, 1e-9):.2f} volumes/s "
               f"on {dist_info.world_size} rank(s); wrote {', '.join(filter(None, (args.output_csv, args.embeddings)))}")
-        for row, value in sorted(results.items()):
-            if value["error"]:
-                print(f"  row {row + 2} ({table[args.path_col].iloc[row]}): {value['error']}", file=sys.stderr)
+        errors = [f"row {row + 2} ({table[args.path_col].iloc[row]}): {value['error']}"
+                  for row, value in sorted(results.items()) if value["error"]]
+        if errors:
+            print_capped(f"{len(errors)} row(s) could not be predicted:", errors,
+                         Path(args.output_csv) if args.output_csv else None, sys.stderr)
     shutdown()
     return 0
 

@@ -295,7 +295,8 @@ def main(args: argparse.Namespace) -> int:
             args.data_path = phantom_corpus(args.output_dir, args.num_phantoms, args.seed, dist_info.is_main)
         dataset, config = build_pretrain_dataset(args.data_path, input_size,
                                                  preprocess_config_from_args(args, input_size),
-                                                 not args.no_augment, args.seed, dist_info.is_main)
+                                                 not args.no_augment, args.seed, dist_info.is_main,
+                                                 Path(args.output_dir) / "skipped_sources.txt")
         data_info = {"source": "volumes", "data_path": args.data_path}
 
     holdout = None

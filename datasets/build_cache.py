@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -50,6 +51,7 @@ MANIFEST_COLUMNS = ["index", "source", "status", "reason", "shard", "key", "moda
 _progress: "queue.Queue | None" = None  # set in each worker: one tick per finished volume
 
 
+INTERRUPTED = 130  # the shell's exit status after Ctrl-C
 HDF5_HEADROOM = 2**20  # bytes beyond a volume's raw size: its attributes, chunk index and the file's metadata
 
 
@@ -113,9 +115,11 @@ def write_meta(root: Path, config: PreprocessConfig, dtype: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
 
-def _init_worker(progress: "queue.Queue", itk_threads: int) -> None:
+def _init_worker(progress: "queue.Queue", itk_threads: int, pool_worker: bool = False) -> None:
     global _progress
     _progress = progress
+    if pool_worker:  # Ctrl-C is the parent's to handle: it keeps the finished shards and says so in one line
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
 
 
@@ -258,10 +262,14 @@ def _build_in_pool(root: Path, todo: dict, config: PreprocessConfig, dtype: str,
     context = get_context("spawn")
     ticks = context.Queue()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(ticks, itk_threads)) as pool:
+                             initargs=(ticks, itk_threads, True)) as pool:
         futures = [pool.submit(build_shard, root, shard, items, config, dtype) for shard, items in todo.items()]
-        while not all(f.done() for f in futures):
-            _drain(ticks, bar, timeout=0.2)
+        try:
+            while not all(f.done() for f in futures):
+                _drain(ticks, bar, timeout=0.2)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # shards in progress finish or leave a temporary
+            raise
         _drain(ticks, bar)
         for future in futures:
             future.result()  # re-raises a worker's crash; the next run resumes from the done shards
@@ -334,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     except CacheSettingsError as err:
         raise SystemExit(f"error: {err}; use another --output") from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished shards in {args.output} are kept; run the same command again to build "
+              f"the rest", file=sys.stderr)
+        return INTERRUPTED
     print(summarise(manifest, Path(args.output), time.perf_counter() - start))
     if not (manifest["status"] == "ok").any():
         print("error: no volume could be cached", file=sys.stderr)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.stored import to_unit_float
+from volmae.util.capped import print_capped
 
 CACHE_FORMAT = "volmae-hdf5-cache"
 CACHE_VERSION = 1
@@ -123,6 +124,9 @@ class VolumeCache:
             raise FileNotFoundError(f"{self.root}: not a VolMAE cache (no {META_FILE}); "
                                     f"build one with `volmae-cache`")
         self.meta, self.preprocess = _checked_meta(self.root)
+        if not (self.root / MANIFEST_FILE).is_file():
+            raise CacheError(f"{self.root} is an unfinished cache (no {MANIFEST_FILE}: its build was stopped); run "
+                             f"the same volmae-cache command again to finish it")
         table = pd.read_csv(self.root / MANIFEST_FILE, keep_default_na=False)
         ok = table[table["status"] == "ok"].sort_values("index").reset_index(drop=True)
         self.unreadable = self._verify(ok)
@@ -159,9 +163,8 @@ class VolumeCache:
             unreadable.update({source: why if why.startswith(str(self.root)) else f"{self.root / shard}: {why}"
                                for source, why in problems.items()})
         if unreadable:
-            print(f"warning: {len(unreadable)} volume(s) of the cache {self.root} left out:")
-            for source, why in sorted(unreadable.items()):
-                print(f"  {source}: {why}")
+            print_capped(f"warning: {len(unreadable)} volume(s) of the cache {self.root} left out:",
+                         [f"{source}: {why}" for source, why in sorted(unreadable.items())])
         return unreadable
 
     def __len__(self) -> int:

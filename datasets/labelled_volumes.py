@@ -26,6 +26,7 @@ from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
 from volmae.datasets.reading import VolumeReadError, source_stamp
 from volmae.datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
+from volmae.util.capped import print_capped
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,9 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
         excluded.append({"row": int(i) + CSV_FIRST_ROW, "path": path, "reason": reason})
     excluded.sort(key=lambda item: item["row"])
     if excluded:
-        print(f"warning: {len(excluded)} of {len(table)} rows of {csv} left out (no label, or a volume that cannot "
-              f"be read):")
-        for item in excluded:
-            print(f"  line {item['row']} ({item['path']}): {item['reason']}")
+        print_capped(f"warning: {len(excluded)} of {len(table)} rows of {csv} left out (no label, or a volume that "
+                     f"cannot be read):", [f"line {item['row']} ({item['path']}): {item['reason']}" for item in excluded],
+                     output_dir / "meta_split.csv")
     if not keep:
         raise TaskDataError(f"{csv}: none of the {len(table)} rows has a label and a readable volume")
     volumes = np.stack(loaded)
@@ -184,7 +184,9 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
               "split_patients": {s: int(len(set(split_groups[s]))) for s in SPLITS}}
     output_dir.mkdir(parents=True, exist_ok=True)
     used = set(labelled.index[keep])
-    table.assign(status=["ok" if i in used else "excluded" for i in table.index]).to_csv(
+    reasons = {item["row"] - CSV_FIRST_ROW: item["reason"] for item in excluded}
+    table.assign(status=["ok" if i in used else "excluded" for i in table.index],
+                 excluded_reason=[reasons.get(i, "") for i in table.index]).to_csv(
         output_dir / "meta_split.csv", index=False)
     return TaskData(splits, task, names, tuple(config.size), 1, data, preprocess=config, groups=split_groups,
                     sources=sources, report=report)

@@ -1,6 +1,5 @@
 """What `main_pretrain.py --data_path` points at, turned into a Dataset: a cache, or volume files."""
 import copy
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +13,31 @@ from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.reading import probe
 from volmae.datasets.sources import SourceListError, list_sources
 from volmae.datasets.volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
+from volmae.util.capped import SHOWN, print_capped, write_list
 from volmae.util.dist import barrier
 
-log = logging.getLogger(__name__)
 
-
-def readable_sources(data_path: str, announce: bool, max_voxels: int, external_data: bool = False) -> list[str]:
-    """The corpus' sources that pass a header check; the others are named in a warning."""
+def readable_sources(data_path: str, announce: bool, max_voxels: int, external_data: bool = False,
+                     skipped_list: Path | None = None) -> list[str]:
+    """The corpus' sources that pass a header check; the others are named in a warning (the first few; all of
+    them in `skipped_list`)."""
     try:
         sources = list_sources(data_path)
     except SourceListError as err:
         raise SystemExit(f"error: {err}") from None
-    readable = []
+    readable, skipped = [], []
     for source in sources:
         reason = probe(source, max_voxels, external_data)
         if reason is None:
             readable.append(source)
-        elif announce:
-            log.warning("skipping %s: %s", source, reason)
+        else:
+            skipped.append(f"{source}: {reason}")
     if not readable:
         raise SystemExit(f"error: none of the {len(sources)} sources under {data_path} is readable")
+    if skipped and announce:
+        full_list = write_list(skipped_list, skipped) if skipped_list and len(skipped) > SHOWN else None
+        print_capped(f"warning: skipping {len(skipped)} of {len(sources)} sources that cannot be read:", skipped,
+                     full_list)
     return readable
 
 
@@ -47,7 +51,8 @@ def phantom_corpus(output_dir: str, count: int, seed: int, is_main: bool) -> str
 
 
 def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], config: PreprocessConfig,
-                           augment: bool, seed: int, is_main: bool) -> tuple[Dataset, PreprocessConfig]:
+                           augment: bool, seed: int, is_main: bool,
+                           skipped_list: Path | None = None) -> tuple[Dataset, PreprocessConfig]:
     """A CacheDataset when `data_path` is a cache (its own preprocessing then applies), else volume files."""
     if is_cache(data_path):
         try:
@@ -60,7 +65,8 @@ def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], con
             return CacheDataset(cache, input_size, augment, seed), cache.preprocess
         except ValueError as err:
             raise SystemExit(f"error: {data_path}: {err}") from None
-    return VolumeFileDataset(readable_sources(data_path, is_main, config.max_voxels, config.external_data), config, augment, seed), config
+    sources = readable_sources(data_path, is_main, config.max_voxels, config.external_data, skipped_list)
+    return VolumeFileDataset(sources, config, augment, seed), config
 
 
 def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, seed: int,

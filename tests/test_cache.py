@@ -257,3 +257,46 @@ def test_storage_dtype_error_is_within_half_a_level():
                               PreprocessConfig(size=(16, 16, 16))).array
     stored = encode(volume, "uint16")
     assert np.abs(stored / 65535.0 - volume).max() <= HALF_STEP
+
+
+def test_ctrl_c_during_a_build_ends_in_one_line_and_the_next_run_finishes(tmp_path):
+    sources = tmp_path / "sources"
+    write_phantom_corpus(sources, count=12, seed=5, size_range=(150, 180), progress=False)
+    output = tmp_path / "cache"
+    command = [sys.executable, "-m", "volmae.datasets.build_cache", "--input", str(sources), "--output", str(output),
+               "--size", "32", "--workers", "2", "--shard_size", "1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((output / ".parts").glob("shard-*.csv"))) < 2:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group, workers included
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "interrupted: the finished shards" in err.strip().splitlines()[-1]
+    result = run_cli(command[1:])
+    assert "cached 12 of 12 volumes" in result.stdout
+
+
+def test_pretraining_on_an_unfinished_cache_says_so_in_one_line(tmp_path, phantom_dir):
+    cache = tmp_path / "cache"
+    build_cache(str(phantom_dir), cache, PreprocessConfig(size=(16, 16, 16)), progress=False)
+    (cache / "manifest.csv").unlink()  # as a build stopped before its last step leaves it
+    result = run_cli(["main_pretrain.py", "--data_path", str(cache), "--model", "mae_vit_tiny_patch16",
+                      "--patch_size", "8", "--epochs", "1", "--output_dir", str(tmp_path / "run")], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "unfinished cache" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_long_list_of_unreadable_sources_is_summarised_with_the_full_list_in_a_file(tmp_path, phantom_dir):
+    listed = tmp_path / "corpus.txt"
+    missing = [str(tmp_path / f"gone{i:03d}.nii.gz") for i in range(30)]
+    listed.write_text("\n".join([*map(str, sorted(phantom_dir.glob("*.nii.gz"))), *missing]))
+    result = run_cli(["main_pretrain.py", "--data_path", str(listed), "--model", "mae_vit_tiny_patch16",
+                      "--input_size", "32", "--patch_size", "8", "--epochs", "1", "--batch_size", "4",
+                      "--num_workers", "0", "--output_dir", str(tmp_path / "run")])
+    full_list = tmp_path / "run" / "skipped_sources.txt"
+    assert "skipping 30 of 38 sources" in result.stdout
+    assert f"... and 10 more; all 30 in {full_list}" in result.stdout
+    assert sum("gone" in line for line in result.stdout.splitlines()) == 20
+    assert len(full_list.read_text().splitlines()) == 30
