@@ -21,6 +21,7 @@ from volmae.datasets.augment import finish_batch
 from volmae.datasets.probe_data import ProbeSet
 from volmae.datasets.volume_dataset import collate_volumes, single_threaded_worker
 from volmae.models.mae3d import encoder_weights
+from volmae.util.atomic import atomic_write
 from volmae.util.checkpoint import CheckpointError, atomic_save, plain_args
 from volmae.util.dist import DistInfo, all_reduce_sum, barrier
 from volmae.util.keyed_random import keyed_uniform
@@ -385,7 +386,7 @@ class Pretrainer:
         bar.close()
         self.save("checkpoint-last.pth")
         if self.dist.is_main:
-            (self.output_dir / PREEMPTED_FILE).write_text(f"{self.step}\n")
+            atomic_write(self.output_dir / PREEMPTED_FILE, lambda tmp: tmp.write_text(f"{self.step}\n"))
         barrier()
         raise Preempted(self.step, reason)
 
@@ -461,7 +462,7 @@ class Pretrainer:
         rows = {name: view[0, 0] for name, view in views.items()}
         figure = slice_grid({k: v.cpu().numpy() for k, v in rows.items()}, title=f"step {self.step}")
         run_log.figure("reconstruction", figure, self.step)
-        figure.savefig(self.output_dir / "reconstruction.png", dpi=100)
+        atomic_write(self.output_dir / "reconstruction.png", lambda tmp: figure.savefig(tmp, dpi=100))
         plt.close(figure)
 
 

@@ -26,6 +26,7 @@ from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
 from volmae.datasets.reading import VolumeReadError, source_stamp
 from volmae.datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
+from volmae.util.atomic import atomic_write
 from volmae.util.capped import print_capped
 
 
@@ -185,9 +186,9 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
     output_dir.mkdir(parents=True, exist_ok=True)
     used = set(labelled.index[keep])
     reasons = {item["row"] - CSV_FIRST_ROW: item["reason"] for item in excluded}
-    table.assign(status=["ok" if i in used else "excluded" for i in table.index],
-                 excluded_reason=[reasons.get(i, "") for i in table.index]).to_csv(
-        output_dir / "meta_split.csv", index=False)
+    split_table = table.assign(status=["ok" if i in used else "excluded" for i in table.index],
+                               excluded_reason=[reasons.get(i, "") for i in table.index])
+    atomic_write(output_dir / "meta_split.csv", lambda tmp: split_table.to_csv(tmp, index=False))
     return TaskData(splits, task, names, tuple(config.size), 1, data, preprocess=config, groups=split_groups,
                     sources=sources, report=report)
 

@@ -21,6 +21,7 @@ from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.reading import VolumeReadError
 from volmae.datasets.slices import load_stack, stack_input, to_uint8
 from volmae.datasets.stored import to_unit_float
+from volmae.util.atomic import atomic_write
 from volmae.util.metrics import MULTI_LABEL, REGRESSION
 
 TASKS = {"binary": "binary-class", "multiclass": "multi-class", "multilabel": MULTI_LABEL, "reg": REGRESSION}
@@ -169,7 +170,7 @@ def meta_volume_task(csv: Path, labels: list[str], requested_task: str, ratio: t
     table["split"] = assign_splits(table, ratio, seed, csv)
     _resolve_paths(table, "path", csv)
     output_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output_dir / "meta_split.csv", index=False)
+    atomic_write(output_dir / "meta_split.csv", lambda tmp: table.to_csv(tmp, index=False))
     stacks = []
     for row, path in enumerate(tqdm(table["path"], desc="reading volumes", leave=False), start=2):
         try:
@@ -202,7 +203,7 @@ def meta_image_task(csv: Path, labels: list[str], ratio: tuple[float, float, flo
         else assign_splits(table.assign(pid=table[path_column]), ratio, seed, csv)
     _resolve_paths(table, path_column, csv)
     output_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output_dir / "meta_split.csv", index=False)
+    atomic_write(output_dir / "meta_split.csv", lambda tmp: table.to_csv(tmp, index=False))
     images = []
     for row, path in enumerate(table[path_column], start=2):
         try:

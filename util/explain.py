@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from volmae.util.atomic import atomic_write
 from volmae.util.plotting import plt
 
 METHOD_NAMES = {"rollout": "attention rollout", "grad_cam": "Grad-CAM"}
@@ -113,8 +114,8 @@ def save_explanation(folder: Path, name: str, volume: np.ndarray, heat: np.ndarr
     folder.mkdir(parents=True, exist_ok=True)
     image = volume[0]
     paths = [folder / f"{name}.npy", folder / f"{name}.nii.gz", folder / f"{name}_overlay.png"]
-    np.save(paths[0], heat.astype(np.float32))
-    sitk.WriteImage(sitk.GetImageFromArray(heat.astype(np.float32)), str(paths[1]))
+    atomic_write(paths[0], lambda tmp: np.save(tmp, heat.astype(np.float32)))
+    atomic_write(paths[1], lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(heat.astype(np.float32)), str(tmp)))
     if image.ndim == 3:
         views, maps = middle_slices(image), middle_slices(heat)
     else:
@@ -124,7 +125,7 @@ def save_explanation(folder: Path, name: str, volume: np.ndarray, heat: np.ndarr
         _overlay(ax, views[view], maps[view], view)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=110)
+    atomic_write(paths[2], lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     if image.ndim == 3:
         chosen = np.unique(np.linspace(0, image.shape[0] - 1, min(image.shape[0], MONTAGE_SLICES)).round().astype(int))
@@ -139,7 +140,7 @@ def save_explanation(folder: Path, name: str, volume: np.ndarray, heat: np.ndarr
         fig.suptitle(f"{title}: axial slices", fontsize=10)
         fig.tight_layout()
         paths.append(folder / f"{name}_montage.png")
-        fig.savefig(paths[-1], dpi=90)
+        atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=90))
         plt.close(fig)
     return paths
 
