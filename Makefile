@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-deepspeed.txt pyproject.toml
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev,export]"
 	touch $(DEV_STAMP)
 
 # The whole pipeline on built-in synthetic CT phantoms, about 3 minutes on 2 CPU cores: labelled NIfTI

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from volmae.models.exported_runtime import OnnxModel
 from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
 from volmae.models.registry import create_model
-from volmae.util.checkpoint import load_checkpoint
+from volmae.util.checkpoint import CheckpointError, load_checkpoint
+from volmae.util.exported import ExportError, read_config
 
 CLASSIFIER_KIND = "volmae-classifier"
 
@@ -31,6 +33,8 @@ def _read(path: Path) -> dict:
         checkpoint = load_checkpoint(path)
     except FileNotFoundError:
         raise NotAVolMAECheckpoint(f"{path}: no such file") from None
+    except CheckpointError as err:
+        raise NotAVolMAECheckpoint(str(err)) from None
     except Exception as err:  # torch raises several types for files that are not checkpoints
         raise NotAVolMAECheckpoint(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
@@ -38,9 +42,25 @@ def _read(path: Path) -> dict:
     return checkpoint
 
 
+def load_onnx(path: Path, allow_encoder: bool) -> LoadedModel:
+    """An ONNX export run by onnxruntime, with the preprocessing and classes of the config.json beside it."""
+    try:
+        config = read_config(path.parent)
+    except ExportError as err:
+        raise NotAVolMAECheckpoint(f"{path}: an ONNX file without a VolMAE config.json beside it ({err})") from None
+    output = config.get("onnx", {}).get("output")
+    if output not in ("logits", "embedding") or (output == "embedding" and not allow_encoder):
+        raise NotAVolMAECheckpoint(f"{path}: an ONNX export of {output or 'an unknown output'}; predictions need "
+                                   f"an exported classifier, --embeddings an exported encoder")
+    return LoadedModel(OnnxModel(path, output), dict(config["checkpoint"]), output == "logits")
+
+
 def load_for_inference(path: str | Path, allow_encoder: bool = False) -> LoadedModel:
-    """A fine-tuned classifier; or, with `allow_encoder`, the encoder of an MAE pretraining checkpoint."""
+    """A fine-tuned classifier; or, with `allow_encoder`, the encoder of an MAE pretraining checkpoint. Either
+    may be a VolMAE export: its folder (safetensors), or its model.onnx."""
     path = Path(path)
+    if path.suffix == ".onnx":
+        return load_onnx(path, allow_encoder)
     checkpoint = _read(path)
     meta = {k: v for k, v in checkpoint.items() if k != "model"}
     if checkpoint.get("kind") == CLASSIFIER_KIND:

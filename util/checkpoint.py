@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from volmae.util.atomic import atomic_write
+from volmae.util.exported import ExportError, export_folder, read_exported
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -63,7 +64,14 @@ def _first_line(err: BaseException) -> str:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load with weights_only=True; a missing file stays FileNotFoundError, anything else that stops the
-    load (truncation, corruption, a pickle that asks for code) becomes a one-line CheckpointError."""
+    load (truncation, corruption, a pickle that asks for code) becomes a one-line CheckpointError. A folder
+    written by volmae-export (or its model.safetensors) gives the same dict, with no pickle at all."""
+    folder = export_folder(path)
+    if folder is not None:
+        try:
+            return read_exported(folder)
+        except ExportError as err:
+            raise CheckpointError(str(err)) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

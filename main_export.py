@@ -1,0 +1,145 @@
+"""Export a VolMAE model to run elsewhere, with its preprocessing written beside the weights.
+
+    python main_export.py --checkpoint runs/ft/best.pth --format safetensors --output_dir export/ft
+    python main_export.py --checkpoint runs/ft/best.pth --format onnx --output_dir export/ft_onnx
+    python main_export.py --checkpoint runs/mae/encoder.pth --format onnx --output_dir export/encoder
+
+Every export writes config.json (the model, its input grid and layout, the full preprocessing; for a
+classifier its classes, task and the run's scores with their floors; the data it saw) and MODEL_CARD.md.
+`safetensors` writes model.safetensors: `volmae-predict --checkpoint DIR` and `volmae-finetune --finetune
+DIR` take the folder, no pickle involved. `onnx` writes model.onnx (the classifier's logits, or the
+encoder's mean-pooled embedding; a dynamic batch axis), checked against PyTorch with onnxruntime on real
+volumes (the run's own test cases, or --check_csv); the export stops when they differ by more than 1e-4.
+"""
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from volmae.datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
+from volmae.datasets.phantoms import write_phantom_corpus
+from volmae.models.exported_runtime import ONNX_INPUT, OnnxModel, PooledEmbedding
+from volmae.models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
+from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
+from volmae.util.atomic import make_output_folder
+from volmae.util.checkpoint import CheckpointError, load_checkpoint
+from volmae.util.cli import HelpFormatter, report_disk_faults
+from volmae.util.exported import CONFIG_FILE, write_config, write_weights
+from volmae.util.model_card import card_facts, render_card
+
+FORMATS = ("safetensors", "onnx")
+ONNX_TOLERANCE = 1e-4
+CHECK_CASES = 4
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="best.pth of volmae-finetune, or encoder.pth / model.pth of volmae-pretrain")
+    parser.add_argument("--format", choices=FORMATS, required=True, help="what to write (see above)")
+    parser.add_argument("--output_dir", required=True, help="the export folder (created; refused if it holds one "
+                                                            "unless --overwrite)")
+    parser.add_argument("--check_csv", default=None,
+                        help="ONNX: cases (a path column) to compare onnxruntime with PyTorch on; default: the run's "
+                             "test_scores.csv beside a best.pth, else synthetic CT phantoms")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in OUTPUT_DIR")
+    return parser
+
+
+def read_results(checkpoint_path: Path) -> dict | None:
+    """The fine-tuning run's results.json beside its best.pth, for the scores and floors of the card."""
+    path = checkpoint_path.parent / "results.json"
+    return json.loads(path.read_text()) if checkpoint_path.is_file() and path.is_file() else None
+
+
+def check_inputs(args: argparse.Namespace, loaded: LoadedModel, folder: Path) -> tuple[torch.Tensor, str]:
+    """Up to CHECK_CASES preprocessed real volumes, and where they came from."""
+    spec = InputSpec.from_meta(loaded.meta)
+    csv = Path(args.check_csv) if args.check_csv else Path(args.checkpoint).parent / "test_scores.csv"
+    if csv.is_file():
+        table = read_cases(csv, "path", "id")
+        paths, base, where = list(table["path"][:CHECK_CASES]), csv.resolve().parent, str(csv)
+    else:
+        paths = [str(p) for p in sorted(folder.glob("*.nii.gz"))[:CHECK_CASES]]
+        base, where = folder, "synthetic CT phantoms (datasets.phantoms)"
+    batch = collate_cases([CaseDataset(paths, base, spec)[i] for i in range(len(paths))])
+    if batch["input"] is None:
+        raise SystemExit(f"error: none of the check cases from {where} could be read ({batch['failed'][:1]})")
+    return batch["input"], where
+
+
+def export_onnx(args: argparse.Namespace, loaded: LoadedModel, out: Path) -> dict:
+    """model.onnx, traced by torch.export and checked with onnxruntime; its record for config.json."""
+    module = loaded.model if loaded.is_classifier else PooledEmbedding(loaded.model)
+    module.eval()
+    with tempfile.TemporaryDirectory() as phantoms:
+        if not args.check_csv and not (Path(args.checkpoint).parent / "test_scores.csv").is_file():
+            write_phantom_corpus(phantoms, count=CHECK_CASES, seed=0, progress=False)
+        volumes, where = check_inputs(args, loaded, Path(phantoms))
+    example = volumes[:2] if len(volumes) > 1 else volumes.repeat(2, *[1] * (volumes.dim() - 1))
+    output = "logits" if loaded.is_classifier else "embedding"
+    program = torch.onnx.export(module, (example,), dynamo=True, input_names=[ONNX_INPUT], output_names=[output],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    path = out / "model.onnx"
+    program.save(str(path))
+    with torch.no_grad():
+        expected = module(volumes).float().numpy()
+    actual = OnnxModel(path, output)(volumes).numpy()
+    difference = float(np.abs(actual - expected).max())
+    if not difference <= ONNX_TOLERANCE:
+        path.unlink()
+        raise SystemExit(f"error: the ONNX graph differs from PyTorch by {difference:.2e} (more than "
+                         f"{ONNX_TOLERANCE:g}) on {len(volumes)} volumes from {where}; nothing was exported")
+    print(f"onnx: {output} of {len(volumes)} volumes from {where} agree with PyTorch to {difference:.2e}")
+    return {"file": path.name, "input": ONNX_INPUT, "output": output, "batch_axis": "dynamic",
+            "checked_on": where, "checked_volumes": len(volumes), "max_abs_difference": difference,
+            "opset": int(program.model_proto.opset_import[0].version)}
+
+
+def prepare_folder(out: Path, overwrite: bool) -> Path:
+    if (out / CONFIG_FILE).exists():
+        if not overwrite:
+            raise SystemExit(f"error: {out} holds an export already; choose another --output_dir or add --overwrite")
+        shutil.rmtree(out)
+    return make_output_folder(out)
+
+
+def main(args: argparse.Namespace) -> int:
+    source = Path(args.checkpoint)
+    try:
+        checkpoint = load_checkpoint(source)
+        loaded = load_for_inference(source, allow_encoder=True)
+    except (FileNotFoundError, CheckpointError, NotAVolMAECheckpoint) as err:
+        raise SystemExit(f"error: cannot export {source}: {err}") from None
+    if not loaded.is_classifier:  # an MAE: export its encoder, the part other tools take
+        weights = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
+        checkpoint = {**checkpoint, "model": {k: v for k, v in weights.items()
+                                              if not k.startswith(PRETRAINING_ONLY_PREFIXES)},
+                      "input_size": loaded.meta["input_size"]}
+    card = card_facts(checkpoint, read_results(source), source)
+    out = prepare_folder(Path(args.output_dir), args.overwrite)
+    extra = {}
+    if args.format == "safetensors":
+        write_weights(out, checkpoint["model"])
+        files = ["model.safetensors"]
+    else:
+        extra["onnx"] = export_onnx(args, loaded, out)
+        files = ["model.onnx"]
+    write_config(out, checkpoint, card, extra)
+    (out / "MODEL_CARD.md").write_text(render_card(card, [*files, CONFIG_FILE]))
+    print(f"exported {source} as {args.format} to {out}: {', '.join(files)}, {CONFIG_FILE}, MODEL_CARD.md")
+    return 0
+
+
+def cli() -> None:
+    """The `volmae-export` command: the same as `python main_export.py`."""
+    sys.exit(report_disk_faults(main, get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    cli()
