@@ -10,6 +10,9 @@ classifier its classes, task and the run's scores with their floors; the data it
 DIR` take the folder, no pickle involved. `onnx` writes model.onnx (the classifier's logits, or the
 encoder's mean-pooled embedding; a dynamic batch axis), checked against PyTorch with onnxruntime on real
 volumes (the run's own test cases, or --check_csv); the export stops when they differ by more than 1e-4.
+`monai` (plain patch-embedding ViT encoders such as mae_vit_*) writes monai_vit.pt, the weights as the state
+dict of monai.networks.nets.ViT, and monai_vit.json, the arguments that build it; its hidden states are
+checked to equal the encoder's tokens within 1e-5. A hybrid stem or MedViT-3D is refused: they do not map.
 """
 import argparse
 import json
@@ -26,14 +29,22 @@ from volmae.datasets.phantoms import write_phantom_corpus
 from volmae.models.exported_runtime import ONNX_INPUT, OnnxModel, PooledEmbedding
 from volmae.models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
-from volmae.util.atomic import make_output_folder
-from volmae.util.checkpoint import CheckpointError, load_checkpoint
+from volmae.models.monai_vit import (
+    VOLMAE_LAYER_NORM_EPS,
+    UnmappableEncoder,
+    monai_vit_kwargs,
+    monai_vit_weights,
+    set_layer_norm_eps,
+)
+from volmae.util.atomic import atomic_write, make_output_folder
+from volmae.util.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from volmae.util.cli import HelpFormatter, report_disk_faults
 from volmae.util.exported import CONFIG_FILE, write_config, write_weights
-from volmae.util.model_card import card_facts, render_card
+from volmae.util.model_card import LAYOUT, card_facts, render_card
 
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "monai")
 ONNX_TOLERANCE = 1e-4
+MONAI_TOLERANCE = 1e-5
 CHECK_CASES = 4
 
 
@@ -101,6 +112,50 @@ def export_onnx(args: argparse.Namespace, loaded: LoadedModel, out: Path) -> dic
             "opset": int(program.model_proto.opset_import[0].version)}
 
 
+def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel, out: Path) -> dict:
+    """monai_vit.pt (a MONAI ViT state dict) and monai_vit.json (its kwargs), checked: the MONAI ViT's hidden
+    states equal the VolMAE encoder's tokens on real (or phantom) volumes."""
+    from monai.networks.nets import ViT
+
+    if loaded.is_classifier:
+        raise SystemExit("error: --format monai takes a pretrained encoder (encoder.pth or model.pth of "
+                         "volmae-pretrain); export a classifier as safetensors or onnx")
+    try:
+        kwargs = monai_vit_kwargs(checkpoint["model_config"])
+        mapped = monai_vit_weights(checkpoint["model"], checkpoint["model_config"])
+    except UnmappableEncoder as err:
+        raise SystemExit(f"error: cannot map {checkpoint.get('model_name')} to MONAI's ViT: {err}") from None
+    vit = ViT(**kwargs)
+    state = {**vit.state_dict(), **mapped}
+    vit.load_state_dict(state, strict=True)
+    with tempfile.TemporaryDirectory() as phantoms:
+        if not args.check_csv:
+            write_phantom_corpus(phantoms, count=CHECK_CASES, seed=0, progress=False)
+        volumes, where = check_inputs(args, loaded, Path(phantoms))
+    with torch.no_grad():
+        expected = loaded.model.forward_features(volumes)
+        default_eps = vit.eval().norm(vit(volumes)[1][-1])
+        set_layer_norm_eps(vit)
+        actual = vit.norm(vit(volumes)[1][-1])
+    difference = float((actual - expected).abs().max())
+    if not difference <= MONAI_TOLERANCE:
+        raise SystemExit(f"error: MONAI's ViT differs from the VolMAE encoder by {difference:.2e} (more than "
+                         f"{MONAI_TOLERANCE:g}) on {len(volumes)} volumes from {where}; nothing was exported")
+    atomic_save(state, out / "monai_vit.pt")
+    record = {"kwargs": kwargs, "layer_norm_eps": VOLMAE_LAYER_NORM_EPS, "input_layout": LAYOUT,
+              "checked_on": where, "checked_volumes": len(volumes), "max_abs_difference": difference,
+              "max_abs_difference_with_monai_default_eps": float((default_eps - expected).abs().max()),
+              "usage": "vit = monai.networks.nets.ViT(**kwargs); vit.load_state_dict(torch.load('monai_vit.pt', "
+                       "weights_only=True)); then set every nn.LayerNorm's eps to layer_norm_eps; hidden states "
+                       "[N, 1 + L, E] (class token first) equal VolMAE's encoder tokens. UNETR builds its ViT "
+                       "without the class token: load with strict=False there, and its features differ from "
+                       "VolMAE's by the class token's share of attention."}
+    atomic_write(out / "monai_vit.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+    print(f"monai: the ViT's hidden states of {len(volumes)} volumes from {where} equal the encoder's to "
+          f"{difference:.2e}")
+    return {"monai": {"file": "monai_vit.pt", "kwargs_file": "monai_vit.json", "max_abs_difference": difference}}
+
+
 def prepare_folder(out: Path, overwrite: bool) -> Path:
     if (out / CONFIG_FILE).exists():
         if not overwrite:
@@ -127,9 +182,12 @@ def main(args: argparse.Namespace) -> int:
     if args.format == "safetensors":
         write_weights(out, checkpoint["model"])
         files = ["model.safetensors"]
-    else:
+    elif args.format == "onnx":
         extra["onnx"] = export_onnx(args, loaded, out)
         files = ["model.onnx"]
+    else:
+        extra = export_monai(args, checkpoint, loaded, out)
+        files = ["monai_vit.pt", "monai_vit.json"]
     write_config(out, checkpoint, card, extra)
     (out / "MODEL_CARD.md").write_text(render_card(card, [*files, CONFIG_FILE]))
     print(f"exported {source} as {args.format} to {out}: {', '.join(files)}, {CONFIG_FILE}, MODEL_CARD.md")

@@ -6,8 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 
 from tests.conftest import run_cli, shared_path
+from volmae.datasets.cases import InputSpec, load_case
+from volmae.models.load_classifier import load_for_inference
+from volmae.models.registry import create_model
 
 TINY_PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--decoder_embed_dim",
                  "64", "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--vis_every", "0",
@@ -130,3 +134,39 @@ def test_refused_exports_and_damaged_exports_fail_in_one_line(classifier, tmp_pa
                        str(classifier / "cases.csv"), "--output_csv", str(tmp_path / "p.csv")], check=False)
     assert damaged.returncode == 1 and "Traceback" not in damaged.stderr
     assert "model.safetensors: unreadable" in damaged.stderr.strip().splitlines()[-1]
+
+
+def test_a_monai_vit_built_from_the_export_computes_the_encoder_s_tokens(encoder, classifier, tmp_path):
+    from monai.networks.nets import ViT
+
+    result = export(encoder, tmp_path / "monai", "monai")
+    assert "equal the encoder's" in result.stdout
+    record = json.loads((tmp_path / "monai" / "monai_vit.json").read_text())
+    vit = ViT(**record["kwargs"])
+    vit.load_state_dict(torch.load(tmp_path / "monai" / "monai_vit.pt", weights_only=True), strict=True)
+    for module in vit.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = record["layer_norm_eps"]
+    loaded = load_for_inference(encoder, allow_encoder=True)
+    spec = InputSpec.from_meta(loaded.meta)
+    crop = pd.read_csv(classifier / "cases.csv")["path"].iloc[0]
+    volumes = torch.stack([torch.from_numpy(load_case(path, tmp_path, spec))
+                           for path in (asymmetric_volume(tmp_path), crop)])
+    with torch.no_grad():
+        theirs = vit.eval().norm(vit(volumes)[1][-1])
+        ours = loaded.model.forward_features(volumes)
+    assert theirs.shape == ours.shape
+    assert float((theirs - ours).abs().max()) <= 1e-5
+
+
+def test_encoders_that_do_not_map_to_monai_are_refused_in_one_line(classifier, tmp_path):
+    hybrid = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, stem_channels=8, decoder_embed_dim=64,
+                          decoder_depth=1, decoder_num_heads=2)
+    torch.save({"model": hybrid.state_dict(), "model_name": "mae_vit_tiny_patch16", "model_config": hybrid.config},
+               tmp_path / "hybrid.pth")
+    for source, words in ((tmp_path / "hybrid.pth", "convolutional stem"),
+                          (classifier / "ft" / "best.pth", "takes a pretrained encoder")):
+        refused = export(source, tmp_path / f"out_{source.stem}", "monai", check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert words in refused.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / f"out_{source.stem}" / "monai_vit.pt").exists()
