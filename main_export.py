@@ -50,15 +50,17 @@ CHECK_CASES = 4
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
+    source = parser.add_argument_group("model")
+    source.add_argument("--checkpoint", required=True,
                         help="best.pth of volmae-finetune, or encoder.pth / model.pth of volmae-pretrain")
-    parser.add_argument("--format", choices=FORMATS, required=True, help="what to write (see above)")
-    parser.add_argument("--output_dir", required=True, help="the export folder (created; refused if it holds one "
-                                                            "unless --overwrite)")
-    parser.add_argument("--check_csv", default=None,
-                        help="ONNX: cases (a path column) to compare onnxruntime with PyTorch on; default: the run's "
-                             "test_scores.csv beside a best.pth, else synthetic CT phantoms")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in OUTPUT_DIR")
+    source.add_argument("--check_csv", default=None,
+                        help="ONNX and MONAI: cases (a path column) to compare the export with PyTorch on; default: "
+                             "the run's test_scores.csv beside a best.pth, else synthetic CT phantoms")
+    output = parser.add_argument_group("output")
+    output.add_argument("--format", choices=FORMATS, default="safetensors", help="what to write (see above)")
+    output.add_argument("--output_dir", required=True,
+                        help="the export folder (created; refused if it holds one unless --overwrite)")
+    output.add_argument("--overwrite", action="store_true", help="replace an existing export in OUTPUT_DIR")
     return parser
 
 

@@ -6,11 +6,12 @@ import pytest
 
 from volmae.datasets.build_cache import get_args_parser as cache_parser
 from volmae.finetuning.cli import get_args_parser as finetune_parser
+from volmae.main_export import get_args_parser as export_parser
 from volmae.main_predict import get_args_parser as predict_parser
 from volmae.main_pretrain import get_args_parser as pretrain_parser
 
 PARSERS = {"volmae-cache": cache_parser, "volmae-pretrain": pretrain_parser, "volmae-finetune": finetune_parser,
-           "volmae-predict": predict_parser}
+           "volmae-predict": predict_parser, "volmae-export": export_parser}
 
 
 def flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -11,7 +11,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMMANDS = {"volmae-cache": "volmae.datasets.build_cache:cli", "volmae-pretrain": "volmae.main_pretrain:cli",
-            "volmae-finetune": "volmae.main_finetune:cli", "volmae-predict": "volmae.main_predict:cli"}
+            "volmae-finetune": "volmae.main_finetune:cli", "volmae-predict": "volmae.main_predict:cli",
+            "volmae-export": "volmae.main_export:cli"}
 
 
 def foreign_site(root: Path) -> Path:
