@@ -297,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
                                                  preprocess_config_from_args(args, input_size),
                                                  not args.no_augment, args.seed, dist_info.is_main,
                                                  Path(args.output_dir) / "skipped_sources.txt")
-        data_info = {"source": "volumes", "data_path": args.data_path}
+        data_info = {"source": "volumes", "data_path": args.data_path, "volumes": len(dataset)}
 
     holdout = None
     if args.val_fraction:

@@ -65,6 +65,8 @@ def test_a_safetensors_export_predicts_bit_identically_and_carries_its_card(clas
     card = config["card"]
     assert card["class_names"] == ["malignant=0", "malignant=1"] and card["preprocess"]["resample"] == "spacing"
     assert "auc" in card["scores"]["test"] and "pca_logreg" in card["floors"] and card["data_seen"]["split_counts"]
+    test_counts = card["data_seen"]["label_counts"]["test"]
+    assert sum(test_counts.values()) == card["data_seen"]["split_counts"]["test"]
     text = (tmp_path / "st" / "MODEL_CARD.md").read_text()
     for section in ("## Model", "## Preprocessing", "## Training data", "## Scores and floors", "## Intended use",
                     "## Known limits"):
@@ -100,6 +102,8 @@ def test_encoder_exports_give_the_same_embeddings_and_fine_tune_as_encoder_pth(e
                                                                                tmp_path):
     export(encoder, tmp_path / "st", "safetensors")
     export(encoder, tmp_path / "onnx", "onnx")
+    card = json.loads((tmp_path / "st" / "config.json").read_text())["card"]
+    assert card["kind"] == "encoder" and card["data_seen"]["pretraining data"]["volumes"] == 8
     cases = tmp_path / "cases.csv"
     paths = [asymmetric_volume(tmp_path), *map(str, sorted(phantom_dir.glob("*.nii.gz"))[:3])]
     pd.DataFrame({"id": [f"v{i}" for i in range(len(paths))], "path": paths}).to_csv(cases, index=False)

@@ -40,6 +40,10 @@ def card_facts(checkpoint: dict, results: dict | None, source: Path) -> dict:
         facts["floors"] = results.get("floors")
         facts["data_seen"] = {k: results[k] for k in ("rows", "excluded", "split_counts", "split_patients",
                                                       "train_samples_used", "train_patients_used") if k in results}
+        facts["data_seen"]["label_counts"] = {
+            "train": (results.get("data_profile") or {}).get("class_counts"),
+            **{split: {name: c.get("support") for name, c in results[split].get("per_class", {}).items()}
+               for split in ("val", "test") if isinstance(results.get(split), dict)}}
     else:
         facts["data_seen"] = {"pretraining data": checkpoint.get("data"), "epochs": checkpoint.get("epoch"),
                               "steps": checkpoint.get("step")}
