@@ -1,5 +1,6 @@
 """What `main_pretrain.py --data_path` points at, turned into a Dataset: a cache, or volume files."""
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def readable_sources(data_path: str, announce: bool, max_voxels: int, external_d
     if skipped and announce:
         full_list = write_list(skipped_list, skipped) if skipped_list and len(skipped) > SHOWN else None
         print_capped(f"warning: skipping {len(skipped)} of {len(sources)} sources that cannot be read:", skipped,
-                     full_list)
+                     full_list, sys.stderr)
     return readable
 
 

@@ -296,7 +296,7 @@ def test_a_long_list_of_unreadable_sources_is_summarised_with_the_full_list_in_a
                       "--input_size", "32", "--patch_size", "8", "--epochs", "1", "--batch_size", "4",
                       "--num_workers", "0", "--output_dir", str(tmp_path / "run")])
     full_list = tmp_path / "run" / "skipped_sources.txt"
-    assert "skipping 30 of 38 sources" in result.stdout
-    assert f"... and 10 more; all 30 in {full_list}" in result.stdout
-    assert sum("gone" in line for line in result.stdout.splitlines()) == 20
+    assert "skipping 30 of 38 sources" in result.stderr
+    assert f"... and 10 more; all 30 in {full_list}" in result.stderr
+    assert sum("gone" in line for line in result.stderr.splitlines()) == 20
     assert len(full_list.read_text().splitlines()) == 30
