@@ -265,8 +265,9 @@ def test_ctrl_c_during_a_build_ends_in_one_line_and_the_next_run_finishes(tmp_pa
     output = tmp_path / "cache"
     command = [sys.executable, "-m", "volmae.datasets.build_cache", "--input", str(sources), "--output", str(output),
                "--size", "32", "--workers", "2", "--shard_size", "1"]
+    # a background job of a non-interactive shell inherits SIGINT ignored: restore it, as a terminal has it
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while time.time() < deadline and len(list((output / ".parts").glob("shard-*.csv"))) < 2:
         time.sleep(0.05)
