@@ -70,17 +70,20 @@ def read_results(checkpoint_path: Path) -> dict | None:
     return json.loads(path.read_text()) if checkpoint_path.is_file() and path.is_file() else None
 
 
-def check_inputs(args: argparse.Namespace, loaded: LoadedModel, folder: Path) -> tuple[torch.Tensor, str]:
-    """Up to CHECK_CASES preprocessed real volumes, and where they came from."""
+def check_inputs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[torch.Tensor, str]:
+    """Up to CHECK_CASES preprocessed volumes to compare an export with PyTorch on, and where they came from:
+    --check_csv, else the run's own test cases, else synthetic CT phantoms written for the check."""
     spec = InputSpec.from_meta(loaded.meta)
     csv = Path(args.check_csv) if args.check_csv else Path(args.checkpoint).parent / "test_scores.csv"
-    if csv.is_file():
-        table = read_cases(csv, "path", "id")
-        paths, base, where = list(table["path"][:CHECK_CASES]), csv.resolve().parent, str(csv)
-    else:
-        paths = [str(p) for p in sorted(folder.glob("*.nii.gz"))[:CHECK_CASES]]
-        base, where = folder, "synthetic CT phantoms (datasets.phantoms)"
-    batch = collate_cases([CaseDataset(paths, base, spec)[i] for i in range(len(paths))])
+    with tempfile.TemporaryDirectory() as phantoms:
+        if csv.is_file():
+            table = read_cases(csv, "path", "id")
+            paths, base, where = list(table["path"][:CHECK_CASES]), csv.resolve().parent, str(csv)
+        else:
+            write_phantom_corpus(phantoms, count=CHECK_CASES, seed=0, progress=False)
+            paths = [str(p) for p in sorted(Path(phantoms).glob("*.nii.gz"))[:CHECK_CASES]]
+            base, where = Path(phantoms), "synthetic CT phantoms (datasets.phantoms)"
+        batch = collate_cases([CaseDataset(paths, base, spec)[i] for i in range(len(paths))])
     if batch["input"] is None:
         raise SystemExit(f"error: none of the check cases from {where} could be read ({batch['failed'][:1]})")
     return batch["input"], where
@@ -90,10 +93,7 @@ def export_onnx(args: argparse.Namespace, loaded: LoadedModel, out: Path) -> dic
     """model.onnx, traced by torch.export and checked with onnxruntime; its record for config.json."""
     module = loaded.model if loaded.is_classifier else PooledEmbedding(loaded.model)
     module.eval()
-    with tempfile.TemporaryDirectory() as phantoms:
-        if not args.check_csv and not (Path(args.checkpoint).parent / "test_scores.csv").is_file():
-            write_phantom_corpus(phantoms, count=CHECK_CASES, seed=0, progress=False)
-        volumes, where = check_inputs(args, loaded, Path(phantoms))
+    volumes, where = check_inputs(args, loaded)
     example = volumes[:2] if len(volumes) > 1 else volumes.repeat(2, *[1] * (volumes.dim() - 1))
     output = "logits" if loaded.is_classifier else "embedding"
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=[ONNX_INPUT], output_names=[output],
@@ -130,10 +130,7 @@ def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel
     vit = ViT(**kwargs)
     state = {**vit.state_dict(), **mapped}
     vit.load_state_dict(state, strict=True)
-    with tempfile.TemporaryDirectory() as phantoms:
-        if not args.check_csv:
-            write_phantom_corpus(phantoms, count=CHECK_CASES, seed=0, progress=False)
-        volumes, where = check_inputs(args, loaded, Path(phantoms))
+    volumes, where = check_inputs(args, loaded)
     with torch.no_grad():
         expected = loaded.model.forward_features(volumes)
         default_eps = vit.eval().norm(vit(volumes)[1][-1])

@@ -202,7 +202,8 @@ def changed_sources(root: Path, sources: list[str]) -> list[str]:
     rows = cached_rows(root)
     if rows.empty or "stamp" not in rows.columns:
         return []
-    recorded = dict(zip(rows.sort_values("index")["source"], rows.sort_values("index")["stamp"]))
+    newest = rows.sort_values("index")
+    recorded = dict(zip(newest["source"], newest["stamp"]))
     return [s for s in dict.fromkeys(sources) if s in recorded and recorded[s] != source_stamp(s)]
 
 

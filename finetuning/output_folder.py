@@ -14,6 +14,10 @@ RUN_OUTPUTS = ("best.pth", "log.txt", "meta_split.csv", "*_scores.csv", "*@seed*
                "confusion_matrix.png", "explain", "search", "tensorboard", "seed_*")
 
 
+class FinishedRunError(ValueError):
+    """The folder holds a finished run and --overwrite was not given; the message names it."""
+
+
 def finished_results(output_dir: Path) -> list[Path]:
     return sorted([*output_dir.glob(RESULTS_FILE), *output_dir.glob(f"seed_*/{RESULTS_FILE}")])
 
@@ -24,9 +28,9 @@ def claim_output_folder(output_dir: Path, overwrite: bool) -> None:
     if not finished:
         return
     if not overwrite:
-        raise SystemExit(f"error: {output_dir} holds a finished fine-tuning run ({finished[0]}); its best.pth, "
-                         f"scores and plots belong to it. Choose another --output_dir, or add --overwrite to "
-                         f"replace that run")
+        raise FinishedRunError(f"{output_dir} holds a finished fine-tuning run ({finished[0]}); its best.pth, "
+                               f"scores and plots belong to it. Choose another --output_dir, or add --overwrite to "
+                               f"replace that run")
     for path in finished:
         path.unlink()
     for pattern in RUN_OUTPUTS:

@@ -22,6 +22,18 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def lidc_patients(malignant: int, benign: int) -> tuple[pd.DataFrame, list[str]]:
+    """Every real LIDC crop of the first `malignant` patients with a malignant nodule and the first `benign`
+    without one, paths absolute; and those patients, in that order."""
+    root = shared_path("lidc_nodules")
+    table = pd.read_csv(root / "labels.csv")
+    patients = table.groupby("patient_id")["malignant"].max()
+    chosen = list(patients[patients == 1].index[:malignant]) + list(patients[patients == 0].index[:benign])
+    rows = table[table["patient_id"].isin(chosen)].copy()
+    rows["path"] = [str(root / p) for p in rows["path"]]
+    return rows, chosen
+
+
 def run_cli(args: list[str], timeout: float = 600, check: bool = True, env: dict | None = None,
             ) -> subprocess.CompletedProcess:
     """Run `python ARGS` (or `python -m torch.distributed.run ...`) from the repo root."""

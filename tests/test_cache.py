@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -182,17 +183,21 @@ def test_a_killed_build_resumes_without_duplicates_or_rework(tmp_path):
     assert len(VolumeCache(output)) == 12
 
 
+def corpus_of(folder: Path, files: list[Path]) -> Path:
+    """A corpus folder holding copies of `files`."""
+    folder.mkdir(exist_ok=True)
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
 def test_new_sources_are_appended_and_other_settings_refused(tmp_path, phantom_dir):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     files = sorted(phantom_dir.glob("*.nii.gz"))
-    for f in files[:3]:
-        shutil.copy(f, corpus / f.name)
+    corpus = corpus_of(tmp_path / "corpus", files[:3])
     config = PreprocessConfig(size=(16, 16, 16))
     build_cache(str(corpus), tmp_path / "c", config, progress=False)
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("shard-*.h5")}
-    for f in files[3:5]:
-        shutil.copy(f, corpus / f.name)
+    corpus_of(corpus, files[3:5])
     manifest = build_cache(str(corpus), tmp_path / "c", config, progress=False)
     assert len(manifest) == 5 and manifest["key"].is_unique
     assert all((tmp_path / "c" / n).stat().st_mtime_ns == m for n, m in first.items())
@@ -201,11 +206,8 @@ def test_new_sources_are_appended_and_other_settings_refused(tmp_path, phantom_d
 
 
 def test_a_source_replaced_at_its_path_or_appearing_later_is_cached_again(tmp_path, phantom_dir):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     files = sorted(phantom_dir.glob("*.nii.gz"))
-    for f in files[:3]:
-        shutil.copy(f, corpus / f.name)
+    corpus = corpus_of(tmp_path / "corpus", files[:3])
     listed = tmp_path / "list.txt"
     listed.write_text("\n".join(str(corpus / f.name) for f in files[:4]))  # the 4th is not there yet
     config = PreprocessConfig(size=(16, 16, 16))

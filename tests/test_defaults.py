@@ -3,11 +3,10 @@ beside every score, the paired comparison, and choices that never read the test 
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import run_cli, shared_path
+from tests.conftest import lidc_patients, run_cli, shared_path
 from volmae import models
 from volmae.datasets.build_cache import build_cache
 from volmae.datasets.preprocess import PreprocessConfig
@@ -209,12 +208,7 @@ def test_own_volumes_stop_early_after_a_third_of_the_epochs_and_published_recipe
 @pytest.fixture(scope="module")
 def lidc_split(tmp_path_factory):
     """60 real LIDC crops of whole patients with a fixed split column, so that the split cannot move."""
-    root = shared_path("lidc_nodules")
-    table = pd.read_csv(root / "labels.csv")
-    patients = table.groupby("patient_id")["malignant"].max()
-    chosen = list(patients[patients == 1].index[:16]) + list(patients[patients == 0].index[:20])
-    rows = table[table["patient_id"].isin(chosen)].copy()
-    rows["path"] = [str(root / p) for p in rows["path"]]
+    rows, chosen = lidc_patients(16, 20)
     order = {p: i for i, p in enumerate(chosen)}
     rows["split"] = [("train", "val", "test")[order[p] % 3] for p in rows["patient_id"]]
     return rows, tmp_path_factory.mktemp("lidc_split")

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.conftest import run_cli, shared_path
+from tests.conftest import lidc_patients, run_cli
 from volmae.datasets.cases import InputSpec, load_case
 from volmae.models.load_classifier import load_for_inference
 from volmae.models.registry import create_model
@@ -21,12 +21,7 @@ TINY_PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--pat
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     """A classifier fine-tuned for one epoch on 24 real LIDC crops, with its results and test scores."""
-    root = shared_path("lidc_nodules")
-    table = pd.read_csv(root / "labels.csv")
-    patients = table.groupby("patient_id")["malignant"].max()
-    chosen = list(patients[patients == 1].index[:8]) + list(patients[patients == 0].index[:8])
-    rows = table[table["patient_id"].isin(chosen)].copy()
-    rows["path"] = [str(root / p) for p in rows["path"]]
+    rows, _ = lidc_patients(8, 8)
     folder = tmp_path_factory.mktemp("export_classifier")
     rows.to_csv(folder / "labels.csv", index=False)
     run_cli(["main_finetune.py", "--setup", "volumes", "--meta", str(folder / "labels.csv"), "--label", "malignant",

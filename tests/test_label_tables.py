@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.conftest import run_cli, shared_path
+from tests.conftest import lidc_patients, run_cli
 
 COMMON = ["--setup", "volumes", "--label", "malignant", "--group", "patient_id", "--input_size", "16,24,24",
           "--model", "auto", "--epochs", "1", "--batch_size", "8", "--bootstrap", "0", "--search", "none"]
@@ -14,15 +14,12 @@ COMMON = ["--setup", "volumes", "--label", "malignant", "--group", "patient_id",
 @pytest.fixture(scope="module")
 def lidc_table(tmp_path_factory) -> tuple[pd.DataFrame, object]:
     """18 real LIDC crops of whole patients, both classes in every split, with a split column."""
-    root = shared_path("lidc_nodules")
-    table = pd.read_csv(root / "labels.csv", dtype={"malignant": str})
-    patients = table.groupby("patient_id")["malignant"].max()
-    chosen = list(patients[patients == "1"].index[:6]) + list(patients[patients == "0"].index[:6])
-    rows = table[table["patient_id"].isin(chosen)].groupby("patient_id").head(2).reset_index(drop=True)
+    crops, chosen = lidc_patients(6, 6)
+    rows = crops.groupby("patient_id").head(2).reset_index(drop=True)
+    rows["malignant"] = rows["malignant"].astype(str)  # so that a test can blank a label
     order = {p: i for i, p in enumerate(chosen)}
     rows["split"] = [("train", "train", "val", "test")[order[p] % 4] if order[p] % 6 else "train"
                      for p in rows["patient_id"]]
-    rows["path"] = [str(root / p) for p in rows["path"]]
     return rows, tmp_path_factory.mktemp("label_tables")
 
 

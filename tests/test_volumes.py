@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from tests.conftest import REPO, run_cli, shared_path
+from tests.conftest import REPO, lidc_patients, run_cli, shared_path
 from tests.volumes import image_from_xyz
 from volmae.datasets.labelled_volumes import fraction_of_patients
 from volmae.datasets.preprocess import PreprocessConfig, load_volume
@@ -123,12 +123,8 @@ def test_a_fraction_of_patients_keeps_whole_patients_and_both_classes():
 def lidc_rows(tmp_path_factory) -> Path:
     """24 real LIDC nodule crops (whole patients, both classes) with two bad rows: a missing file and a text file
     named .nii.gz."""
-    root = shared_path("lidc_nodules")
-    table = pd.read_csv(root / "labels.csv")
-    patients = table.groupby("patient_id")["malignant"].max()
-    chosen = list(patients[patients == 1].index[:7]) + list(patients[patients == 0].index[:9])
-    rows = table[table["patient_id"].isin(chosen)].head(24).copy()
-    rows["path"] = [str(root / p) for p in rows["path"]]
+    crops, _ = lidc_patients(7, 9)
+    rows = crops.head(24).copy()
     folder = tmp_path_factory.mktemp("lidc")
     (folder / "not_an_image.nii.gz").write_text("a text file")
     bad = pd.DataFrame([{**rows.iloc[0].to_dict(), "path": str(folder / "missing.nii.gz"), "patient_id": "bad-1"},
