@@ -32,8 +32,12 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
+# Most tests run a command with one thread and wait on it, so two pytest workers keep both cores busy.
+# A file's tests run on one worker (--dist loadfile), which builds its module fixtures once. TEST_WORKERS=0
+# runs them all in one process, in order.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf demo_output .pytest_cache

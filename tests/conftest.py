@@ -11,6 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The demo in the suite: a few pretraining epochs and fewer fine-tuning epochs than `make demo`; enough to leave the prior
 DEMO_TEST_BUDGET = ["--held_back", "8", "--pretrain_epochs", "2", "--finetune_epochs", "30"]
+# Under pytest-xdist each worker's tests get an equal share of the cores: oversubscribed OpenMP threads spin
+# against each other, which made the demo 5x slower beside another test
+CORES_PER_TEST = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(CORES_PER_TEST)
 SHARED_DATA = Path(os.environ.get("VOLMAE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -71,9 +76,10 @@ def demo_run(tmp_path_factory) -> Path:
     """`make demo`'s pipeline (launch/recipes/demo.sh) on a smaller budget; its output folder."""
     out = tmp_path_factory.mktemp("demo")
     result = subprocess.run(["bash", str(REPO / "launch" / "recipes" / "demo.sh"), "--output_dir", str(out), *DEMO_TEST_BUDGET],
-                            cwd=REPO, env={**os.environ, "VOLMAE_PYTHON": sys.executable, "OMP_NUM_THREADS": "2"},
+                            cwd=REPO, env={**os.environ, "VOLMAE_PYTHON": sys.executable, "OMP_NUM_THREADS": str(CORES_PER_TEST)},
                             capture_output=True, text=True, timeout=1800)
     (out / "demo_stdout.txt").write_text(result.stdout)
     if result.returncode != 0:
         raise AssertionError(f"demo.sh exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return out
+

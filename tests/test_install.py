@@ -36,7 +36,7 @@ def test_console_scripts_are_the_mains_entry_points():
         assert (BIN / name).is_file(), f"{name} is not installed beside {sys.executable}"
 
 
-def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path, demo_run):
+def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path, finetuned, phantom_dir):
     site = foreign_site(tmp_path / "site")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -50,14 +50,13 @@ def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path
     help_text = run([BIN / "volmae-predict", "--help"], elsewhere, env).stdout
     assert "--input_csv" in help_text and "(default: " in help_text
 
-    cases = pd.read_csv(demo_run / "cases.csv").head(2)
-    cases["path"] = [str(demo_run / path) for path in cases["path"]]
-    cases.to_csv(elsewhere / "cases.csv", index=False)
-    run([BIN / "volmae-predict", "--checkpoint", demo_run / "finetune" / "best.pth", "--input_csv", "cases.csv",
+    phantoms = sorted(phantom_dir.glob("*.nii.gz"))[:2]
+    pd.DataFrame({"path": [str(path) for path in phantoms]}).to_csv(elsewhere / "cases.csv", index=False)
+    run([BIN / "volmae-predict", "--checkpoint", finetuned[0], "--input_csv", "cases.csv",
          "--output_csv", "predictions.csv"], elsewhere, env)
     predictions = pd.read_csv(elsewhere / "predictions.csv")
     assert list(predictions["status"]) == ["ok", "ok"]
 
-    run([BIN / "volmae-cache", "--input", demo_run / "held_back", "--output", "cache", "--size", "16", "--workers", "1"],
+    run([BIN / "volmae-cache", "--input", phantom_dir, "--output", "cache", "--size", "16", "--workers", "1"],
         elsewhere, env)
     assert (elsewhere / "cache" / "cache.json").is_file()
