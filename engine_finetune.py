@@ -23,6 +23,7 @@ from volmae.datasets.stored import to_unit_float
 from volmae.datasets.transforms import NO_AUGMENT, AugmentConfig, augment_batch
 from volmae.util.checkpoint import atomic_save
 from volmae.util.dist import DistInfo, all_reduce_sum
+from volmae.util.errors import UsageError
 from volmae.util.lr_sched import lr_at_step, multistep_lr, set_lr
 from volmae.util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
 from volmae.util.run_log import RunLog
@@ -84,7 +85,7 @@ class Finetuner:
         self.backend = make_backend(model, optimizer, dist_info, args.deepspeed, args.precision, args.batch_size,
                                     clip_grad=args.clip_grad)
         if args.deepspeed and self.backend.config.get("zero_optimization", {}).get("stage", 0) > 2:
-            raise SystemExit("error: fine-tuning takes ZeRO stage 1 or 2; stage 3 shards the weights, which "
+            raise UsageError("fine-tuning takes ZeRO stage 1 or 2; stage 3 shards the weights, which "
                              "sharded evaluation cannot use (classifiers fit without it)")
         self.core = self.backend.module
         self.model = self.backend.model

@@ -24,6 +24,7 @@ from volmae.models.mae3d import encoder_weights
 from volmae.util.atomic import atomic_write
 from volmae.util.checkpoint import CheckpointError, atomic_save, plain_args
 from volmae.util.dist import DistInfo, all_reduce_sum, barrier
+from volmae.util.errors import UsageError
 from volmae.util.keyed_random import keyed_uniform
 from volmae.util.lr_sched import lr_at_step, set_lr
 from volmae.util.plotting import slice_grid
@@ -59,7 +60,7 @@ RESUME_DEFINING = ("model", "input_size", "patch_size", "in_chans", "depth", "st
                    "decoder_depth", "decoder_num_heads", "mask_ratio", "mask_type", "norm_pix_loss", "contrast_weight")
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UsageError):
     """The checkpoint to resume from was trained with other defining settings; the message names each flag."""
 
 
@@ -142,7 +143,7 @@ class Pretrainer:
                                  worker_init_fn=single_threaded_worker)
         self.steps_per_epoch = len(self.loader) // args.accum_iter
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"one epoch has {len(self.loader)} batches per rank, fewer than "
+            raise UsageError(f"one epoch has {len(self.loader)} batches per rank, fewer than "
                              f"--accum_iter {args.accum_iter}: lower --accum_iter or --batch_size")
         self.total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:

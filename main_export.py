@@ -38,7 +38,7 @@ from volmae.models.monai_vit import (
 )
 from volmae.util.atomic import atomic_write, make_output_folder
 from volmae.util.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from volmae.util.cli import HelpFormatter, report_disk_faults
+from volmae.util.cli import HelpFormatter, run_main
 from volmae.util.exported import CONFIG_FILE, write_config, write_weights
 from volmae.util.model_card import LAYOUT, card_facts, render_card
 
@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli() -> None:
     """The `volmae-export` command: the same as `python main_export.py`."""
-    sys.exit(report_disk_faults(main, get_args_parser().parse_args()))
+    sys.exit(run_main(main, get_args_parser().parse_args()))
 
 
 if __name__ == "__main__":

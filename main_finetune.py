@@ -46,7 +46,7 @@ from volmae.finetuning.reporting import (
 )
 from volmae.finetuning.setups import SETUPS, resolve_augment
 from volmae.util.atomic import make_output_folder, remove_stale_temporaries
-from volmae.util.cli import report_disk_faults
+from volmae.util.cli import run_main
 from volmae.util.dist import init_distributed, shutdown
 from volmae.util.lr_sched import effective_lr
 from volmae.util.metrics import REGRESSION
@@ -186,7 +186,7 @@ def main(args) -> None:
 
 def cli() -> None:
     """The `volmae-finetune` command: the same as `python main_finetune.py`."""
-    report_disk_faults(main, parse_args(sys.argv[1:], __doc__))
+    sys.exit(run_main(main, parse_args(sys.argv[1:], __doc__)))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from volmae.datasets.cases import CaseDataset, CasesError, InputSpec, collate_ca
 from volmae.models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from volmae.util.atomic import atomic_write
 from volmae.util.capped import print_capped
-from volmae.util.cli import HelpFormatter, non_negative_int, positive_int, report_disk_faults
+from volmae.util.cli import HelpFormatter, non_negative_int, positive_int, run_main
 from volmae.util.dist import init_distributed, shutdown
 from volmae.util.explain import explain_predictions
 from volmae.util.metrics import MULTI_LABEL, scores_from_logits
@@ -285,7 +285,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli() -> None:
     """The `volmae-predict` command: the same as `python main_predict.py`."""
-    sys.exit(report_disk_faults(main, get_args_parser().parse_args()))
+    sys.exit(run_main(main, get_args_parser().parse_args()))
 
 
 if __name__ == "__main__":

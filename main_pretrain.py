@@ -48,7 +48,7 @@ from volmae.util.cli import (
     positive_float,
     positive_int,
     positive_int_or_auto,
-    report_disk_faults,
+    run_main,
 )
 from volmae.util.dist import init_distributed, shutdown
 from volmae.util.lr_sched import (
@@ -385,7 +385,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli() -> None:
     """The `volmae-pretrain` command: the same as `python main_pretrain.py`."""
-    sys.exit(report_disk_faults(main, get_args_parser().parse_args(sys.argv[1:])))
+    sys.exit(run_main(main, get_args_parser().parse_args(sys.argv[1:])))
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ last. Re-running the same command after a crash or a kill builds only the shards
 sources added to the input since are appended as new shards. Unusable inputs are `skipped` with
 their reason; the exit code is non-zero only when nothing at all could be cached.
 """
-import argparse
 import json
 import math
 import os
 import queue
 import signal
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -31,16 +29,14 @@ from volmae.datasets.cache import (
     DEFAULT_STORAGE_DTYPE,
     MANIFEST_FILE,
     META_FILE,
-    STORAGE_DTYPES,
     read_meta,
     write_volume,
 )
-from volmae.datasets.preprocess import AUTO, PreprocessConfig, add_preprocess_args, preprocess_config_from_args, preprocess_image
-from volmae.datasets.preprocess_choice import choose_preprocess, survey_headers
+from volmae.datasets.preprocess import PreprocessConfig, preprocess_image
 from volmae.datasets.reading import VolumeReadError, read_image, source_stamp
-from volmae.datasets.sources import SourceListError, list_sources
+from volmae.datasets.sources import list_sources
 from volmae.util.atomic import atomic_write, ensure_room, make_output_folder, remove_stale_temporaries
-from volmae.util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, report_disk_faults
+from volmae.util.errors import UsageError
 from volmae.util.run_lock import output_folder_lock
 
 PLAN_FILE = "plan.csv"
@@ -98,7 +94,7 @@ def built_with(meta: dict, config: PreprocessConfig, dtype: str) -> bool:
     return meta["dtype"] == dtype and same_output(PreprocessConfig.from_dict(meta["preprocess"]), config)
 
 
-class CacheSettingsError(ValueError):
+class CacheSettingsError(UsageError):
     """The folder holds a cache of other preprocessing settings; the caller names the flag that picks another."""
 
 
@@ -301,63 +297,3 @@ def summarise(manifest: pd.DataFrame, output: Path, seconds: float) -> str:
         lines.append(f"warning: NaN/Inf voxels replaced by the background value (--nonfinite fill) in {len(filled)}:")
         lines += [f"  {row.source}: {int(float(row.nonfinite_filled))} voxels" for row in filled.itertuples()]
     return "\n".join(lines)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="volmae-cache", description=__doc__, formatter_class=HelpFormatter)
-    files = parser.add_argument_group("input and output")
-    files.add_argument("--input", required=True, help="folder (searched recursively), .txt of paths, or .csv with a 'path' column")
-    files.add_argument("--output", required=True, help="cache folder (created; re-run to resume)")
-    files.add_argument("--size", type=int_tuple_or_auto, default=(256,),
-                       help="N or D,H,W voxels of the cached grid; auto (with --resample auto): chosen from the headers")
-    files.add_argument("--dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
-                       help="stored dtype (uint16: 0.015 HU max error, half of float32's size)")
-    files.add_argument("--shard_size", type=positive_int, default=None,
-                       help="volumes per shard (default: enough shards to keep every worker busy, at most 64)")
-    work = parser.add_argument_group("processes")
-    work.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1),
-                      help="processes decoding and resampling volumes (default: cores - 1)")
-    work.add_argument("--itk_threads", type=positive_int, default=None, help="SimpleITK threads per worker (default: cores / workers)")
-    add_preprocess_args(parser, allow_auto=True)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    if args.workers < 1:
-        raise SystemExit("error: --workers must be at least 1")
-    if args.size == AUTO and args.resample != AUTO:
-        raise SystemExit("error: --size auto is chosen together with the resampling: add --resample auto")
-    size = None if args.size == AUTO else grid(args.size)
-    config = preprocess_config_from_args(args, size or (1, 1, 1))
-    start = time.perf_counter()
-    try:
-        sources = list_sources(args.input)
-        if args.resample == AUTO:
-            choice = choose_preprocess(survey_headers(sources, config.max_voxels), config, size)
-            config = choice.config
-            print(f"preprocessing: {choice.reason}")
-        manifest = build_cache(sources, args.output, config, args.workers, args.dtype, args.shard_size,
-                               itk_threads=args.itk_threads)
-    except (SourceListError, VolumeReadError) as err:
-        raise SystemExit(f"error: {err}") from None
-    except CacheSettingsError as err:
-        raise SystemExit(f"error: {err}; use another --output") from None
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the finished shards in {args.output} are kept; run the same command again to build "
-              f"the rest", file=sys.stderr)
-        return INTERRUPTED
-    print(summarise(manifest, Path(args.output), time.perf_counter() - start))
-    if not (manifest["status"] == "ok").any():
-        print("error: no volume could be cached", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cli() -> None:
-    """The `volmae-cache` command: the same as `python -m volmae.datasets.build_cache`."""
-    sys.exit(report_disk_faults(main))
-
-
-if __name__ == "__main__":
-    cli()

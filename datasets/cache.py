@@ -24,6 +24,7 @@ import pandas as pd
 from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.stored import to_unit_float
 from volmae.util.capped import print_capped
+from volmae.util.errors import DataError, VolMAEError
 
 CACHE_FORMAT = "volmae-hdf5-cache"
 CACHE_VERSION = 1
@@ -72,11 +73,11 @@ def read_meta(root: Path) -> dict:
     return meta
 
 
-class CacheReadError(OSError):
+class CacheReadError(VolMAEError, OSError):
     """One cached volume that cannot be read: the shard, the key, the source file and the reason."""
 
 
-class CacheError(ValueError):
+class CacheError(DataError):
     """A cache that cannot be trusted as a whole; the message says why, in one line."""
 
 

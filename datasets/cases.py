@@ -27,15 +27,16 @@ from volmae.datasets.preprocess import PreprocessConfig, load_volume
 from volmae.datasets.reading import VolumeReadError
 from volmae.datasets.slices import load_stack, stack_input
 from volmae.datasets.stored import to_unit_float
+from volmae.util.errors import DataError
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 
 
-class CasesError(ValueError):
+class CasesError(DataError):
     """The CSV itself cannot be used (missing, empty, no path column); nothing is predicted."""
 
 
-class CaseError(ValueError):
+class CaseError(DataError):
     """One row cannot be used; the message is its `error` column."""
 
 

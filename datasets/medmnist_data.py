@@ -12,12 +12,14 @@ import torch
 from medmnist.info import DEFAULT_ROOT, INFO
 from torch.utils.data import Dataset
 
+from volmae.util.errors import VolMAEError
+
 SIZES_3D = (28, 64)
 SIZES_2D = (28, 64, 128, 224)
 RAW_SCALE = 1.0 / 255.0
 
 
-class MedMNISTNotFound(FileNotFoundError):
+class MedMNISTNotFound(VolMAEError, FileNotFoundError):
     """The npz file of a flag and size is not in the root folder."""
 
 

@@ -16,6 +16,7 @@ from volmae.datasets.sources import SourceListError, list_sources
 from volmae.datasets.volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
 from volmae.util.capped import SHOWN, print_capped, write_list
 from volmae.util.dist import barrier
+from volmae.util.errors import DataError
 
 
 def readable_sources(data_path: str, announce: bool, max_voxels: int, external_data: bool = False,
@@ -25,7 +26,7 @@ def readable_sources(data_path: str, announce: bool, max_voxels: int, external_d
     try:
         sources = list_sources(data_path)
     except SourceListError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise DataError(str(err)) from None
     readable, skipped = [], []
     for source in sources:
         reason = probe(source, max_voxels, external_data)
@@ -34,7 +35,7 @@ def readable_sources(data_path: str, announce: bool, max_voxels: int, external_d
         else:
             skipped.append(f"{source}: {reason}")
     if not readable:
-        raise SystemExit(f"error: none of the {len(sources)} sources under {data_path} is readable")
+        raise DataError(f"none of the {len(sources)} sources under {data_path} is readable")
     if skipped and announce:
         full_list = write_list(skipped_list, skipped) if skipped_list and len(skipped) > SHOWN else None
         print_capped(f"warning: skipping {len(skipped)} of {len(sources)} sources that cannot be read:", skipped,
@@ -59,13 +60,13 @@ def build_pretrain_dataset(data_path: str, input_size: tuple[int, int, int], con
         try:
             cache = VolumeCache(data_path)
         except CacheError as err:
-            raise SystemExit(f"error: {err}") from None
+            raise DataError(str(err)) from None
         if len(cache) == 0:
-            raise SystemExit(f"error: the cache {data_path} holds no volumes")
+            raise DataError(f"the cache {data_path} holds no volumes")
         try:
             return CacheDataset(cache, input_size, augment, seed), cache.preprocess
         except ValueError as err:
-            raise SystemExit(f"error: {data_path}: {err}") from None
+            raise DataError(f"{data_path}: {err}") from None
     sources = readable_sources(data_path, is_main, config.max_voxels, config.external_data, skipped_list)
     return VolumeFileDataset(sources, config, augment, seed), config
 
@@ -80,7 +81,7 @@ def medmnist_pretrain_dataset(flag: str, size: int, root: str, augment: bool, se
         spec = MedMNISTSpec(flag, size, root)
         images, _ = load_split(spec, "train", download)
     except (ValueError, MedMNISTNotFound) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise DataError(str(err)) from None
     if train_samples:
         images = images[subset_indices(len(images), train_samples)]
     profile = profile_images(images)

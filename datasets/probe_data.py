@@ -16,11 +16,12 @@ from volmae.datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_s
 from volmae.datasets.preprocess import PreprocessConfig, load_volume
 from volmae.datasets.reading import SERIES_SEPARATOR, VolumeReadError
 from volmae.datasets.stored import to_unit_float
+from volmae.util.errors import DataError
 
 PROBE_SPLITS = ("train", "val")
 
 
-class ProbeDataError(ValueError):
+class ProbeDataError(DataError):
     """The probe's labelled data cannot be used; the message names the file, row and reason."""
 
 

@@ -22,6 +22,7 @@ from volmae.datasets.nifti_check import (
     nifti_nonfinite_mask,
     nifti_truncation,
 )
+from volmae.util.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ PLAUSIBLE_SPACING_MM = (0.01, 50.0)
 BUDGET_VOXEL_BYTES = 4  # --max_voxels counts float32-sized voxels: the decoded-byte budget is 4 x max_voxels
 
 
-class VolumeReadError(ValueError):
+class VolumeReadError(DataError):
     """A source that is not a readable 3D volume."""
 
 

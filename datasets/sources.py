@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from volmae.datasets.reading import DICOM_SUFFIXES, SERIES_SEPARATOR, dicom_series_ids, is_volume_file
+from volmae.util.errors import DataError
 
 
-class SourceListError(ValueError):
+class SourceListError(DataError):
     """A corpus location that cannot be listed; the message names the file and row."""
 
 

@@ -22,13 +22,14 @@ from volmae.datasets.reading import VolumeReadError
 from volmae.datasets.slices import load_stack, stack_input, to_uint8
 from volmae.datasets.stored import to_unit_float
 from volmae.util.atomic import atomic_write
+from volmae.util.errors import DataError
 from volmae.util.metrics import MULTI_LABEL, REGRESSION
 
 TASKS = {"binary": "binary-class", "multiclass": "multi-class", "multilabel": MULTI_LABEL, "reg": REGRESSION}
 SPLITS = ("train", "val", "test")
 
 
-class TaskDataError(ValueError):
+class TaskDataError(DataError):
     """The meta CSV or split file cannot be used; the message names the file, row and reason."""
 
 

@@ -17,6 +17,7 @@ from volmae.models.load_pretrained import CheckpointMismatchError, load_encoder
 from volmae.models.patch_embed import auto_patch_size
 from volmae.models.vit import AUTO_ARCHITECTURE
 from volmae.util.checkpoint import load_checkpoint
+from volmae.util.errors import DataError, UsageError
 
 EXPLICIT_MODEL_FLAGS = ("patch_size", "backbone", "fe_path", "pretrained_file")
 
@@ -28,7 +29,7 @@ def pretrained_config(path: str | None) -> dict | None:
     try:
         config = load_checkpoint(path).get("model_config")
     except Exception as err:  # torch raises several types for files that are not checkpoints
-        raise SystemExit(f"error: --finetune {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        raise DataError(f"--finetune {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     return config if isinstance(config, dict) else None
 
 
@@ -42,7 +43,7 @@ def auto_architecture(args: argparse.Namespace, data: TaskData, encoder: dict | 
         return name, {**AUTO_ARCHITECTURE, "patch_size": list(auto_patch_size(data.input_size, stem))}
     keys = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "stem_channels")
     if encoder is None or not all(k in encoder for k in keys[:-1]):
-        raise SystemExit(f"error: --model auto takes the architecture from a VolMAE checkpoint's model_config; "
+        raise UsageError(f"--model auto takes the architecture from a VolMAE checkpoint's model_config; "
                          f"{args.finetune} has none: name the model (e.g. --model vit3d_base_patch16)")
     return name, {k: encoder.get(k, 0) if k == "stem_channels" else encoder[k] for k in keys}
 
@@ -76,15 +77,15 @@ def build_model(args: argparse.Namespace, data: TaskData, say) -> torch.nn.Modul
     try:
         model = create_model(args.model, **model_options(args, data))
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
     if model.spatial_dims != len(data.input_size):
-        raise SystemExit(f"error: {args.model} is a {model.spatial_dims}D model and the data are "
+        raise UsageError(f"{args.model} is a {model.spatial_dims}D model and the data are "
                          f"{len(data.input_size)}D")
     if args.finetune:
         try:
             loaded = load_encoder(model, args.finetune)
         except CheckpointMismatchError as err:
-            raise SystemExit(f"error: --finetune {err}") from None
+            raise DataError(f"--finetune {err}") from None
         grids = loaded["pos_embed_grids"]
         say(f"loaded {loaded['loaded']} tensors from {args.finetune}; new: {', '.join(loaded['new']) or 'none'}; "
             f"dropped {len(loaded['dropped'])} (decoder and unused); pos_embed grid "
@@ -98,11 +99,11 @@ def with_reconstruction(args: argparse.Namespace, model: torch.nn.Module, say) -
     if not args.mae_loss_weight:
         return model
     if not args.finetune:
-        raise SystemExit("error: --mae_loss_weight keeps the MAE's loss: give the pretraining run with --finetune")
+        raise UsageError("--mae_loss_weight keeps the MAE's loss: give the pretraining run with --finetune")
     checkpoint = load_checkpoint(args.finetune)
     weights = {k.removeprefix("module."): v for k, v in checkpoint.get("model", {}).items()}
     if not str(checkpoint.get("model_name", "")).startswith("mae_") or not any(k.startswith("decoder_") for k in weights):
-        raise SystemExit(f"error: --mae_loss_weight needs the MAE with its decoder: --finetune {args.finetune} has "
+        raise UsageError(f"--mae_loss_weight needs the MAE with its decoder: --finetune {args.finetune} has "
                          f"none (give main_pretrain.py's model.pth or a checkpoint-*.pth, not encoder.pth)")
     mae = create_model(checkpoint["model_name"], **{**checkpoint["model_config"], "contrast_weight": 0.0})
     mae.load_state_dict({k: v for k, v in weights.items() if not k.startswith("contrast_head")}, strict=True)
@@ -111,6 +112,6 @@ def with_reconstruction(args: argparse.Namespace, model: torch.nn.Module, say) -
     try:
         joint = ClassifierWithReconstruction(model, mae, mask_ratio)
     except ValueError as err:
-        raise SystemExit(f"error: --mae_loss_weight: {err}") from None
+        raise UsageError(f"--mae_loss_weight: {err}") from None
     say(f"fine-tuning keeps the MAE's reconstruction loss (weight {args.mae_loss_weight:g}, mask ratio {mask_ratio:g})")
     return joint

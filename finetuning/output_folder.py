@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 
 from volmae.finetuning.reporting import RESULTS_FILE
+from volmae.util.errors import UsageError
 
 RUN_OUTPUTS = ("best.pth", "log.txt", "meta_split.csv", "*_scores.csv", "*@seed*.csv", "roc_curve.png",
                "confusion_matrix.png", "explain", "search", "tensorboard", "seed_*")
 
 
-class FinishedRunError(ValueError):
+class FinishedRunError(UsageError):
     """The folder holds a finished run and --overwrite was not given; the message names it."""
 
 

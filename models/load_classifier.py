@@ -12,12 +12,13 @@ from volmae.models.exported_runtime import OnnxModel
 from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
 from volmae.models.registry import create_model
 from volmae.util.checkpoint import CheckpointError, load_checkpoint
+from volmae.util.errors import DataError
 from volmae.util.exported import ExportError, read_config
 
 CLASSIFIER_KIND = "volmae-classifier"
 
 
-class NotAVolMAECheckpoint(ValueError):
+class NotAVolMAECheckpoint(DataError):
     """The file is not a checkpoint this step can use; the message says what it is and what is needed."""
 
 

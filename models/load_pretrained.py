@@ -16,12 +16,13 @@ from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
 from volmae.models.patch_embed import to_tuple
 from volmae.models.pos_embed import sincos_pos_embed
 from volmae.util.checkpoint import load_checkpoint
+from volmae.util.errors import DataError
 
 DROPPED_PREFIXES = PRETRAINING_ONLY_PREFIXES
 NEW_PREFIXES = ("head.", "fc_norm.", "head_norm.")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(DataError):
     """A checkpoint whose weights do not fit the model; the message names the keys."""
 
 

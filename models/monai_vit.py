@@ -13,12 +13,14 @@ The class token exists in MONAI's ViT only with `classification=True`; its head 
 import torch
 from torch import nn
 
+from volmae.util.errors import DataError
+
 VOLMAE_LAYER_NORM_EPS = 1e-6
 BLOCK_KEYS = {"norm1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.out_proj", "norm2": "norm2",
               "mlp.fc1": "mlp.linear1", "mlp.fc2": "mlp.linear2"}
 
 
-class UnmappableEncoder(ValueError):
+class UnmappableEncoder(DataError):
     """The encoder has parts MONAI's ViT does not (a convolutional stem, other blocks); the message says which."""
 
 

@@ -104,7 +104,7 @@ def nonfinite_sources(folder: Path) -> dict[str, str]:
 
 
 def build(corpus: Path, output: Path, *extra: str, check: bool = True):
-    return run_cli(["-m", "volmae.datasets.build_cache", "--input", str(corpus), "--output", str(output), "--size", "16",
+    return run_cli(["main_cache.py", "--input", str(corpus), "--output", str(output), "--size", "16",
                     "--workers", "1", *extra], check=check)
 
 
@@ -301,12 +301,12 @@ def test_deepspeed_resume_and_consolidation_refuse_a_crafted_file(tmp_path, phan
 
 
 def _parser(name: str):
+    import main_cache
     import main_predict
     import main_pretrain
-    from volmae.datasets import build_cache
     from volmae.finetuning import cli
     return {"pretrain": main_pretrain.get_args_parser, "finetune": cli.get_args_parser,
-            "predict": main_predict.get_args_parser, "cache": build_cache.get_args_parser}[name]()
+            "predict": main_predict.get_args_parser, "cache": main_cache.get_args_parser}[name]()
 
 
 REQUIRED = {"predict": ["--checkpoint", "c.pth", "--input_csv", "c.csv"], "cache": ["--input", "a", "--output", "b"]}
@@ -375,9 +375,9 @@ def test_cleaning_up_a_failed_write_never_hides_its_error(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["main_pretrain.py", "--max_steps", "1"],
-                                     ["-m", "volmae.datasets.build_cache", "--input", "PHANTOMS"]])
+                                     ["main_cache.py", "--input", "PHANTOMS"]])
 def test_an_output_folder_the_disk_refuses_stops_in_one_line(command, phantom_dir):
-    flag = "--output" if "volmae.datasets.build_cache" in command else "--output_dir"
+    flag = "--output" if "main_cache.py" in command else "--output_dir"
     command = [str(phantom_dir) if part == "PHANTOMS" else part for part in command]
     result = run_cli([*command, flag, "/dev/full/run"], check=False)
     assert result.returncode == 1 and "cannot create the output folder /dev/full/run" in result.stderr
@@ -415,7 +415,7 @@ def test_a_second_pretraining_in_a_live_folder_is_refused_and_a_dead_one_s_lock_
 def test_a_run_on_a_folder_another_run_holds_is_refused_in_one_line(command, tmp_path, phantom_dir):
     out = tmp_path / "held"
     out.mkdir()
-    args = ["-m", "volmae.datasets.build_cache", "--input", str(phantom_dir), "--output", str(out)] if command == "cache" \
+    args = ["main_cache.py", "--input", str(phantom_dir), "--output", str(out)] if command == "cache" \
         else ["main_finetune.py", "--data_root", str(shared_path("medmnist")), "--data_flag", "breastmnist",
               "--epochs", "1", "--output_dir", str(out)]
     with output_folder_lock(out):
@@ -430,7 +430,7 @@ def test_a_run_on_a_folder_another_run_holds_is_refused_in_one_line(command, tmp
 @pytest.fixture(scope="module")
 def four_shard_cache(tmp_path_factory, phantom_dir) -> Path:
     cache = tmp_path_factory.mktemp("four_shards") / "cache"
-    run_cli(["-m", "volmae.datasets.build_cache", "--input", str(phantom_dir), "--output", str(cache), "--size", "28",
+    run_cli(["main_cache.py", "--input", str(phantom_dir), "--output", str(cache), "--size", "28",
              "--shard_size", "2", "--workers", "1"])
     return cache
 
@@ -610,7 +610,7 @@ def test_a_volume_of_huge_float32_values_is_cached_finite(tmp_path):
     volume = float_volume()
     volume[::2] = 1e30
     write_sitk(volume, corpus / "huge.nii.gz")
-    run_cli(["-m", "volmae.datasets.build_cache", "--input", str(corpus), "--output", str(tmp_path / "cache"), "--size", "16",
+    run_cli(["main_cache.py", "--input", str(corpus), "--output", str(tmp_path / "cache"), "--size", "16",
              "--workers", "1"])
     cache = VolumeCache(tmp_path / "cache")
     assert len(cache) == 1 and np.isfinite(cache[0]).all() and 0 <= cache[0].min() and cache[0].max() <= 1

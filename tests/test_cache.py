@@ -35,7 +35,7 @@ def shared_cache(tmp_path_factory):
     """The shared real volumes cached at 32^3 by the command users run, with 2 workers."""
     volumes = shared_path("volumes")
     output = tmp_path_factory.mktemp("cache") / "c32"
-    result = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(volumes), "--output", str(output),
+    result = run_cli(["main_cache.py", "--input", str(volumes), "--output", str(output),
                       "--size", "32", "--workers", "2"])
     assert "cached 7 of 7 volumes" in result.stdout
     return output
@@ -129,7 +129,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_good_ones_cached(tmp_path, phan
     corpus = tmp_path / "corpus"
     shutil.copytree(phantom_dir, corpus)
     expected = write_bad_inputs(corpus / "broken", sorted(phantom_dir.glob("*.nii.gz"))[0])
-    result = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(corpus), "--output", str(tmp_path / "c"),
+    result = run_cli(["main_cache.py", "--input", str(corpus), "--output", str(tmp_path / "c"),
                       "--size", "16", "--workers", "2"])
     manifest = pd.read_csv(tmp_path / "c" / "manifest.csv", keep_default_na=False)
     assert len(manifest) == 8 + len(expected)
@@ -145,7 +145,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_good_ones_cached(tmp_path, phan
 
 def test_nothing_cachable_exits_non_zero(tmp_path, phantom_dir):
     write_bad_inputs(tmp_path / "broken", sorted(phantom_dir.glob("*.nii.gz"))[0])
-    result = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(tmp_path / "broken"), "--output",
+    result = run_cli(["main_cache.py", "--input", str(tmp_path / "broken"), "--output",
                       str(tmp_path / "c"), "--size", "16", "--workers", "1"], check=False)
     assert result.returncode == 1 and "no volume could be cached" in result.stderr
 
@@ -154,7 +154,7 @@ def test_a_killed_build_resumes_without_duplicates_or_rework(tmp_path):
     sources = tmp_path / "sources"
     write_phantom_corpus(sources, count=12, seed=5, size_range=(150, 180), progress=False)
     output = tmp_path / "cache"
-    command = [sys.executable, "-m", "volmae.datasets.build_cache", "--input", str(sources), "--output", str(output),
+    command = [sys.executable, str(REPO / "main_cache.py"), "--input", str(sources), "--output", str(output),
                "--size", "32", "--workers", "1", "--shard_size", "1"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = output / ".parts"
@@ -238,10 +238,10 @@ def test_implausible_spacings_are_refused_per_volume_and_cannot_steer_the_grid(t
     assert reason is not None and why in reason, reason
     listed = tmp_path / "list.txt"
     listed.write_text("\n".join(map(str, [*crops, odd])))
-    with_odd = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(listed), "--output", str(tmp_path / "a"),
+    with_odd = run_cli(["main_cache.py", "--input", str(listed), "--output", str(tmp_path / "a"),
                         "--size", "auto", "--resample", "auto"])
     listed.write_text("\n".join(map(str, crops)))
-    without = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(listed), "--output", str(tmp_path / "b"),
+    without = run_cli(["main_cache.py", "--input", str(listed), "--output", str(tmp_path / "b"),
                        "--size", "auto", "--resample", "auto"])
     grid = [json.loads((tmp_path / name / "cache.json").read_text())["preprocess"]["size"] for name in "ab"]
     assert grid[0] == grid[1] and "cached 6 of 7" in with_odd.stdout and "cached 6 of 6" in without.stdout
@@ -265,7 +265,7 @@ def test_ctrl_c_during_a_build_ends_in_one_line_and_the_next_run_finishes(tmp_pa
     sources = tmp_path / "sources"
     write_phantom_corpus(sources, count=12, seed=5, size_range=(150, 180), progress=False)
     output = tmp_path / "cache"
-    command = [sys.executable, "-m", "volmae.datasets.build_cache", "--input", str(sources), "--output", str(output),
+    command = [sys.executable, str(REPO / "main_cache.py"), "--input", str(sources), "--output", str(output),
                "--size", "32", "--workers", "2", "--shard_size", "1"]
     # a background job of a non-interactive shell inherits SIGINT ignored: restore it, as a terminal has it
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

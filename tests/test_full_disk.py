@@ -107,7 +107,7 @@ def test_fine_tuning_on_a_full_disk_ends_in_one_line(small_disk):
 def test_a_cache_build_on_a_full_disk_stops_in_one_line_and_resumes_with_nothing_lost(small_disk):
     sources = shared_path("hippocampus_mri") / "images"
     disk = small_disk("3m")
-    command = ["-m", "volmae.datasets.build_cache", "--input", str(sources), "--output", str(disk / "cache"),
+    command = ["main_cache.py", "--input", str(sources), "--output", str(disk / "cache"),
                "--size", "32,32,32", "--workers", "2", "--shard_size", "16"]
     one_line_error(run_cli(command, check=False), "shard-")
     remount(disk, "64m")

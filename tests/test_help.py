@@ -4,8 +4,8 @@ import argparse
 
 import pytest
 
-from volmae.datasets.build_cache import get_args_parser as cache_parser
 from volmae.finetuning.cli import get_args_parser as finetune_parser
+from volmae.main_cache import get_args_parser as cache_parser
 from volmae.main_export import get_args_parser as export_parser
 from volmae.main_predict import get_args_parser as predict_parser
 from volmae.main_pretrain import get_args_parser as pretrain_parser

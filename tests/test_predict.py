@@ -143,7 +143,7 @@ def test_embeddings_are_the_classifier_features(tmp_path, finetuned):
 
 def test_cache_entries_can_be_predicted(tmp_path, finetuned):
     cache = tmp_path / "cache"
-    run_cli(["-m", "volmae.datasets.build_cache", "--input", str(shared_path("volumes", "example_ct_dicom")),
+    run_cli(["main_cache.py", "--input", str(shared_path("volumes", "example_ct_dicom")),
              "--output", str(cache), "--size", "32", "--workers", "1"])
     key = pd.read_csv(cache / "manifest.csv")["key"].iloc[0]
     cases = write_cases(tmp_path, [{"path": f"{cache}::{key}"}, {"path": f"{cache}::vol99999999"}])

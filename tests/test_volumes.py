@@ -202,7 +202,7 @@ def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path
 def test_build_cache_chooses_the_preprocessing_from_the_headers(sphere_crops, tmp_path):
     listing = tmp_path / "spheres.txt"
     listing.write_text("\n".join(sphere_crops))
-    result = run_cli(["-m", "volmae.datasets.build_cache", "--input", str(listing), "--output", str(tmp_path / "cache"),
+    result = run_cli(["main_cache.py", "--input", str(listing), "--output", str(tmp_path / "cache"),
                       "--resample", "auto", "--size", "auto", "--workers", "1"])
     assert "preprocessing: spacing: the physical extents differ" in result.stdout
     meta = json.loads((tmp_path / "cache" / "cache.json").read_text())["preprocess"]

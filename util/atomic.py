@@ -13,6 +13,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from volmae.util.errors import VolMAEError
+
 TEMPORARY_GLOB = ".tmp-*"
 DISK_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -21,7 +23,7 @@ NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV)
 HDF5_ERRNO = re.compile(r"errno = (\d+)")
 
 
-class DiskWriteError(OSError):
+class DiskWriteError(VolMAEError, OSError):
     """A write that the disk refused; the message names the file and the cause, in one line."""
 
 
@@ -80,7 +82,7 @@ def temporary_for(path: Path) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
-class OutputAppearedError(FileExistsError):
+class OutputAppearedError(VolMAEError, FileExistsError):
     """A file that must not be replaced appeared while this run worked; the message names where this run's
     output went instead."""
 

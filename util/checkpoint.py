@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from volmae.util.atomic import atomic_write
+from volmae.util.errors import DataError
 from volmae.util.exported import ExportError, export_folder, read_exported
 
 
@@ -53,7 +54,7 @@ def _save(obj: Any, tmp: Path) -> None:
             raise
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint that cannot be used; the message names the file and the reason, in one line."""
 
 

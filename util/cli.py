@@ -1,8 +1,9 @@
 """Parsers for command-line values shared by the entry points, and how they end on a disk fault."""
 import argparse
+import sys
 from collections.abc import Callable
 
-from volmae.util.atomic import DiskWriteError, OutputAppearedError
+from volmae.util.errors import UsageError, VolMAEError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -41,7 +42,7 @@ def grid(values: tuple[int, ...], dims: int = 3) -> tuple[int, ...]:
     if len(values) == 1:
         return values * dims
     if len(values) != dims:
-        raise SystemExit(f"expected 1 or {dims} comma-separated sizes, got {','.join(map(str, values))}")
+        raise UsageError(f"expected 1 or {dims} comma-separated sizes, got {','.join(map(str, values))}")
     return values
 
 
@@ -115,10 +116,14 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
-def report_disk_faults(entry: Callable[..., int | None], *args) -> int | None:
-    """Run an entry point; a disk that refuses a write (full, read-only), or an output another run wrote
-    meanwhile, ends it in one line naming the file and the cause, instead of a traceback from deep inside a save."""
+def run_main(entry: Callable[..., int | None], *args) -> int:
+    """A main's exit status: an error the user can act on (a `VolMAEError`: bad data, flags that cannot work,
+    a disk that refuses a write, an output another run wrote meanwhile) becomes one line on stderr naming the
+    file, row or flag, and status 1, instead of a traceback. Library code raises these errors and never ends
+    the process itself; the mains' entry code passes this status to `sys.exit`."""
     try:
-        return entry(*args)
-    except (DiskWriteError, OutputAppearedError) as err:
-        raise SystemExit(f"error: {err}") from None
+        status = entry(*args)
+    except VolMAEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0 if status is None else status

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from volmae.util.errors import UsageError
 from volmae.util.threads import set_cpu_threads
 
 
@@ -32,7 +33,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was asked for, but no CUDA device is available")
+            raise UsageError("--device cuda was asked for, but no CUDA device is available")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     return device

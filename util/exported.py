@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from volmae.util.atomic import atomic_write
+from volmae.util.errors import DataError
 
 EXPORT_FORMAT = "volmae-export"
 EXPORT_VERSION = 1
@@ -23,7 +24,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(DataError):
     """An exported folder that cannot be used, or a model that cannot be exported; one line naming why."""
 
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from volmae.util.atomic import disk_writes
+from volmae.util.errors import FolderInUseError
 
 LOCK_FILE = ".volmae-run.lock"
 
@@ -53,7 +54,7 @@ def _acquire(folder: str | os.PathLike) -> int:
     except BlockingIOError:
         holder = _read(fd)
         os.close(fd)
-        raise SystemExit(f"error: {folder} is in use by {describe(holder)}; wait for that run, stop it, or choose "
+        raise FolderInUseError(f"{folder} is in use by {describe(holder)}; wait for that run, stop it, or choose "
                          f"another output folder (lock: {path})") from None
     previous = _read(fd)
     if previous:

@@ -112,7 +112,7 @@ def main() -> int:
     run([python, "-m", "volmae.datasets.phantoms", "--output", str(held_back), "--count", str(args.held_back),
          "--seed", "1", "--lesions"], logs / "held_back.log", done=logs / "held_back.done")
     cases = write_cases(out, held_back / "labels.csv")
-    run([python, "-m", "volmae.datasets.build_cache", "--input", str(out / "phantoms"), "--output", str(out / "cache"),
+    run([python, "main_cache.py", "--input", str(out / "phantoms"), "--output", str(out / "cache"),
          "--size", str(args.size), "--resample", "fit", "--workers", str(args.workers)], logs / "cache.log", done=logs / "cache.done")
     run([python, "main_pretrain.py", "--data_path", str(out / "cache"), *MODEL, "--input_size", str(args.size),
          "--batch_size", "8", "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "2", "--lr", "1.5e-3",

@@ -207,7 +207,7 @@ def main(argv: list[str]) -> None:
         resampling += ["--spacing", ",".join(f"{s:.6g}" for s in config.spacing)]
     corpus_csv, corpus_counts = corpus_list(args, table, out)
     steps = out / "steps"
-    cache = run([python, "-m", "volmae.datasets.build_cache", "--input", str(corpus_csv), "--output", str(out / "cache"),
+    cache = run([python, "main_cache.py", "--input", str(corpus_csv), "--output", str(out / "cache"),
                  "--workers", str(args.workers), "--size", grid_text, *resampling], out / "cache.log",
                 steps / "cache.json")
 
@@ -221,7 +221,7 @@ def main(argv: list[str]) -> None:
         probe_rows.assign(label=probe_rows[labels[0]])[["path", "label", "split"]].to_csv(probe_csv, index=False)
     labelled_csv = out / "labelled.csv"
     pd.DataFrame({"path": list(dict.fromkeys(p for p in table["path"] if p))}).to_csv(labelled_csv, index=False)
-    run([python, "-m", "volmae.datasets.build_cache", "--input", str(labelled_csv), "--output", str(out / "volume_cache"),
+    run([python, "main_cache.py", "--input", str(labelled_csv), "--output", str(out / "volume_cache"),
          "--workers", str(args.workers), "--size", grid_text, *resampling], out / "volume_cache.log",
         steps / "volume_cache.json")  # what fine-tuning reads: built once, before runs share it
 
