@@ -112,7 +112,7 @@ class Finetuner:
                           self.args.epochs * self.steps_per_epoch)
 
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        """uint8 batch -> floats in [0, 1] on the device (the normalisation saved with the model), augmented."""
+        """Stored batch (uint8; uint16 in the volumes setup) -> floats in [0, 1] on the device, augmented."""
         x = to_unit_float(images.to(self.device, non_blocking=True))
         x = augment_batch(x, self.augment_config) if train and self.augment_config != NO_AUGMENT else x
         return x.to(getattr(self.backend, "input_dtype", torch.float32))

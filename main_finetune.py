@@ -7,7 +7,10 @@
     python main_finetune.py --setup slivit --meta meta.csv --label AMD --model slivit --fe_path backbone.pth ...
     python main_finetune.py --setup slivit_backbone --meta kermany.csv --label NORMAL,DRUSEN,CNV,DME ...
 
-Setups: medmnist (MedMNIST 2D/3D as published), vitmednet (MedMNIST3D with 3DViTMedNet's recipe and
+    python main_finetune.py --setup volumes --meta labels.csv --label malignant --group patient_id ...
+
+Setups: volumes (your own labelled volumes: a labels CSV, patient splits, a cache; every setting chosen on
+validation), medmnist (MedMNIST 2D/3D as published), vitmednet (MedMNIST3D with 3DViTMedNet's recipe and
 augmentation), slivit (slice stacks from a meta CSV of volumes, or from a MedMNIST3D flag),
 slivit_backbone (SLIViT's 2D ConvNeXt pretraining). The checkpoint kept is the epoch with the best
 validation AUC (R2 for regression); the test split is evaluated once, with it. Metrics are the medmnist

@@ -1,5 +1,6 @@
-"""The data of a fine-tuning run, whatever the setup: splits of (uint8 images, labels), the task,
-class names, the input grid and what a checkpoint must remember to preprocess the same way.
+"""The data of a fine-tuning run, whatever the setup: splits of (stored images, labels), the images uint8,
+or uint16 in the volumes setup; the task, class names, the input grid and what a checkpoint must remember
+to preprocess the same way.
 
   medmnist / vitmednet  MedMNIST files as published (3D or 2D)
   slivit               a meta CSV of volumes (pid, path, label columns, optional split), or a MedMNIST3D
@@ -35,7 +36,7 @@ class TaskDataError(DataError):
 
 @dataclass
 class TaskData:
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (uint8 (N, C, *grid), labels (N, k))
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (uint8 or uint16 (N, C, *grid), labels (N, k))
     task: str  # medmnist's vocabulary, or "regression"
     class_names: list[str]  # one per model output
     input_size: tuple[int, ...]

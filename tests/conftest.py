@@ -40,10 +40,10 @@ def lidc_patients(malignant: int, benign: int) -> tuple[pd.DataFrame, list[str]]
 
 
 def run_cli(args: list[str], timeout: float = 600, check: bool = True, env: dict | None = None,
-            ) -> subprocess.CompletedProcess:
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run `python ARGS` (or `python -m torch.distributed.run ...`) from the repo root."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True,
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"

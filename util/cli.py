@@ -30,13 +30,6 @@ def int_tuple(text: str) -> tuple[int, ...]:
     return values
 
 
-def float_tuple(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def grid(values: tuple[int, ...], dims: int = 3) -> tuple[int, ...]:
     """One value means a cube (square); otherwise there must be one per axis."""
     if len(values) == 1:
