@@ -24,7 +24,7 @@ from volmae.datasets.augment import crop_box
 from volmae.datasets.cache import CacheError, CacheReadError, VolumeCache, encode, is_cache
 from volmae.datasets.medmnist_data import to_channels_first
 from volmae.datasets.preprocess import PreprocessConfig, load_volume
-from volmae.datasets.reading import VolumeReadError
+from volmae.datasets.reading import VolumeReadError, listed_path
 from volmae.datasets.slices import load_stack, stack_input
 from volmae.datasets.stored import to_unit_float
 from volmae.util.errors import DataError
@@ -84,13 +84,6 @@ def read_cases(csv_path: str | Path, path_col: str = "path", id_col: str = "id")
         duplicated = table[id_col][table[id_col].duplicated()].iloc[0]
         raise CasesError(f"{csv_path}: '{id_col}' {duplicated!r} appears more than once")
     return table
-
-
-def resolve(base: Path, text: str) -> tuple[Path, str]:
-    """(path relative to the CSV's folder, part after '::')."""
-    path, _, key = text.strip().partition("::")
-    path = Path(path)
-    return (path if path.is_absolute() else base / path), key
 
 
 @lru_cache(maxsize=8)
@@ -158,7 +151,7 @@ def load_case(text: str, base: Path, spec: InputSpec) -> np.ndarray:
 def _load_case(text: str, base: Path, spec: InputSpec) -> np.ndarray:
     if not text.strip():
         raise CaseError("empty path")
-    path, key = resolve(base, text)
+    path, key = listed_path(base, text)
     if not path.exists():
         raise CaseError(f"no such file or folder: {path}")
     if path.is_dir() and is_cache(path):

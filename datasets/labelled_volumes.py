@@ -24,7 +24,7 @@ from volmae.datasets.label_checks import (
 )
 from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
-from volmae.datasets.reading import VolumeReadError, source_stamp
+from volmae.datasets.reading import VolumeReadError, listed_source, source_stamp
 from volmae.datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
 from volmae.util.atomic import atomic_write
 from volmae.util.capped import print_capped
@@ -61,13 +61,8 @@ def read_labels(csv: Path, options: VolumeTaskOptions) -> pd.DataFrame:
 
 
 def resolve_source(base: Path, text: str) -> str:
-    """A path relative to the CSV's folder made absolute (a DICOM series suffix `::UID` kept)."""
-    text = text.strip()
-    if not text:
-        return ""
-    folder, sep, series = text.partition("::")
-    path = Path(folder) if Path(folder).is_absolute() else (base / folder).resolve()
-    return f"{path}{sep}{series}"
+    """A path relative to the CSV's folder made absolute (a DICOM series suffix `::UID` kept); empty stays empty."""
+    return listed_source(base, text, canonical=True) if text.strip() else ""
 
 
 def choose_for(sources: list[str], options: VolumeTaskOptions) -> PreprocessChoice:

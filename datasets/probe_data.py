@@ -14,7 +14,7 @@ from tqdm import tqdm
 from volmae.datasets.augment import crop_box
 from volmae.datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
 from volmae.datasets.preprocess import PreprocessConfig, load_volume
-from volmae.datasets.reading import SERIES_SEPARATOR, VolumeReadError
+from volmae.datasets.reading import VolumeReadError, listed_source
 from volmae.datasets.stored import to_unit_float
 from volmae.util.errors import DataError
 
@@ -52,12 +52,6 @@ def medmnist_probe_set(flag: str, size: int, root: str) -> ProbeSet:
     return ProbeSet(f"{flag} ({size})", spec.task, len(spec.class_names), splits)
 
 
-def _resolve(base: Path, value: str) -> str:
-    folder, sep, series = value.partition(SERIES_SEPARATOR)
-    path = Path(folder) if Path(folder).is_absolute() else base / folder
-    return f"{path}{sep}{series}"
-
-
 def csv_probe_set(csv: Path, config: PreprocessConfig, grid: tuple[int, ...]) -> ProbeSet:
     """Volumes listed in `csv` (path, label, split), preprocessed with `config` and centre-cropped to `grid`
     (the model's input, smaller than a cache's grid when pretraining crops)."""
@@ -78,7 +72,7 @@ def csv_probe_set(csv: Path, config: PreprocessConfig, grid: tuple[int, ...]) ->
         if not record.path.strip() or not record.label.strip():
             raise ProbeDataError(f"{csv}, row {row}: empty path or label")
         try:
-            volume = load_volume(_resolve(csv.parent, record.path.strip()), config)
+            volume = load_volume(listed_source(csv.parent, record.path), config)
             volume = volume[(slice(None), *crop_box(volume.shape[1:], grid, None))]
         except (VolumeReadError, RuntimeError, OSError) as err:
             raise ProbeDataError(f"{csv}, row {row}: {record.path}: {err}") from None

@@ -47,6 +47,23 @@ def is_volume_file(path: Path) -> bool:
     return path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
+def listed_path(base: Path, text: str, canonical: bool = False) -> tuple[Path, str]:
+    """A path as a CSV or a list names it, with what follows `::` kept apart (a DICOM SeriesInstanceUID, an
+    array of an npz, a cache key): relative paths are taken from `base`, the listing's folder, and with
+    `canonical` made absolute without `..` or links. The one reading of a listed path, for every listing."""
+    folder, _, key = text.strip().partition(SERIES_SEPARATOR)
+    path = Path(folder)
+    if not path.is_absolute():
+        path = (base / path).resolve() if canonical else base / path
+    return path, key
+
+
+def listed_source(base: Path, text: str, canonical: bool = False) -> str:
+    """`listed_path` as one source string, `path::key` when a key was given."""
+    path, key = listed_path(base, text, canonical)
+    return f"{path}{SERIES_SEPARATOR}{key}" if key else str(path)
+
+
 def split_series(source: str) -> tuple[Path, str | None]:
     folder, _, series = source.partition(SERIES_SEPARATOR)
     return Path(folder), series or None

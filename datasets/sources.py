@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from volmae.datasets.reading import DICOM_SUFFIXES, SERIES_SEPARATOR, dicom_series_ids, is_volume_file
+from volmae.datasets.reading import DICOM_SUFFIXES, SERIES_SEPARATOR, dicom_series_ids, is_volume_file, listed_source
 from volmae.util.errors import DataError
 
 
@@ -61,21 +61,15 @@ def read_path_column(csv_path: Path, column: str = "path") -> list[str]:
     for row, value in enumerate(table[column], start=2):
         if not value.strip():
             raise SourceListError(f"{csv_path}, row {row}: empty '{column}'")
-        paths.append(_resolve(csv_path.parent, value.strip()))
+        paths.append(listed_source(csv_path.parent, value))
     return paths
 
 
 def read_path_list(txt_path: Path) -> list[str]:
     """One path per line; blank lines and lines starting with # are ignored."""
     lines = txt_path.read_text().splitlines()
-    return [_resolve(txt_path.parent, line.strip()) for line in lines
+    return [listed_source(txt_path.parent, line) for line in lines
             if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _resolve(base: Path, path: str) -> str:
-    folder, sep, series = path.partition(SERIES_SEPARATOR)
-    resolved = Path(folder) if Path(folder).is_absolute() else base / folder
-    return f"{resolved}{sep}{series}"
 
 
 def list_sources(data_path: str | os.PathLike) -> list[str]:

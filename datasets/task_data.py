@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from volmae.datasets.medmnist_data import MedMNISTSpec, load_split
 from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.reading import VolumeReadError
+from volmae.datasets.reading import VolumeReadError, listed_source
 from volmae.datasets.slices import load_stack, stack_input, to_uint8
 from volmae.datasets.stored import to_unit_float
 from volmae.util.atomic import atomic_write
@@ -157,8 +157,7 @@ def assign_splits(table: pd.DataFrame, ratio: tuple[float, float, float], seed: 
 
 def _resolve_paths(table: pd.DataFrame, column: str, csv: Path) -> None:
     """Paths relative to the meta CSV made absolute, so the split CSV written elsewhere still points at them."""
-    table[column] = [path if not path or Path(path).is_absolute() else str((csv.parent / path).resolve())
-                     for path in table[column]]
+    table[column] = [listed_source(csv.parent, path, canonical=True) if path else path for path in table[column]]
 
 
 def meta_volume_task(csv: Path, labels: list[str], requested_task: str, ratio: tuple[float, float, float],

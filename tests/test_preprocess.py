@@ -11,7 +11,7 @@ from tests.conftest import shared_path
 from tests.volumes import image_from_xyz, reoriented_copy, write_bad_inputs
 from volmae.datasets.orientation import CANONICAL_ORIENTATION, orientation_code, to_canonical
 from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image, resample_to_grid
-from volmae.datasets.reading import VolumeReadError, probe, read_image
+from volmae.datasets.reading import VolumeReadError, listed_path, listed_source, probe, read_image
 from volmae.datasets.sources import list_sources
 
 
@@ -208,3 +208,14 @@ def test_decoded_bytes_are_budgeted_from_the_header_before_decoding(tmp_path):
     reason = probe(str(tmp_path / "big.mhd"), max_voxels=800_000)
     assert reason is not None and "of 8 bytes" in reason and "skipped before decoding" in reason, reason
     assert "of 8 bytes" not in (probe(str(tmp_path / "small.mhd"), max_voxels=800_000) or "")
+
+
+def test_a_listed_path_is_read_one_way_for_every_listing(tmp_path):
+    """Sources lists, probe CSVs, labels CSVs, SLIViT meta CSVs and prediction cases all read a listed path
+    with `listed_path`: relative to the listing's folder, the part after '::' kept apart."""
+    (tmp_path / "ct").mkdir()
+    assert listed_path(tmp_path, " ct/a.nii.gz ") == (tmp_path / "ct" / "a.nii.gz", "")
+    assert listed_path(tmp_path, "/abs/dicom::1.2.840.5") == (Path("/abs/dicom"), "1.2.840.5")
+    assert listed_path(tmp_path / "ct", "../pair.npz::second", canonical=True) == (tmp_path / "pair.npz", "second")
+    assert listed_source(tmp_path, "dicom::1.2.3") == f"{tmp_path / 'dicom'}::1.2.3"
+    assert listed_source(tmp_path / "ct", "../b.nii", canonical=True) == str(tmp_path / "b.nii")
