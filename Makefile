@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo lint test venv clean
+.PHONY: demo lint test test-fast venv clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ lint: $(DEV_STAMP)
 TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The in-process tests alone (marked `fast`: no command started), for a quick check while editing
+test-fast: lint
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m fast tests
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -19,16 +19,16 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from volmae.datasets.stored import to_unit_float
-from volmae.datasets.transforms import NO_AUGMENT, AugmentConfig, augment_batch
-from volmae.util.checkpoint import atomic_save
-from volmae.util.dist import DistInfo, all_reduce_sum
-from volmae.util.errors import UsageError
-from volmae.util.lr_sched import lr_at_step, multistep_lr, set_lr
-from volmae.util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
-from volmae.util.run_log import RunLog
-from volmae.util.sampler import ShardSampler
-from volmae.util.train_backend import make_backend
+from .datasets.stored import to_unit_float
+from .datasets.transforms import NO_AUGMENT, AugmentConfig, augment_batch
+from .util.checkpoint import atomic_save
+from .util.dist import DistInfo, all_reduce_sum
+from .util.errors import UsageError
+from .util.lr_sched import lr_at_step, multistep_lr, set_lr
+from .util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
+from .util.run_log import RunLog
+from .util.sampler import ShardSampler
+from .util.train_backend import make_backend
 
 
 def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Optimizer:

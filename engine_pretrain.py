@@ -17,22 +17,22 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from volmae.datasets.augment import finish_batch
-from volmae.datasets.probe_data import ProbeSet
-from volmae.datasets.volume_dataset import collate_volumes, single_threaded_worker
-from volmae.models.mae3d import encoder_weights
-from volmae.util.atomic import atomic_write
-from volmae.util.checkpoint import CheckpointError, atomic_save, plain_args
-from volmae.util.dist import DistInfo, all_reduce_sum, barrier
-from volmae.util.errors import UsageError
-from volmae.util.keyed_random import keyed_uniform
-from volmae.util.lr_sched import lr_at_step, set_lr
-from volmae.util.plotting import slice_grid
-from volmae.util.preemption import PREEMPTED_FILE, PreemptionWatch
-from volmae.util.probe import probe_aucs
-from volmae.util.run_log import RunLog
-from volmae.util.sampler import ResumableDistributedSampler, ShardSampler
-from volmae.util.train_backend import make_backend
+from .datasets.augment import finish_batch
+from .datasets.probe_data import ProbeSet
+from .datasets.volume_dataset import collate_volumes, single_threaded_worker
+from .models.mae3d import encoder_weights
+from .util.atomic import atomic_write
+from .util.checkpoint import CheckpointError, atomic_save, plain_args
+from .util.dist import DistInfo, all_reduce_sum, barrier
+from .util.errors import UsageError
+from .util.keyed_random import keyed_uniform
+from .util.lr_sched import lr_at_step, set_lr
+from .util.plotting import slice_grid
+from .util.preemption import PREEMPTED_FILE, PreemptionWatch
+from .util.probe import probe_aucs
+from .util.run_log import RunLog
+from .util.sampler import ResumableDistributedSampler, ShardSampler
+from .util.train_backend import make_backend
 
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 HOLDOUT_MASK_EPOCH = -1  # the held-out volumes' masks are keyed on this instead of an epoch: the same every time

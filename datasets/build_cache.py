@@ -23,7 +23,10 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from volmae.datasets.cache import (
+from ..util.atomic import atomic_write, ensure_room, make_output_folder, remove_stale_temporaries
+from ..util.errors import UsageError
+from ..util.run_lock import output_folder_lock
+from .cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
     DEFAULT_STORAGE_DTYPE,
@@ -32,12 +35,9 @@ from volmae.datasets.cache import (
     read_meta,
     write_volume,
 )
-from volmae.datasets.preprocess import PreprocessConfig, preprocess_image
-from volmae.datasets.reading import VolumeReadError, read_image, source_stamp
-from volmae.datasets.sources import list_sources
-from volmae.util.atomic import atomic_write, ensure_room, make_output_folder, remove_stale_temporaries
-from volmae.util.errors import UsageError
-from volmae.util.run_lock import output_folder_lock
+from .preprocess import PreprocessConfig, preprocess_image
+from .reading import VolumeReadError, read_image, source_stamp
+from .sources import list_sources
 
 PLAN_FILE = "plan.csv"
 PARTS_DIR = ".parts"

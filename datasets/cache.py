@@ -21,10 +21,10 @@ import hdf5plugin
 import numpy as np
 import pandas as pd
 
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.stored import to_unit_float
-from volmae.util.capped import print_capped
-from volmae.util.errors import DataError, VolMAEError
+from ..util.capped import print_capped
+from ..util.errors import DataError, VolMAEError
+from .preprocess import PreprocessConfig
+from .stored import to_unit_float
 
 CACHE_FORMAT = "volmae-hdf5-cache"
 CACHE_VERSION = 1

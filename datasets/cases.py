@@ -20,14 +20,14 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from volmae.datasets.augment import crop_box
-from volmae.datasets.cache import CacheError, CacheReadError, VolumeCache, encode, is_cache
-from volmae.datasets.medmnist_data import to_channels_first
-from volmae.datasets.preprocess import PreprocessConfig, load_volume
-from volmae.datasets.reading import VolumeReadError, listed_path
-from volmae.datasets.slices import load_stack, stack_input
-from volmae.datasets.stored import to_unit_float
-from volmae.util.errors import DataError
+from ..util.errors import DataError
+from .augment import crop_box
+from .cache import CacheError, CacheReadError, VolumeCache, encode, is_cache
+from .medmnist_data import to_channels_first
+from .preprocess import PreprocessConfig, load_volume
+from .reading import VolumeReadError, listed_path
+from .slices import load_stack, stack_input
+from .stored import to_unit_float
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 

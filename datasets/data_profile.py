@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from volmae.datasets.stored import to_unit_float
+from .stored import to_unit_float
 
 # At most this many distinct values: a mask or a label map, not an intensity image.
 MAX_LABEL_VALUES = 16

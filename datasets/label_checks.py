@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from volmae.datasets.task_data import SPLITS, TaskDataError
+from .task_data import SPLITS, TaskDataError
 
 CSV_FIRST_ROW = 2  # the line of the first data row: the header is line 1
 MISSING = {"", "nan", "na", "n/a", "none", "null"}

@@ -13,21 +13,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from volmae.datasets.build_cache import CacheSettingsError, build_cache, built_with
-from volmae.datasets.cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
-from volmae.datasets.label_checks import (
+from ..util.atomic import atomic_write
+from ..util.capped import print_capped
+from .build_cache import CacheSettingsError, build_cache, built_with
+from .cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
+from .label_checks import (
     CSV_FIRST_ROW,
     missing_labels,
     refuse_one_class,
     refuse_patients_in_two_splits,
     refuse_shared_files,
 )
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
-from volmae.datasets.reading import VolumeReadError, listed_source, source_stamp
-from volmae.datasets.task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
-from volmae.util.atomic import atomic_write
-from volmae.util.capped import print_capped
+from .preprocess import PreprocessConfig
+from .preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
+from .reading import VolumeReadError, listed_source, source_stamp
+from .task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from medmnist.info import DEFAULT_ROOT, INFO
 from torch.utils.data import Dataset
 
-from volmae.util.errors import VolMAEError
+from ..util.errors import VolMAEError
 
 SIZES_3D = (28, 64)
 SIZES_2D = (28, 64, 128, 224)

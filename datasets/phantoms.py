@@ -17,8 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from volmae.util.atomic import atomic_write
-from volmae.util.cli import int_tuple, positive_int
+from ..util.atomic import atomic_write
+from ..util.cli import int_tuple, positive_int
 
 AIR_HU = -1000.0
 

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from volmae.datasets.orientation import image_to_array, to_canonical
-from volmae.datasets.reading import MAX_VOXELS, MODALITY_KEY, VolumeReadError, image_like, read_image
+from .orientation import image_to_array, to_canonical
+from .reading import MAX_VOXELS, MODALITY_KEY, VolumeReadError, image_like, read_image
 
 RESAMPLE_MODES = ("fit", "stretch", "spacing")
 MODALITIES = ("auto", "ct", "mr")

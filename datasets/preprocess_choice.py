@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from volmae.datasets.orientation import canonical_geometry
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.reading import MAX_VOXELS, VolumeReadError, read_header
+from .orientation import canonical_geometry
+from .preprocess import PreprocessConfig
+from .reading import MAX_VOXELS, VolumeReadError, read_header
 
 # Largest extents spreading more than this (P90 / P10) mean fitting would rescale volumes differently.
 MAX_FIT_SPREAD = 1.25

@@ -6,17 +6,17 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from volmae.datasets.cache import CacheError, VolumeCache, is_cache
-from volmae.datasets.data_profile import DataProfile, profile_images
-from volmae.datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
-from volmae.datasets.phantoms import write_phantom_corpus
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.reading import probe
-from volmae.datasets.sources import SourceListError, list_sources
-from volmae.datasets.volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
-from volmae.util.capped import SHOWN, print_capped, write_list
-from volmae.util.dist import barrier
-from volmae.util.errors import DataError
+from ..util.capped import SHOWN, print_capped, write_list
+from ..util.dist import barrier
+from ..util.errors import DataError
+from .cache import CacheError, VolumeCache, is_cache
+from .data_profile import DataProfile, profile_images
+from .medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
+from .phantoms import write_phantom_corpus
+from .preprocess import PreprocessConfig
+from .reading import probe
+from .sources import SourceListError, list_sources
+from .volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
 
 
 def readable_sources(data_path: str, announce: bool, max_voxels: int, external_data: bool = False,

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from volmae.datasets.augment import crop_box
-from volmae.datasets.medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
-from volmae.datasets.preprocess import PreprocessConfig, load_volume
-from volmae.datasets.reading import VolumeReadError, listed_source
-from volmae.datasets.stored import to_unit_float
-from volmae.util.errors import DataError
+from ..util.errors import DataError
+from .augment import crop_box
+from .medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
+from .preprocess import PreprocessConfig, load_volume
+from .reading import VolumeReadError, listed_source
+from .stored import to_unit_float
 
 PROBE_SPLITS = ("train", "val")
 

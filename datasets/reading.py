@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from volmae.datasets.nifti_check import (
+from ..util.errors import DataError
+from .nifti_check import (
     is_nifti2,
     nifti_bad_spacing,
     nifti_empty_axis,
     nifti_nonfinite_mask,
     nifti_truncation,
 )
-from volmae.util.errors import DataError
 
 log = logging.getLogger(__name__)
 

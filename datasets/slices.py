@@ -14,9 +14,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from volmae.datasets.orientation import image_to_array, to_canonical
-from volmae.datasets.preprocess import PreprocessConfig, detect_modality, intensity_range
-from volmae.datasets.reading import VolumeReadError, dicom_series_ids, read_image
+from .orientation import image_to_array, to_canonical
+from .preprocess import PreprocessConfig, detect_modality, intensity_range
+from .reading import VolumeReadError, dicom_series_ids, read_image
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 SPARSING = ("eq", "mid")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from volmae.datasets.reading import DICOM_SUFFIXES, SERIES_SEPARATOR, dicom_series_ids, is_volume_file, listed_source
-from volmae.util.errors import DataError
+from ..util.errors import DataError
+from .reading import DICOM_SUFFIXES, SERIES_SEPARATOR, dicom_series_ids, is_volume_file, listed_source
 
 
 class SourceListError(DataError):

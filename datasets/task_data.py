@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from volmae.datasets.medmnist_data import MedMNISTSpec, load_split
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.reading import VolumeReadError, listed_source
-from volmae.datasets.slices import load_stack, stack_input, to_uint8
-from volmae.datasets.stored import to_unit_float
-from volmae.util.atomic import atomic_write
-from volmae.util.errors import DataError
-from volmae.util.metrics import MULTI_LABEL, REGRESSION
+from ..util.atomic import atomic_write
+from ..util.errors import DataError
+from ..util.metrics import MULTI_LABEL, REGRESSION
+from .medmnist_data import MedMNISTSpec, load_split
+from .preprocess import PreprocessConfig
+from .reading import VolumeReadError, listed_source
+from .slices import load_stack, stack_input, to_uint8
+from .stored import to_unit_float
 
 TASKS = {"binary": "binary-class", "multiclass": "multi-class", "multilabel": MULTI_LABEL, "reg": REGRESSION}
 SPLITS = ("train", "val", "test")

@@ -10,10 +10,10 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from volmae.datasets.augment import crop_box, draw_params, sample_rng
-from volmae.datasets.cache import CacheReadError, VolumeCache
-from volmae.datasets.preprocess import PreprocessConfig, load_volume
-from volmae.datasets.reading import VolumeReadError
+from .augment import crop_box, draw_params, sample_rng
+from .cache import CacheReadError, VolumeCache
+from .preprocess import PreprocessConfig, load_volume
+from .reading import VolumeReadError
 
 
 class _EpochSeeded(Dataset):

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from volmae.datasets.data_profile import DataProfile
-from volmae.datasets.medmnist_data import ArrayDataset
-from volmae.datasets.task_data import TaskData
-from volmae.engine_finetune import Finetuner
-from volmae.finetuning.model_choice import build_model, with_reconstruction
-from volmae.finetuning.search import candidate_record, candidates, clears_validation, rank_key, search_mode
-from volmae.finetuning.setups import resolve_augment
-from volmae.models.load_classifier import CLASSIFIER_KIND
-from volmae.util.checkpoint import plain_args
-from volmae.util.dist import DistInfo, barrier
-from volmae.util.run_log import RunLog
+from ..datasets.data_profile import DataProfile
+from ..datasets.medmnist_data import ArrayDataset
+from ..datasets.task_data import TaskData
+from ..engine_finetune import Finetuner
+from ..models.load_classifier import CLASSIFIER_KIND
+from ..util.checkpoint import plain_args
+from ..util.dist import DistInfo, barrier
+from ..util.run_log import RunLog
+from .model_choice import build_model, with_reconstruction
+from .search import candidate_record, candidates, clears_validation, rank_key, search_mode
+from .setups import resolve_augment
 
 MOVED_OUTPUTS = ("best.pth", "log.txt", "tensorboard")
 

@@ -4,12 +4,9 @@ import math
 
 from medmnist.info import DEFAULT_ROOT
 
-from volmae.datasets.preprocess import AUTO, add_preprocess_args
-from volmae.datasets.transforms import PRESETS
-from volmae.finetuning.recipes import PRETRAINED_LAYER_DECAY, RECIPES
-from volmae.finetuning.search import SEARCH_MODES
-from volmae.finetuning.setups import SETUPS
-from volmae.util.cli import (
+from ..datasets.preprocess import AUTO, add_preprocess_args
+from ..datasets.transforms import PRESETS
+from ..util.cli import (
     HelpFormatter,
     int_tuple_or_auto,
     non_negative_float,
@@ -20,6 +17,9 @@ from volmae.util.cli import (
     seed_list,
     share,
 )
+from .recipes import PRETRAINED_LAYER_DECAY, RECIPES
+from .search import SEARCH_MODES
+from .setups import SETUPS
 
 
 def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:

@@ -9,15 +9,15 @@ import argparse
 
 import torch
 
-from volmae.datasets.data_profile import DataProfile
-from volmae.datasets.task_data import TaskData
-from volmae.models import create_model, model_arguments
-from volmae.models.joint_mae import ClassifierWithReconstruction
-from volmae.models.load_pretrained import CheckpointMismatchError, load_encoder
-from volmae.models.patch_embed import auto_patch_size
-from volmae.models.vit import AUTO_ARCHITECTURE
-from volmae.util.checkpoint import load_checkpoint
-from volmae.util.errors import DataError, UsageError
+from ..datasets.data_profile import DataProfile
+from ..datasets.task_data import TaskData
+from ..models import create_model, model_arguments
+from ..models.joint_mae import ClassifierWithReconstruction
+from ..models.load_pretrained import CheckpointMismatchError, load_encoder
+from ..models.patch_embed import auto_patch_size
+from ..models.vit import AUTO_ARCHITECTURE
+from ..util.checkpoint import load_checkpoint
+from ..util.errors import DataError, UsageError
 
 EXPLICIT_MODEL_FLAGS = ("patch_size", "backbone", "fe_path", "pretrained_file")
 

@@ -8,8 +8,8 @@ describe another model.
 import shutil
 from pathlib import Path
 
-from volmae.finetuning.reporting import RESULTS_FILE
-from volmae.util.errors import UsageError
+from ..util.errors import UsageError
+from .reporting import RESULTS_FILE
 
 RUN_OUTPUTS = ("best.pth", "log.txt", "meta_split.csv", "*_scores.csv", "*@seed*.csv", "roc_curve.png",
                "confusion_matrix.png", "explain", "search", "tensorboard", "seed_*")

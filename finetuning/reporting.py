@@ -8,12 +8,12 @@ import pandas as pd
 import torch
 from medmnist import Evaluator
 
-from volmae.datasets.stored import to_unit_float
-from volmae.datasets.task_data import TaskData
-from volmae.util.atomic import atomic_write
-from volmae.util.baselines import image_floor, majority_share
-from volmae.util.explain import explain_predictions
-from volmae.util.metrics import (
+from ..datasets.stored import to_unit_float
+from ..datasets.task_data import TaskData
+from ..util.atomic import atomic_write
+from ..util.baselines import image_floor, majority_share
+from ..util.explain import explain_predictions
+from ..util.metrics import (
     REGRESSION,
     accuracy_at,
     classification_metrics,
@@ -22,7 +22,7 @@ from volmae.util.metrics import (
     stays_at_prior,
     youden_threshold,
 )
-from volmae.util.plotting import confusion_figure, plt, roc_figure
+from ..util.plotting import confusion_figure, plt, roc_figure
 
 RESULTS_FILE = "results.json"  # written last: a folder that has it holds a finished run
 HEADLINE = {False: ("auc", "acc"), True: ("r2", "pearson")}

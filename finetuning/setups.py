@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from volmae.datasets.data_profile import DataProfile, choose_augment
-from volmae.datasets.labelled_volumes import VolumeTaskOptions, volume_task
-from volmae.datasets.medmnist_data import MedMNISTSpec
-from volmae.datasets.preprocess import AUTO, preprocess_config_from_args
-from volmae.datasets.task_data import TaskData, medmnist_task, meta_image_task, meta_volume_task, slivit_medmnist_task
-from volmae.datasets.transforms import VITMEDNET_AUGMENT, AugmentConfig, describe, preset
-from volmae.util.checkpoint import atomic_save
-from volmae.util.cli import grid
+from ..datasets.data_profile import DataProfile, choose_augment
+from ..datasets.labelled_volumes import VolumeTaskOptions, volume_task
+from ..datasets.medmnist_data import MedMNISTSpec
+from ..datasets.preprocess import AUTO, preprocess_config_from_args
+from ..datasets.task_data import TaskData, medmnist_task, meta_image_task, meta_volume_task, slivit_medmnist_task
+from ..datasets.transforms import VITMEDNET_AUGMENT, AugmentConfig, describe, preset
+from ..util.checkpoint import atomic_save
+from ..util.cli import grid
 
 
 def _labels(args: argparse.Namespace) -> list[str]:

@@ -6,8 +6,8 @@ Every classifier meets models.contract.Classifier. Each module of this package i
 import importlib
 import pkgutil
 
-from volmae.models.contract import GRAD_CAM, ROLLOUT, Classifier, ClassifierBase
-from volmae.models.registry import create_model, list_models, model_arguments, register_model
+from .contract import GRAD_CAM, ROLLOUT, Classifier, ClassifierBase
+from .registry import create_model, list_models, model_arguments, register_model
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

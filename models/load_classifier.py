@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from volmae.models.exported_runtime import OnnxModel
-from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
-from volmae.models.registry import create_model
-from volmae.util.checkpoint import CheckpointError, load_checkpoint
-from volmae.util.errors import DataError
-from volmae.util.exported import ExportError, read_config
+from ..util.checkpoint import CheckpointError, load_checkpoint
+from ..util.errors import DataError
+from ..util.exported import ExportError, read_config
+from .exported_runtime import OnnxModel
+from .mae3d import PRETRAINING_ONLY_PREFIXES
+from .registry import create_model
 
 CLASSIFIER_KIND = "volmae-classifier"
 

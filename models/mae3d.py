@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from volmae.models.pos_embed import sincos_pos_embed
-from volmae.models.registry import register_model
-from volmae.models.vit_encoder import ViTEncoder
+from .pos_embed import sincos_pos_embed
+from .registry import register_model
+from .vit_encoder import ViTEncoder
 
 MAX_MASK_RATIO = 0.95
 MASK_TYPES = ("random", "tube")

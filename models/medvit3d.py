@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from volmae.models.contract import ClassifierBase
-from volmae.models.registry import register_model
+from .contract import ClassifierBase
+from .registry import register_model
 
 
 class ConvBN(nn.Sequential):

@@ -13,7 +13,7 @@ The class token exists in MONAI's ViT only with `classification=True`; its head 
 import torch
 from torch import nn
 
-from volmae.util.errors import DataError
+from ..util.errors import DataError
 
 VOLMAE_LAYER_NORM_EPS = 1e-6
 BLOCK_KEYS = {"norm1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.out_proj", "norm2": "norm2",

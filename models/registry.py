@@ -17,8 +17,6 @@ def register_model(name: str, **defaults: Any) -> Callable[[type[nn.Module]], ty
     """Class decorator: register `cls` under `name` with these defaults (stack it for several variants)."""
     def register(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MODELS:
-            if same_definition(_MODELS[name][0], cls):
-                return cls  # one file imported under two names (`models.x` and `volmae.models.x`): already here
             raise ValueError(f"model {name!r} is registered twice")
         unknown = sorted(set(defaults) - set(accepted(cls)))
         if unknown:
@@ -27,12 +25,6 @@ def register_model(name: str, **defaults: Any) -> Callable[[type[nn.Module]], ty
         return cls
 
     return register
-
-
-def same_definition(a: type, b: type) -> bool:
-    """The same class statement, possibly executed twice: a process with the repository root on `sys.path`
-    (pytest, `python main_*.py`) can import one file as `models.vit` and as `volmae.models.vit`."""
-    return a.__qualname__ == b.__qualname__ and inspect.getfile(a) == inspect.getfile(b)
 
 
 def accepted(cls: type[nn.Module]) -> tuple[str, ...]:

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 from torchvision.models import resnet18
 
-from volmae.models.contract import ClassifierBase
-from volmae.models.registry import register_model
+from .contract import ClassifierBase
+from .registry import register_model
 
 
 @register_model("resnet18_2d")

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from torchvision.models.video.resnet import BasicBlock, Bottleneck, Conv3DSimple, VideoResNet
 
-from volmae.models.contract import ClassifierBase
-from volmae.models.registry import register_model
+from .contract import ClassifierBase
+from .registry import register_model
 
 LAYOUTS = {18: (BasicBlock, [2, 2, 2, 2]), 50: (Bottleneck, [3, 4, 6, 3])}
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-from volmae.models.contract import ClassifierBase
-from volmae.models.registry import register_model
-from volmae.util.checkpoint import load_checkpoint
+from ..util.checkpoint import load_checkpoint
+from .contract import ClassifierBase
+from .registry import register_model
 
 MIN_SLICE = 32
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from volmae.models.contract import ROLLOUT
-from volmae.models.registry import register_model
+from .contract import ROLLOUT
+from .registry import register_model
 
 
 def _prefixed(matcher: dict, prefix: str) -> dict:

@@ -13,9 +13,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from volmae.models.contract import ROLLOUT
-from volmae.models.registry import register_model
-from volmae.models.vit_encoder import ViTEncoder
+from .contract import ROLLOUT
+from .registry import register_model
+from .vit_encoder import ViTEncoder
 
 POOLINGS = ("avg", "token", "concat")
 

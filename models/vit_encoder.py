@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from volmae.models.patch_embed import InputNorm, PatchEmbed
-from volmae.models.pos_embed import sincos_pos_embed
+from .patch_embed import InputNorm, PatchEmbed
+from .pos_embed import sincos_pos_embed
 
 
 class ViTEncoder(nn.Module):

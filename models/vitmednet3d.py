@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from volmae.models.contract import ClassifierBase
-from volmae.models.pos_embed import sincos_1d
-from volmae.models.registry import register_model
+from .contract import ClassifierBase
+from .pos_embed import sincos_1d
+from .registry import register_model
 
 
 def shifted_copies(x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,16 @@ def run_cli(args: list[str], timeout: float = 600, check: bool = True, env: dict
     return result
 
 
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_process(request, monkeypatch) -> None:
+    """A test marked `fast` (the in-process set of `make test-fast`) may not start a command: it would not be
+    fast for long."""
+    if request.node.get_closest_marker("fast"):
+        def refuse(*args, **kwargs):
+            raise AssertionError("a test marked fast started a process; leave it out of the fast set")
+        monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Eight small synthetic CT phantoms as NIfTI files."""

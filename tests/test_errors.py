@@ -12,6 +12,8 @@ from volmae.datasets.pretrain_data import build_pretrain_dataset
 from volmae.util.cli import grid, run_main
 from volmae.util.errors import DataError, UsageError, VolMAEError
 
+pytestmark = pytest.mark.fast  # in-process: `make test-fast`
+
 LIBRARY = ["datasets", "models", "util", "finetuning", "engine_pretrain.py", "engine_finetune.py"]
 
 

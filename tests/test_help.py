@@ -10,6 +10,8 @@ from volmae.main_export import get_args_parser as export_parser
 from volmae.main_predict import get_args_parser as predict_parser
 from volmae.main_pretrain import get_args_parser as pretrain_parser
 
+pytestmark = pytest.mark.fast  # in-process: `make test-fast`
+
 PARSERS = {"volmae-cache": cache_parser, "volmae-pretrain": pretrain_parser, "volmae-finetune": finetune_parser,
            "volmae-predict": predict_parser, "volmae-export": export_parser}
 

@@ -61,16 +61,3 @@ def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path
         elsewhere, env)
     assert (elsewhere / "cache" / "cache.json").is_file()
 
-
-def test_the_root_and_the_package_import_side_by_side():
-    """With the repository root on sys.path (pytest, `python main_*.py`), one file can be imported as `models.x`
-    and as `volmae.models.x`; its models register once, and a different model under a taken name still fails."""
-    script = ("import models, volmae.models\n"
-              "from volmae.models.registry import create_model, register_model\n"
-              "assert create_model('vit3d_tiny_patch4').__class__.__name__ == 'VisionTransformer'\n"
-              "class Other(volmae.models.vit.VisionTransformer): pass\n"
-              "try:\n    register_model('vit3d_tiny_patch4')(Other)\nexcept ValueError as err:\n    print(err)\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "'vit3d_tiny_patch4' is registered twice" in result.stdout

@@ -11,6 +11,8 @@ from volmae.models.patch_embed import auto_patch_size, stem_patch_size
 from volmae.models.pos_embed import sincos_1d, split_embed_dim
 from volmae.models.registry import create_model
 
+pytestmark = pytest.mark.fast  # in-process: `make test-fast`
+
 
 def tiny(**overrides):
     defaults = {"img_size": (16, 24, 32), "patch_size": (4, 8, 8), "embed_dim": 48, "depth": 2, "num_heads": 3,

@@ -10,6 +10,8 @@ from volmae import models
 from volmae.main_predict import embed
 from volmae.util.explain import explain
 
+pytestmark = pytest.mark.fast  # in-process: `make test-fast`
+
 # the smallest input each family takes, and arguments that keep it fast on 2 CPU cores
 SMALL = {
     "vit3d": ((1, 16, 16, 16), {"img_size": 16, "depth": 1}),

@@ -14,6 +14,8 @@ from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess
 from volmae.datasets.reading import VolumeReadError, listed_path, listed_source, probe, read_image
 from volmae.datasets.sources import list_sources
 
+pytestmark = pytest.mark.fast  # in-process: `make test-fast`
+
 
 @pytest.mark.parametrize("perm,flips", [((2, 0, 1), (True, False, True)), ((1, 0, 2), (False, True, False)),
                                         ((0, 1, 2), (True, True, True))])

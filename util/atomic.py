@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from volmae.util.errors import VolMAEError
+from .errors import VolMAEError
 
 TEMPORARY_GLOB = ".tmp-*"
 DISK_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",

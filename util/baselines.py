@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from volmae.util.metrics import auc_and_acc, stays_at_prior
+from .metrics import auc_and_acc, stays_at_prior
 
 FLOOR_CELLS = 16  # voxels are averaged down to at most this many cells per axis (4,096 features in 3D)
 COMPONENTS = (8, 32, 128)

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from volmae.util.atomic import atomic_write
-from volmae.util.errors import DataError
-from volmae.util.exported import ExportError, export_folder, read_exported
+from .atomic import atomic_write
+from .errors import DataError
+from .exported import ExportError, export_folder, read_exported
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -3,7 +3,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from volmae.util.errors import UsageError, VolMAEError
+from .errors import UsageError, VolMAEError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from volmae.util.checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 
 
 def deepspeed_safe_globals() -> list:

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from volmae.util.errors import UsageError
-from volmae.util.threads import set_cpu_threads
+from .errors import UsageError
+from .threads import set_cpu_threads
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from volmae.util.atomic import atomic_write
-from volmae.util.plotting import plt
+from .atomic import atomic_write
+from .plotting import plt
 
 METHOD_NAMES = {"rollout": "attention rollout", "grad_cam": "Grad-CAM"}
 MONTAGE_SLICES = 36  # evenly spaced axial slices in a montage; every slice of a 28^3 volume
@@ -109,7 +109,7 @@ def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str) -> None:
 def save_explanation(folder: Path, name: str, volume: np.ndarray, heat: np.ndarray, title: str) -> list[Path]:
     """`name`.npy and .nii.gz (the map on the input grid), `name`_overlay.png (middle slices) and, for
     volumes, `name`_montage.png (up to MONTAGE_SLICES evenly spaced axial slices with the map)."""
-    from volmae.util.plotting import middle_slices
+    from .plotting import middle_slices
 
     folder.mkdir(parents=True, exist_ok=True)
     image = volume[0]
@@ -149,7 +149,7 @@ def explain_predictions(model, x: torch.Tensor, scores: np.ndarray, task: str, c
                         folder: Path, names: list[str]) -> list[Path]:
     """Explain and save each sample's predicted class (the first output for regression), as `names`;
     returns the overlay paths."""
-    from volmae.util.metrics import REGRESSION
+    from .metrics import REGRESSION
 
     predicted = np.zeros(len(x), dtype=np.int64) if task == REGRESSION else scores.argmax(axis=1)
     heat = explain(model.float(), x.float(), torch.from_numpy(predicted).to(x.device))

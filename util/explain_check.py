@@ -4,7 +4,7 @@ the blob against the blob's share of the volume (1 = no better than a uniform ma
 import numpy as np
 import torch
 
-from volmae.util.explain import explain, mass_share, method_for
+from .explain import explain, mass_share, method_for
 
 
 def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float) -> None:

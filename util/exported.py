@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from volmae.util.atomic import atomic_write
-from volmae.util.errors import DataError
+from .atomic import atomic_write
+from .errors import DataError
 
 EXPORT_FORMAT = "volmae-export"
 EXPORT_VERSION = 1

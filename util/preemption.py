@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from volmae.util.dist import all_reduce_sum
+from .dist import all_reduce_sum
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, resume by running the same command again
 STOP_FILE = "STOP"

@@ -11,7 +11,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from volmae.util.metrics import MULTI_LABEL, REGRESSION, auc_and_acc
+from .metrics import MULTI_LABEL, REGRESSION, auc_and_acc
 
 KNN_NEIGHBOURS = 20
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from volmae.util.atomic import disk_writes
-from volmae.util.errors import FolderInUseError
+from .atomic import disk_writes
+from .errors import FolderInUseError
 
 LOCK_FILE = ".volmae-run.lock"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from volmae.util.atomic import DISK_FAULTS, disk_writes, fault_errno
+from .atomic import DISK_FAULTS, disk_writes, fault_errno
 
 KEPT_LOG = "the lines written before are kept"
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from volmae.util.atomic import remove_stale_temporaries
-from volmae.util.checkpoint import atomic_save, load_checkpoint, resume_candidates, rng_state, set_rng_state
-from volmae.util.deepspeed_checkpoint import consolidated_fp32_weights, use_weights_only_loading, validate_deepspeed_checkpoint
-from volmae.util.dist import DistInfo, barrier
+from .atomic import remove_stale_temporaries
+from .checkpoint import atomic_save, load_checkpoint, resume_candidates, rng_state, set_rng_state
+from .deepspeed_checkpoint import consolidated_fp32_weights, use_weights_only_loading, validate_deepspeed_checkpoint
+from .dist import DistInfo, barrier
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

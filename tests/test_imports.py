@@ -1,0 +1,72 @@
+"""Every import inside the package resolves from the files alone, as an IDE or a structure viewer reads them
+(issue 27): relative imports, never the installed name `volmae.`, which no folder of the tree carries."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.fast  # in-process: `make test-fast`
+
+LIBRARY = ["datasets", "models", "util", "finetuning", "engine_pretrain.py", "engine_finetune.py"]
+
+
+def library_files() -> list[Path]:
+    return sorted(p for entry in LIBRARY
+                  for p in ((REPO / entry).rglob("*.py") if (REPO / entry).is_dir() else [REPO / entry]))
+
+
+def imports(path: Path) -> list[tuple[int, int, str, list[str]]]:
+    """(line, level, module, names) of each `from ... import` and `import` of a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, node.level, node.module or "", [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, 0, alias.name, []) for alias in node.names]
+    return found
+
+
+def resolves(path: Path, level: int, module: str, names: list[str], root: Path = REPO) -> bool:
+    """Whether a relative import names files of the tree, found from `path`'s place in it: a module file, or a
+    folder whose imported names are its modules or come from its __init__.py."""
+    base = path.parent
+    for _ in range(level - 1):
+        base = base.parent
+    if root not in (base, *base.parents):
+        return False
+    target = base.joinpath(*module.split(".")) if module else base
+    if target.with_suffix(".py").is_file():
+        return True
+    return target.is_dir() and all((target / f"{n}.py").is_file() or (target / "__init__.py").is_file() for n in names)
+
+
+def test_every_import_inside_the_package_resolves_from_the_tree():
+    files = library_files()
+    assert len(files) > 60
+    absolute, unresolved = [], []
+    for path in files:
+        for line, level, module, names in imports(path):
+            where = f"{path.relative_to(REPO)}:{line}"
+            if level == 0 and (module == "volmae" or module.startswith("volmae.")):
+                absolute.append(where)
+            elif level > 0 and not resolves(path, level, module, names):
+                unresolved.append(f"{where} {'.' * level}{module}")
+    assert not absolute, f"absolute volmae imports inside the package (use relative ones): {absolute}"
+    assert not unresolved, f"relative imports that name no file of the tree: {unresolved}"
+
+
+@pytest.mark.parametrize("source, ok", [("from ..util.errors import DataError", True),
+                                         ("from .cache import VolumeCache", True),
+                                         ("from ..util.missing import Thing", False),
+                                         ("from ...beyond import x", False)])
+def test_the_resolver_tells_a_real_file_from_a_missing_one(source, ok):
+    path = REPO / "datasets" / "sources.py"
+    (_, level, module, names), = imports_of(source)
+    assert resolves(path, level, module, names) is ok
+
+
+def imports_of(source: str) -> list[tuple[int, int, str, list[str]]]:
+    node = ast.parse(source).body[0]
+    return [(1, node.level, node.module or "", [a.name for a in node.names])]
