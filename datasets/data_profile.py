@@ -29,11 +29,6 @@ class DataProfile:
     def is_label_like(self) -> bool:
         return self.distinct_values <= MAX_LABEL_VALUES
 
-    @property
-    def majority_share(self) -> float:
-        total = sum(self.class_counts)
-        return max(self.class_counts) / total if total else float("nan")
-
     def describe(self) -> str:
         values = f"{self.distinct_values}{'+' if self.distinct_values > MAX_LABEL_VALUES else ''} distinct values"
         low, high = self.value_range
