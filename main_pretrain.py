@@ -66,6 +66,7 @@ from volmae.util.train_backend import describe_precision
 
 MAE_BLR = 1.5e-4  # MAE's base lr, for its ViTs at large batches
 AUTO_BLR = 6e-3  # the recipes' base lr for the small --model auto (docs/results.md)
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "launch" / "deepspeed"  # in the package: in a wheel too
 AUTO_MAE = "mae_vit_tiny_patch16"  # --model auto: its encoder is then shaped by AUTO_ARCHITECTURE
 
 
@@ -206,8 +207,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
                              "fp32 elsewhere; evaluation on a CPU stays fp32; fp16 uses a GradScaler")
     device.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
-                        help="train with DeepSpeed ZeRO (launch/deepspeed/*.json); batch size, accumulation and "
-                             "clipping still come from the optimisation flags")
+                        help=f"train with DeepSpeed ZeRO (configurations: {DEEPSPEED_CONFIGS}); batch size, "
+                             "accumulation and clipping still come from the optimisation flags")
     return parser
 
 

@@ -1,8 +1,10 @@
 """`pip install -e .` gives commands that work from any folder, beside a foreign top-level `datasets` package
 (as Hugging Face's is in many ML environments): VolMAE's folders install as `volmae.*`, never as top-level names."""
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -61,3 +63,19 @@ def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path
         elsewhere, env)
     assert (elsewhere / "cache" / "cache.json").is_file()
 
+
+
+def test_the_wheel_ships_every_main_and_the_deepspeed_configurations_the_help_names(tmp_path):
+    source = tmp_path / "source"  # built from a copy: a build writes build/ beside pyproject.toml
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "__pycache__", "build", "*.egg-info", "demo_output"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True,
+                           timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))) as wheel:
+        names = set(wheel.namelist())
+    for config in (REPO / "launch" / "deepspeed").glob("*.json"):
+        assert f"volmae/launch/deepspeed/{config.name}" in names
+    for main in REPO.glob("main_*.py"):
+        assert f"volmae/{main.name}" in names
+    assert {"volmae/__init__.py", "volmae/util/errors.py", "volmae/datasets/reading.py"} <= names
