@@ -18,8 +18,7 @@ from volmae.datasets.build_cache import INTERRUPTED, CacheSettingsError, build_c
 from volmae.datasets.cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
 from volmae.datasets.preprocess import AUTO, add_preprocess_args, preprocess_config_from_args
 from volmae.datasets.preprocess_choice import choose_preprocess, survey_headers
-from volmae.datasets.reading import VolumeReadError
-from volmae.datasets.sources import SourceListError, list_sources
+from volmae.datasets.sources import list_sources
 from volmae.util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, run_main
 
 
@@ -59,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preprocessing: {choice.reason}")
         manifest = build_cache(sources, args.output, config, args.workers, args.dtype, args.shard_size,
                                itk_threads=args.itk_threads)
-    except (SourceListError, VolumeReadError) as err:
-        raise SystemExit(f"error: {err}") from None
     except CacheSettingsError as err:
         raise SystemExit(f"error: {err}; use another --output") from None
     except KeyboardInterrupt:
@@ -77,10 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> None:
     """The `volmae-cache` command: the same as `python main_cache.py`."""
     sys.exit(run_main(main))
-
-
-if __name__ == "__main__":
-    cli()
 
 
 if __name__ == "__main__":

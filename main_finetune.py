@@ -34,7 +34,7 @@ from volmae.finetuning.model_choice import (
     input_normalization,
     pretrained_config,
 )
-from volmae.finetuning.output_folder import FinishedRunError, claim_output_folder
+from volmae.finetuning.output_folder import claim_output_folder
 from volmae.finetuning.recipes import PRETRAINED_LAYER_DECAY
 from volmae.finetuning.reporting import (
     aggregate,
@@ -138,10 +138,7 @@ def main(args) -> None:
     output_dir = make_output_folder(args.output_dir)
     if dist_info.is_main:
         lock_output_folder(output_dir)
-        try:
-            claim_output_folder(output_dir, args.overwrite)
-        except FinishedRunError as err:
-            raise SystemExit(f"error: {err}") from None
+        claim_output_folder(output_dir, args.overwrite)
     data = load_data(args, output_dir)
     encoder = pretrained_config(args.finetune)
     args.architecture = {}

@@ -24,8 +24,8 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from volmae.datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
-from volmae.models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
+from volmae.datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
+from volmae.models.load_classifier import LoadedModel, load_for_inference
 from volmae.util.atomic import atomic_write
 from volmae.util.capped import print_capped
 from volmae.util.cli import HelpFormatter, non_negative_int, positive_int, run_main
@@ -246,11 +246,8 @@ def embedding_keys(table: pd.DataFrame, id_col: str) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     dist_info = init_distributed(args.device)
     check_outputs(args)
-    try:
-        loaded = load_for_inference(args.checkpoint, allow_encoder=bool(args.embeddings))
-        table = read_cases(args.input_csv, args.path_col, args.id_col)
-    except (NotAVolMAECheckpoint, CasesError) as err:
-        raise SystemExit(f"error: {err}") from None
+    loaded = load_for_inference(args.checkpoint, allow_encoder=bool(args.embeddings))
+    table = read_cases(args.input_csv, args.path_col, args.id_col)
     if loaded.is_classifier and not args.output_csv:
         raise SystemExit("error: --output_csv is required to predict with a classifier")
     if args.explain and not loaded.is_classifier:

@@ -1,5 +1,6 @@
 """Shared test helpers: where the real data is, and running the entry points as users do."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,21 @@ CORES_PER_TEST = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIS
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(CORES_PER_TEST)
 SHARED_DATA = Path(os.environ.get("VOLMAE_SHARED_DATA", REPO.parent / "shared" / "data"))
+LIBRARY = ["datasets", "models", "util", "finetuning", "engine_pretrain.py", "engine_finetune.py"]
+
+
+def copy_of_source(destination: Path) -> Path:
+    """The repository's source, copied (no virtualenv, git, caches, build or run outputs): for a test that
+    writes into the tree, or builds from it, without touching the real one."""
+    shutil.copytree(REPO, destination, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.pyc", "build", "*.egg-info",
+                                                                     "demo_output", "runs"))
+    return destination
+
+
+def library_files() -> list[Path]:
+    """The package's library code: what the mains import and nothing imports back."""
+    return sorted(p for entry in LIBRARY
+                  for p in ((REPO / entry).rglob("*.py") if (REPO / entry).is_dir() else [REPO / entry]))
 
 
 def shared_path(*parts: str) -> Path:
@@ -92,4 +108,3 @@ def demo_run(tmp_path_factory) -> Path:
     if result.returncode != 0:
         raise AssertionError(f"demo.sh exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return out
-

@@ -1,16 +1,13 @@
 """docs/contributing.md, "Adding a model": its example file, dropped into models/ with no other file touched, fine-tunes,
 predicts and explains through the mains. The file is dropped into a copy of the package, never the source tree."""
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, run_cli, shared_path
-
-SOURCE_ONLY = shutil.ignore_patterns(".*", "__pycache__", "*.pyc", "demo_output", "runs")
+from tests.conftest import REPO, copy_of_source, run_cli, shared_path
 
 
 def readme_example() -> str:
@@ -26,8 +23,7 @@ def package_with_example(tmp_path) -> dict:
     for running its mains."""
     code = readme_example()
     assert len(code.strip().splitlines()) <= 25, "the guide promises a short example"
-    copy = tmp_path / "site" / "volmae"
-    shutil.copytree(REPO, copy, ignore=SOURCE_ONLY)
+    copy = copy_of_source(tmp_path / "site" / "volmae")
     (copy / "models" / "readme_example_tiny_cnn3d.py").write_text(code)
     return {"cwd": copy, "env": {"PYTHONPATH": str(copy.parent)}}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, library_files
 from volmae.datasets.cache import CacheError
 from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.pretrain_data import build_pretrain_dataset
@@ -13,9 +13,6 @@ from volmae.util.cli import grid, run_main
 from volmae.util.errors import DataError, UsageError, VolMAEError
 
 pytestmark = pytest.mark.fast  # in-process: `make test-fast`
-
-LIBRARY = ["datasets", "models", "util", "finetuning", "engine_pretrain.py", "engine_finetune.py"]
-
 
 def process_exits(path: Path, root: Path = REPO) -> list[str]:
     """`raise SystemExit`, `sys.exit(...)` and `exit(...)` in a file, as 'file:line'."""
@@ -31,7 +28,7 @@ def process_exits(path: Path, root: Path = REPO) -> list[str]:
 
 
 def test_library_code_never_ends_the_process():
-    files = [p for entry in LIBRARY for p in ((REPO / entry).rglob("*.py") if (REPO / entry).is_dir() else [REPO / entry])]
+    files = library_files()
     assert len(files) > 50
     exits = [hit for path in files for hit in process_exits(path)]
     assert not exits, f"library code ends the process; raise a volmae.util.errors error instead: {exits}"

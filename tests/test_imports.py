@@ -5,22 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, library_files
 
 pytestmark = pytest.mark.fast  # in-process: `make test-fast`
 
-LIBRARY = ["datasets", "models", "util", "finetuning", "engine_pretrain.py", "engine_finetune.py"]
-
-
-def library_files() -> list[Path]:
-    return sorted(p for entry in LIBRARY
-                  for p in ((REPO / entry).rglob("*.py") if (REPO / entry).is_dir() else [REPO / entry]))
-
-
-def imports(path: Path) -> list[tuple[int, int, str, list[str]]]:
-    """(line, level, module, names) of each `from ... import` and `import` of a file."""
+def imports(source: str) -> list[tuple[int, int, str, list[str]]]:
+    """(line, level, module, names) of each `from ... import` and `import` of a file's source."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
             found.append((node.lineno, node.level, node.module or "", [a.name for a in node.names]))
         elif isinstance(node, ast.Import):
@@ -47,7 +39,7 @@ def test_every_import_inside_the_package_resolves_from_the_tree():
     assert len(files) > 60
     absolute, unresolved = [], []
     for path in files:
-        for line, level, module, names in imports(path):
+        for line, level, module, names in imports(path.read_text()):
             where = f"{path.relative_to(REPO)}:{line}"
             if level == 0 and (module == "volmae" or module.startswith("volmae.")):
                 absolute.append(where)
@@ -63,10 +55,6 @@ def test_every_import_inside_the_package_resolves_from_the_tree():
                                          ("from ...beyond import x", False)])
 def test_the_resolver_tells_a_real_file_from_a_missing_one(source, ok):
     path = REPO / "datasets" / "sources.py"
-    (_, level, module, names), = imports_of(source)
+    (_, level, module, names), = imports(source)
     assert resolves(path, level, module, names) is ok
 
-
-def imports_of(source: str) -> list[tuple[int, int, str, list[str]]]:
-    node = ast.parse(source).body[0]
-    return [(1, node.level, node.module or "", [a.name for a in node.names])]

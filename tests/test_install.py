@@ -1,7 +1,6 @@
 """`pip install -e .` gives commands that work from any folder, beside a foreign top-level `datasets` package
 (as Hugging Face's is in many ML environments): VolMAE's folders install as `volmae.*`, never as top-level names."""
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, copy_of_source
+
 BIN = Path(sys.executable).parent
 COMMANDS = {"volmae-cache": "volmae.main_cache:cli", "volmae-pretrain": "volmae.main_pretrain:cli",
             "volmae-finetune": "volmae.main_finetune:cli", "volmae-predict": "volmae.main_predict:cli",
@@ -66,8 +66,7 @@ def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path
 
 
 def test_the_wheel_ships_every_main_and_the_deepspeed_configurations_the_help_names(tmp_path):
-    source = tmp_path / "source"  # built from a copy: a build writes build/ beside pyproject.toml
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "__pycache__", "build", "*.egg-info", "demo_output"))
+    source = copy_of_source(tmp_path / "source")  # a build writes build/ beside pyproject.toml
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                             "--wheel-dir", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True,
                            timeout=600)

@@ -1,4 +1,4 @@
-"""Parsers for command-line values shared by the entry points, and how they end on a disk fault."""
+"""Parsers for command-line values shared by the entry points, and how a main ends on an error the user can act on."""
 import argparse
 import sys
 from collections.abc import Callable
