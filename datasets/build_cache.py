@@ -111,11 +111,9 @@ def write_meta(root: Path, config: PreprocessConfig, dtype: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
 
-def _init_worker(progress: "queue.Queue", itk_threads: int, pool_worker: bool = False) -> None:
+def _init_worker(progress: "queue.Queue", itk_threads: int) -> None:
     global _progress
     _progress = progress
-    if pool_worker:  # Ctrl-C is the parent's to handle: it keeps the finished shards and says so in one line
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
 
 
@@ -259,8 +257,9 @@ def _build_in_pool(root: Path, todo: dict, config: PreprocessConfig, dtype: str,
     context = get_context("spawn")
     ticks = context.Queue()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(ticks, itk_threads, True)) as pool:
-        futures = [pool.submit(build_shard, root, shard, items, config, dtype) for shard, items in todo.items()]
+                             initargs=(ticks, itk_threads)) as pool:
+        futures = _submit_deaf_to_ctrl_c(pool, [(build_shard, root, shard, items, config, dtype)
+                                                for shard, items in todo.items()])
         try:
             while not all(f.done() for f in futures):
                 _drain(ticks, bar, timeout=0.2)
@@ -270,6 +269,19 @@ def _build_in_pool(root: Path, todo: dict, config: PreprocessConfig, dtype: str,
         _drain(ticks, bar)
         for future in futures:
             future.result()  # re-raises a worker's crash; the next run resumes from the done shards
+
+
+def _submit_deaf_to_ctrl_c(pool: ProcessPoolExecutor, tasks: list[tuple]) -> list:
+    """Submit with SIGINT ignored, so that the workers these submits spawn are born ignoring it.
+
+    Ctrl-C is the parent's to handle: it keeps the finished shards and says so in one line. A handler set
+    in the worker's initializer comes too late: a worker still importing torch would print a traceback.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return [pool.submit(*task) for task in tasks]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _drain(ticks: "queue.Queue", bar: tqdm, timeout: float = 0.0) -> None:

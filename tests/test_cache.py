@@ -281,6 +281,27 @@ def test_ctrl_c_during_a_build_ends_in_one_line_and_the_next_run_finishes(tmp_pa
     assert "cached 12 of 12 volumes" in result.stdout
 
 
+def _ignores_sigint(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(ignored & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal dispositions from /proc")
+def test_cache_workers_are_born_ignoring_ctrl_c_so_one_still_importing_prints_no_traceback():
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from volmae.datasets.build_cache import _submit_deaf_to_ctrl_c
+
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        futures = _submit_deaf_to_ctrl_c(pool, [(abs, -1), (abs, -2)])
+        pids = list(pool._processes)  # read before they finish importing: the disposition is set at birth
+        assert pids and all(_ignores_sigint(pid) for pid in pids)
+        assert [f.result(timeout=300) for f in futures] == [1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_pretraining_on_an_unfinished_cache_says_so_in_one_line(tmp_path, phantom_dir):
     cache = tmp_path / "cache"
     build_cache(str(phantom_dir), cache, PreprocessConfig(size=(16, 16, 16)), progress=False)
