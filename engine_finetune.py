@@ -10,7 +10,7 @@ so every sample is scored exactly once whatever the number of ranks.
 """
 import math
 import time
-from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,9 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from .datasets.finetune_augment import NO_AUGMENT, AugmentConfig, augment_batch
 from .datasets.stored import to_unit_float
-from .datasets.transforms import NO_AUGMENT, AugmentConfig, augment_batch
-from .util.checkpoint import atomic_save
+from .models.classifier_checkpoint import ClassifierCheckpoint
 from .util.dist import DistInfo, all_reduce_sum
 from .util.errors import UsageError
 from .util.lr_sched import lr_at_step, multistep_lr, set_lr
@@ -31,19 +31,42 @@ from .util.sampler import ShardSampler
 from .util.train_backend import make_backend
 
 
-def build_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What the loop reads: the optimisation of one candidate (finetuning.run_config resolves it)."""
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    layer_decay: float
+    optimizer: str
+    schedule: str
+    smoothing: float
+    clip_grad: float | None
+    class_weights: str
+    patience: int | None
+    precision: str
+    deepspeed: str | None
+    num_workers: int
+    mae_loss_weight: float
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
     """AdamW with timm's layer-wise lr decay for ViTs (MAE fine-tuning), or plain Adam (MedMNIST recipe)."""
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
     no_decay = model.no_weight_decay()
-    if args.layer_decay < 1.0:
-        groups = param_groups_layer_decay(model, args.weight_decay, no_decay, layer_decay=args.layer_decay)
+    if config.layer_decay < 1.0:
+        groups = param_groups_layer_decay(model, config.weight_decay, no_decay, layer_decay=config.layer_decay)
     else:
-        groups = param_groups_weight_decay(model, args.weight_decay, no_decay)
-    fused = not args.deepspeed  # one kernel for all parameters (engine_pretrain.build_optimizer)
-    if args.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=args.lr, fused=fused)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=fused)
+        groups = param_groups_weight_decay(model, config.weight_decay, no_decay)
+    fused = not config.deepspeed  # one kernel for all parameters (engine_pretrain.build_optimizer)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, fused=fused)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
 
 
 class Patience:
@@ -65,33 +88,33 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 class Finetuner:
-    def __init__(self, args: Namespace, model: torch.nn.Module, splits: dict[str, Dataset], task: str,
+    def __init__(self, config: TrainingConfig, model: torch.nn.Module, splits: dict[str, Dataset], task: str,
                  num_classes: int, dist_info: DistInfo, augment_config: AugmentConfig = NO_AUGMENT):
-        self.args = args
+        self.config = config
         self.task = task
         self.dist = dist_info
         self.device = dist_info.device
         self.splits = splits
         self.augment_config = augment_config
         self.sampler = DistributedSampler(splits["train"], num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                          shuffle=True, seed=args.seed)
+                                          shuffle=True, seed=config.seed)
         # a last batch of one sample would stop batch norm (the ViTs' head_norm): drop it, and only then
         per_rank = math.ceil(len(splits["train"]) / dist_info.world_size)
-        self.train_loader = DataLoader(splits["train"], batch_size=args.batch_size, sampler=self.sampler,
-                                       num_workers=args.num_workers, pin_memory=self.device.type == "cuda",
-                                       drop_last=per_rank % args.batch_size == 1)
+        self.train_loader = DataLoader(splits["train"], batch_size=config.batch_size, sampler=self.sampler,
+                                       num_workers=config.num_workers, pin_memory=self.device.type == "cuda",
+                                       drop_last=per_rank % config.batch_size == 1)
         self.steps_per_epoch = len(self.train_loader)
-        optimizer = build_optimizer(model, args)
-        self.backend = make_backend(model, optimizer, dist_info, args.deepspeed, args.precision, args.batch_size,
-                                    clip_grad=args.clip_grad)
-        if args.deepspeed and self.backend.config.get("zero_optimization", {}).get("stage", 0) > 2:
+        optimizer = build_optimizer(model, config)
+        self.backend = make_backend(model, optimizer, dist_info, config.deepspeed, config.precision, config.batch_size,
+                                    clip_grad=config.clip_grad)
+        if config.deepspeed and self.backend.config.get("zero_optimization", {}).get("stage", 0) > 2:
             raise UsageError("fine-tuning takes ZeRO stage 1 or 2; stage 3 shards the weights, which "
                              "sharded evaluation cannot use (classifiers fit without it)")
         self.core = self.backend.module
         self.model = self.backend.model
         # what is evaluated and saved: the classifier, without an auxiliary reconstruction decoder (models.joint_mae)
         self.classifier = getattr(self.core, "classifier", self.core)
-        self.reconstruction_weight = args.mae_loss_weight if self.classifier is not self.core else 0.0
+        self.reconstruction_weight = config.mae_loss_weight if self.classifier is not self.core else 0.0
         self.optimizer = self.backend.optimizer
         if task == MULTI_LABEL:
             self.criterion = torch.nn.BCEWithLogitsLoss()
@@ -99,17 +122,17 @@ class Finetuner:
             self.criterion = torch.nn.L1Loss()
         else:
             weight = None
-            if args.class_weights == "balanced":
+            if config.class_weights == "balanced":
                 weight = class_weights(splits["train"].labels.numpy(), num_classes).to(self.device)
-            self.criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.smoothing)
+            self.criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.smoothing)
 
     def lr_at(self, step: int, epoch: int) -> float:
-        if self.args.schedule == "multistep":
-            return multistep_lr(epoch, self.args.lr, self.args.epochs)
-        if self.args.schedule == "constant":
-            return self.args.lr
-        return lr_at_step(step, self.args.lr, self.args.min_lr, round(self.args.warmup_epochs * self.steps_per_epoch),
-                          self.args.epochs * self.steps_per_epoch)
+        if self.config.schedule == "multistep":
+            return multistep_lr(epoch, self.config.lr, self.config.epochs)
+        if self.config.schedule == "constant":
+            return self.config.lr
+        return lr_at_step(step, self.config.lr, self.config.min_lr, round(self.config.warmup_epochs * self.steps_per_epoch),
+                          self.config.epochs * self.steps_per_epoch)
 
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """Stored batch (uint8; uint16 in the volumes setup) -> floats in [0, 1] on the device, augmented."""
@@ -150,7 +173,7 @@ class Finetuner:
         """Model outputs (logits) for every sample of a split, in dataset order, gathered from all ranks."""
         self.classifier.eval()
         dataset = self.splits[split]
-        loader = DataLoader(dataset, batch_size=self.args.batch_size * 2, num_workers=self.args.num_workers,
+        loader = DataLoader(dataset, batch_size=self.config.batch_size * 2, num_workers=self.config.num_workers,
                             sampler=ShardSampler(len(dataset), self.dist.rank, self.dist.world_size))
         indices, scores = [], []
         for images, _, index in loader:
@@ -175,7 +198,7 @@ class Finetuner:
     def scores(self, split: str) -> np.ndarray:
         return scores_from_logits(torch.from_numpy(self.predict(split)), self.task).numpy()
 
-    def fit(self, run_log: RunLog, best_path: Path, checkpoint_extra: dict) -> dict:
+    def fit(self, run_log: RunLog, best_path: Path, checkpoint: ClassifierCheckpoint) -> dict:
         """Train; keep (in memory and in best_path) the weights of the best validation AUC (R2 for
         regression) among the epochs that left the class prior (all epochs when none did), the lower
         validation loss breaking ties: on an easy task the AUC reaches 1 epochs before the
@@ -184,8 +207,8 @@ class Finetuner:
         val_labels = self.splits["val"].labels
         metric = "val_r2" if self.task == REGRESSION else "val_auc"
         best = {"key": (False, -math.inf, -math.inf), "score": -math.inf, "epoch": -1, "state": None}
-        patience, prior_epochs = Patience(self.args.patience), 0
-        for epoch in range(self.args.epochs):
+        patience, prior_epochs = Patience(self.config.patience), 0
+        for epoch in range(self.config.epochs):
             start = time.perf_counter()
             train_loss = self.train_epoch(epoch)
             logits = torch.from_numpy(self.predict("val"))
@@ -201,7 +224,7 @@ class Finetuner:
                 best = {"key": key, "score": score, "epoch": epoch,
                         "state": {k: v.detach().cpu().clone() for k, v in self.classifier.state_dict().items()}}
                 if self.dist.is_main:
-                    atomic_save({"model": best["state"], "epoch": epoch, metric: score, **checkpoint_extra}, best_path)
+                    checkpoint.with_weights(best["state"], epoch, {metric: score}).save(best_path)
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, metric: score,
                       "val_at_prior": at_prior, "lr": self.optimizer.param_groups[-1]["lr"],
                       "seconds": time.perf_counter() - start}

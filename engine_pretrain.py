@@ -17,12 +17,13 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .datasets.augment import finish_batch
+from .datasets.pretrain_augment import finish_batch
 from .datasets.probe_data import ProbeSet
 from .datasets.volume_dataset import collate_volumes, single_threaded_worker
 from .models.mae3d import encoder_weights
+from .models.pretraining_checkpoint import PretrainingCheckpoint
 from .util.atomic import atomic_write
-from .util.checkpoint import CheckpointError, atomic_save, plain_args
+from .util.checkpoint import CheckpointError, plain_args
 from .util.dist import DistInfo, all_reduce_sum, barrier
 from .util.errors import UsageError
 from .util.keyed_random import keyed_uniform
@@ -74,7 +75,7 @@ def build_optimizer(model: torch.nn.Module, weight_decay: float, fused: bool = T
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused)
 
 
-def masking_noise(core, indices: torch.Tensor, epoch: int, seed: int, mask_type: str,
+def keyed_masking_noise(core, indices: torch.Tensor, epoch: int, seed: int, mask_type: str,
                   device: torch.device, view: int = 0) -> torch.Tensor:
     """Masking noise of a batch, each sample's a function of (seed, epoch, dataset index) alone; `view` > 0 gives
     other masks of the same samples (the contrastive term's second view)."""
@@ -124,7 +125,7 @@ class Pretrainer:
     """Owns the model, optimizer, backend and schedule of one pretraining run."""
 
     def __init__(self, args: Namespace, core: torch.nn.Module, dataset: Dataset, dist_info: DistInfo,
-                 extra_state: dict, preemption: PreemptionWatch, probe: FeatureProbe | None = None,
+                 checkpoint: PretrainingCheckpoint, preemption: PreemptionWatch, probe: FeatureProbe | None = None,
                  holdout: Dataset | None = None):
         self.args = args
         self.probe = probe
@@ -132,7 +133,7 @@ class Pretrainer:
         self.holdout = holdout  # volumes never trained on: their reconstruction loss every --val_every epochs
         self.last_holdout_step = -1
         self.dist = dist_info
-        self.extra_state = extra_state  # model name, config, data and preprocessing: saved with every checkpoint
+        self.checkpoint = checkpoint  # model name, config, data, preprocessing, flags: saved with every checkpoint
         self.output_dir = Path(args.output_dir)
         self.preemption = preemption
         self.sampler = ResumableDistributedSampler(dataset, num_replicas=dist_info.world_size,
@@ -163,22 +164,19 @@ class Pretrainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def client_state(self) -> dict:
-        return {"epoch": self.step // self.steps_per_epoch, "step": self.step, "applied_steps": self.applied_steps,
-                "nonfinite_steps": self.nonfinite_steps,
-                "args": plain_args(self.args), **self.extra_state}
+    def progress(self) -> PretrainingCheckpoint:
+        return self.checkpoint.at(self.step, self.steps_per_epoch, self.applied_steps, self.nonfinite_steps)
 
     def save(self, name: str) -> None:
         """A resume checkpoint (collective under DeepSpeed, rank 0 alone otherwise)."""
-        self.backend.save(self.output_dir, name, self.client_state())
+        self.backend.save(self.output_dir, name, self.progress().state())
 
     def save_final(self) -> None:
         """Plain files any later step reads without knowing the engine: model.pth and encoder.pth."""
         weights = self.backend.full_state_dict(self.output_dir)
         if self.dist.is_main:
-            state = self.client_state()
-            atomic_save({"model": weights, **state}, self.output_dir / "model.pth")
-            atomic_save({"model": encoder_weights(weights), **state}, self.output_dir / "encoder.pth")
+            self.progress().with_weights(weights).save(self.output_dir / "model.pth")
+            self.progress().with_weights(encoder_weights(weights)).save(self.output_dir / "encoder.pth")
 
     def resume_newest(self, say) -> Path | None:
         """Resume from the newest checkpoint that loads; newer ones that cannot be read are reported by path and
@@ -200,10 +198,8 @@ class Pretrainer:
         return None
 
     def resume(self, path: Path) -> None:
-        state = self.backend.resume(path, self.check_resumable)
-        self.step = int(state["step"])
-        self.applied_steps = int(state.get("applied_steps", self.step))
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        state = PretrainingCheckpoint.from_dict(self.backend.resume(path, self.check_resumable), path)
+        self.step, self.applied_steps, self.nonfinite_steps = state.step, state.applied_steps, state.nonfinite_steps
 
     def check_resumable(self, saved: dict, path: Path) -> None:
         """A checkpoint of another model, grid, masking or target cannot continue this run: its weights would
@@ -232,8 +228,8 @@ class Pretrainer:
             last = i == len(micro_batches) - 1
             with self.backend.accumulating(last):
                 volume = finish_batch(batch, device)
-                noise = masking_noise(self.core, batch["index"], epoch, self.args.seed, self.args.mask_type, device)
-                views = {"second_noise": masking_noise(self.core, batch["index"], epoch, self.args.seed,
+                noise = keyed_masking_noise(self.core, batch["index"], epoch, self.args.seed, self.args.mask_type, device)
+                views = {"second_noise": keyed_masking_noise(self.core, batch["index"], epoch, self.args.seed,
                                                        self.args.mask_type, device, view=1)} \
                     if getattr(self.core, "needs_second_view", False) else {}
                 with self.backend.autocast():
@@ -361,7 +357,7 @@ class Pretrainer:
             if batch["volume"] is None:
                 continue
             volume = finish_batch(batch, device)
-            noise = masking_noise(self.core, batch["index"], HOLDOUT_MASK_EPOCH, self.args.seed, self.args.mask_type,
+            noise = keyed_masking_noise(self.core, batch["index"], HOLDOUT_MASK_EPOCH, self.args.seed, self.args.mask_type,
                                   device)
             with self.backend.autocast(inference=True):
                 loss, _, _ = self.core(volume.to(getattr(self.backend, "input_dtype", torch.float32)),

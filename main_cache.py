@@ -8,18 +8,24 @@ Re-running the same command after a crash or a kill builds only what is missing;
 cached again. Unusable inputs are `skipped` with their reason; the exit code is non-zero only when nothing
 at all could be cached.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.main_cache", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
-from volmae.datasets.build_cache import INTERRUPTED, CacheSettingsError, build_cache, summarise
-from volmae.datasets.cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
-from volmae.datasets.preprocess import AUTO, add_preprocess_args, preprocess_config_from_args
-from volmae.datasets.preprocess_choice import choose_preprocess, survey_headers
-from volmae.datasets.sources import list_sources
-from volmae.util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, run_main
+from .datasets.build_cache import INTERRUPTED, CacheSettingsError, build_cache, summarise
+from .datasets.cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
+from .datasets.preprocess import AUTO, add_preprocess_args, preprocess_config_from_args
+from .datasets.preprocess_choice import choose_preprocess, survey_headers
+from .datasets.sources import list_sources
+from .util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, run_main
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,12 @@ volumes (the run's own test cases, or --check_csv); the export stops when they d
 dict of monai.networks.nets.ViT, and monai_vit.json, the arguments that build it; its hidden states are
 checked to equal the encoder's tokens within 1e-5. A hybrid stem or MedViT-3D is refused: they do not map.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.main_export", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import shutil
@@ -24,23 +30,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from volmae.datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
-from volmae.datasets.phantoms import write_phantom_corpus
-from volmae.models.exported_runtime import ONNX_INPUT, OnnxModel, PooledEmbedding
-from volmae.models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
-from volmae.models.mae3d import PRETRAINING_ONLY_PREFIXES
-from volmae.models.monai_vit import (
+from .datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
+from .datasets.phantoms import write_phantom_corpus
+from .models.exported_runtime import ONNX_INPUT, OnnxModel, PooledEmbedding
+from .models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
+from .models.mae3d import PRETRAINING_ONLY_PREFIXES
+from .models.monai_vit import (
     VOLMAE_LAYER_NORM_EPS,
     UnmappableEncoder,
     monai_vit_kwargs,
     monai_vit_weights,
     set_layer_norm_eps,
 )
-from volmae.util.atomic import atomic_write, make_output_folder
-from volmae.util.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from volmae.util.cli import HelpFormatter, run_main
-from volmae.util.exported import CONFIG_FILE, write_config, write_weights
-from volmae.util.model_card import LAYOUT, card_facts, render_card
+from .util.atomic import atomic_write, make_output_folder
+from .util.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .util.cli import HelpFormatter, run_main
+from .util.exported import CONFIG_FILE, write_config, write_weights
+from .util.model_card import LAYOUT, card_facts, render_card
 
 FORMATS = ("safetensors", "onnx", "monai")
 ONNX_TOLERANCE = 1e-4

@@ -9,6 +9,12 @@ passes through. Preprocessing and class names come from the checkpoint. The outp
 input row, in order: the input columns, prob_<class> for each class, pred_index, pred_label,
 status (ok/error) and error. A row that cannot be read is an `error` row; the others are predicted.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.main_predict", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import os
 import re
@@ -24,16 +30,16 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from volmae.datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
-from volmae.models.load_classifier import LoadedModel, load_for_inference
-from volmae.util.atomic import atomic_write
-from volmae.util.capped import print_capped
-from volmae.util.cli import HelpFormatter, non_negative_int, positive_int, run_main
-from volmae.util.dist import init_distributed, shutdown
-from volmae.util.explain import explain_predictions
-from volmae.util.metrics import MULTI_LABEL, scores_from_logits
-from volmae.util.sampler import ShardSampler
-from volmae.util.train_backend import AUTOCAST_DTYPES, resolve_precision
+from .datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
+from .models.load_classifier import LoadedModel, load_for_inference
+from .util.atomic import atomic_write
+from .util.capped import print_capped
+from .util.cli import HelpFormatter, non_negative_int, positive_int, run_main
+from .util.dist import init_distributed, shutdown
+from .util.explain import explain_predictions
+from .util.metrics import MULTI_LABEL, scores_from_logits
+from .util.sampler import ShardSampler
+from .util.train_backend import AUTOCAST_DTYPES, resolve_precision
 
 EMBEDDING_TYPES = ("mean", "cls", "concat")
 

@@ -5,6 +5,12 @@
 
 Without --data_path it writes a small corpus of synthetic CT phantoms and trains on it.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.main_pretrain", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import logging
 import math
@@ -14,17 +20,17 @@ from pathlib import Path
 import torch
 from medmnist.info import DEFAULT_ROOT
 
-from volmae import models
-from volmae.datasets.cache import is_cache, read_meta
-from volmae.datasets.preprocess import add_preprocess_args, preprocess_config_from_args
-from volmae.datasets.pretrain_data import (
+from . import models
+from .datasets.cache import is_cache, read_meta
+from .datasets.preprocess import add_preprocess_args, preprocess_config_from_args
+from .datasets.pretrain_data import (
     build_pretrain_dataset,
     hold_out,
     medmnist_pretrain_dataset,
     phantom_corpus,
 )
-from volmae.datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
-from volmae.engine_pretrain import (
+from .datasets.probe_data import ProbeDataError, csv_probe_set, medmnist_probe_set
+from .engine_pretrain import (
     FeatureProbe,
     NonFiniteLossError,
     Preempted,
@@ -32,12 +38,13 @@ from volmae.engine_pretrain import (
     ResumeMismatchError,
     UnreadableDataError,
 )
-from volmae.models.mae3d import AUTO_DECODER, MASK_TYPES, MAX_MASK_RATIO, PRETRAINING_ONLY_PREFIXES
-from volmae.models.patch_embed import REFERENCE_PATCH, auto_patch_size
-from volmae.models.vit import AUTO_ARCHITECTURE
-from volmae.util.atomic import make_output_folder
-from volmae.util.checkpoint import CheckpointError
-from volmae.util.cli import (
+from .models.mae3d import AUTO_DECODER, MASK_TYPES, MAX_MASK_RATIO, PRETRAINING_ONLY_PREFIXES
+from .models.patch_embed import REFERENCE_PATCH, auto_patch_size
+from .models.pretraining_checkpoint import PretrainingCheckpoint
+from .models.vit import AUTO_ARCHITECTURE
+from .util.atomic import make_output_folder
+from .util.checkpoint import CheckpointError, plain_args
+from .util.cli import (
     HelpFormatter,
     grid,
     int_tuple,
@@ -50,8 +57,8 @@ from volmae.util.cli import (
     positive_int_or_auto,
     run_main,
 )
-from volmae.util.dist import init_distributed, shutdown
-from volmae.util.lr_sched import (
+from .util.dist import init_distributed, shutdown
+from .util.lr_sched import (
     AUTO_PRETRAIN_STEPS,
     auto_epochs,
     auto_warmup_epochs,
@@ -59,10 +66,10 @@ from volmae.util.lr_sched import (
     optimizer_steps_per_epoch,
     warmup_warning,
 )
-from volmae.util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
-from volmae.util.run_lock import lock_output_folder
-from volmae.util.run_log import RunLog
-from volmae.util.train_backend import describe_precision
+from .util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
+from .util.run_lock import lock_output_folder
+from .util.run_log import RunLog
+from .util.train_backend import describe_precision
 
 MAE_BLR = 1.5e-4  # MAE's base lr, for its ViTs at large batches
 AUTO_BLR = 6e-3  # the recipes' base lr for the small --model auto (docs/results.md)
@@ -331,10 +338,10 @@ def main(args: argparse.Namespace) -> int:
         args.blr = AUTO_BLR if auto_model else MAE_BLR
     args.lr = effective_lr(args.blr, args.lr, effective_batch)
     schedule_note = resolve_schedule(args, len(dataset), dist_info.world_size)
-    extra_state = {"model_name": args.model, "model_config": core.config, "data": data_info,
-                   "preprocess": config.to_dict() if config is not None else None}
+    saved_with = PretrainingCheckpoint(args.model, core.config, data_info,
+                                       config.to_dict() if config is not None else None, plain_args(args))
     probe = build_probe(args, core, config, say)
-    trainer = Pretrainer(args, core, dataset, dist_info, extra_state, preemption, probe, holdout)
+    trainer = Pretrainer(args, core, dataset, dist_info, saved_with, preemption, probe, holdout)
     checkpoint = resume(args, trainer, say)
     if checkpoint is not None:
         say(f"resumed from {checkpoint} at step {trainer.step}")

@@ -8,6 +8,12 @@ encoder as a classifier) are timed, fp32 and bf16 taking turns for --rounds roun
 median seconds per step, volumes/s, the bf16 speedup of each, the largest relative loss difference over the steps,
 and whether the CPU has native bf16 (what `--precision auto` goes by).
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_bf16", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import os
@@ -16,14 +22,14 @@ import time
 
 import torch
 
-from volmae import models
-from volmae.engine_pretrain import build_optimizer
-from volmae.models.mae3d import AUTO_DECODER
-from volmae.models.patch_embed import auto_patch_size
-from volmae.models.vit import AUTO_ARCHITECTURE
-from volmae.util.cli import grid, int_tuple
-from volmae.util.dist import DistInfo
-from volmae.util.train_backend import TorchBackend, native_cpu_bf16
+from .. import models
+from ..engine_pretrain import build_optimizer
+from ..models.mae3d import AUTO_DECODER
+from ..models.patch_embed import auto_patch_size
+from ..models.vit import AUTO_ARCHITECTURE
+from ..util.cli import grid, int_tuple
+from ..util.dist import DistInfo
+from ..util.train_backend import TorchBackend, native_cpu_bf16
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 

@@ -7,6 +7,12 @@ and prints JSON: volumes/s for each and the speedup over one worker. By default 
 cores / workers SimpleITK threads, so one worker already uses every core for ITK's parallel
 filters; "1_single_thread" (one worker, one thread) shows the scaling of processes alone.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_cache_build", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import os
@@ -14,9 +20,9 @@ import shutil
 import time
 from pathlib import Path
 
-from volmae.benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from volmae.datasets.build_cache import build_cache
-from volmae.datasets.preprocess import PreprocessConfig
+from ..benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from ..datasets.build_cache import build_cache
+from ..datasets.preprocess import PreprocessConfig
 
 
 def main() -> None:

@@ -6,6 +6,12 @@
 Prints JSON: seconds per step of each (after warm-up), the compilation's cost (the first compiled steps
 beyond the steady rate) and the run length, in steps, from which compiling pays.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_compile_pretrain", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import os
@@ -13,11 +19,11 @@ import time
 
 import torch
 
-from volmae import models
-from volmae.engine_pretrain import build_optimizer
-from volmae.models.patch_embed import auto_patch_size
-from volmae.models.vit import AUTO_ARCHITECTURE
-from volmae.util.cli import grid, int_tuple
+from .. import models
+from ..engine_pretrain import build_optimizer
+from ..models.patch_embed import auto_patch_size
+from ..models.vit import AUTO_ARCHITECTURE
+from ..util.cli import grid, int_tuple
 
 DECODER = {"decoder_embed_dim": 96, "decoder_depth": 2, "decoder_num_heads": 3}
 

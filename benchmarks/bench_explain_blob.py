@@ -7,14 +7,20 @@ share of the explanation's mass inside the blob against the blob's share of the 
 Prints JSON: test accuracy, mean mass inside the blob, the blob's mean volume share, and their ratio
 (1 = no better than a uniform map).
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_explain_blob", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 
 import torch
 
-from volmae import models
-from volmae.datasets.blobs import blob_volumes
-from volmae.util.explain_check import blob_explanation_ratio
+from .. import models
+from ..datasets.blobs import blob_volumes
+from ..util.explain_check import blob_explanation_ratio
 
 
 def evaluate(name: str, size: int = 24, train_count: int = 320, test_count: int = 64, epochs: int = 8,

@@ -8,6 +8,12 @@ Training: samples/s of each loop over --epochs epochs of --samples random volume
 turns for --rounds rounds; overhead = 1 - ours / bare. Evaluation: volumes/s of Finetuner.predict (the
 validation and test pass) per model and grid. Prints JSON.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_finetune", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import os
@@ -17,14 +23,13 @@ import time
 import numpy as np
 import torch
 
-from volmae import models
-from volmae.datasets.medmnist_data import ArrayDataset
-from volmae.datasets.transforms import NO_AUGMENT
-from volmae.engine_finetune import Finetuner
-from volmae.finetuning.cli import parse_args
-from volmae.models.patch_embed import auto_patch_size
-from volmae.models.vit import AUTO_ARCHITECTURE
-from volmae.util.dist import init_distributed
+from .. import models
+from ..datasets.array_dataset import ArrayDataset
+from ..datasets.finetune_augment import NO_AUGMENT
+from ..engine_finetune import Finetuner, TrainingConfig
+from ..models.patch_embed import auto_patch_size
+from ..models.vit import AUTO_ARCHITECTURE
+from ..util.dist import init_distributed
 
 TASK = "binary-class"
 
@@ -44,18 +49,18 @@ def data(samples: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return images, rng.integers(0, 2, size=(samples, 1)).astype(np.int64)
 
 
-def run_args(batch_size: int, epochs: int):
-    args = parse_args(["--batch_size", str(batch_size), "--epochs", str(epochs), "--lr", "1e-4", "--augment", "none",
-                       "--precision", "fp32"])
-    args.seed, args.layer_decay = 0, 1.0
-    return args
+def training_config(batch_size: int, epochs: int) -> TrainingConfig:
+    return TrainingConfig(seed=0, epochs=epochs, batch_size=batch_size, lr=1e-4, min_lr=1e-6, warmup_epochs=5,
+                          weight_decay=0.05, layer_decay=1.0, optimizer="adamw", schedule="cosine", smoothing=0.0,
+                          clip_grad=None, class_weights="none", patience=None, precision="fp32", deepspeed=None,
+                          num_workers=0, mae_loss_weight=0.0)
 
 
 def ours(name: str, size: int, images: np.ndarray, labels: np.ndarray, batch_size: int, epochs: int) -> float:
     torch.manual_seed(0)
     model = model_for(name, size)
     splits = {split: ArrayDataset(images, labels) for split in ("train", "val", "test")}
-    trainer = Finetuner(run_args(batch_size, epochs), model, splits, TASK, 2, init_distributed("cpu"), NO_AUGMENT)
+    trainer = Finetuner(training_config(batch_size, epochs), model, splits, TASK, 2, init_distributed("cpu"), NO_AUGMENT)
     start = time.perf_counter()
     for epoch in range(epochs):
         trainer.train_epoch(epoch)
@@ -89,7 +94,7 @@ def evaluation(name: str, size: int, samples: int, batch_size: int) -> float:
     torch.manual_seed(0)
     images, labels = data(samples, size)
     splits = {split: ArrayDataset(images, labels) for split in ("train", "val", "test")}
-    trainer = Finetuner(run_args(batch_size, 1), model_for(name, size), splits, TASK, 2, init_distributed("cpu"),
+    trainer = Finetuner(training_config(batch_size, 1), model_for(name, size), splits, TASK, 2, init_distributed("cpu"),
                         NO_AUGMENT)
     trainer.predict("val")
     speeds = []

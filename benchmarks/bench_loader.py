@@ -9,6 +9,12 @@ transfer between processes (the upper bound), and (c1) the same bare reads in on
 JSON with volumes/s, MB/s (float32 voxels delivered) and the ratios a/b, a/c and a/c1.
 Every path runs once untimed first (warm page cache, workers started), then is timed.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_loader", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import os
@@ -19,12 +25,12 @@ from pathlib import Path
 import h5py
 from torch.utils.data import DataLoader
 
-from volmae.benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from volmae.datasets.build_cache import build_cache
-from volmae.datasets.cache import VolumeCache
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.sources import list_sources
-from volmae.datasets.volume_dataset import CacheDataset, VolumeFileDataset, collate_volumes, single_threaded_worker
+from ..benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from ..datasets.build_cache import build_cache
+from ..datasets.cache import VolumeCache
+from ..datasets.preprocess import PreprocessConfig
+from ..datasets.sources import list_sources
+from ..datasets.volume_dataset import CacheDataset, VolumeFileDataset, collate_volumes, single_threaded_worker
 
 
 def make_loader(dataset, workers: int, batch_size: int) -> DataLoader:

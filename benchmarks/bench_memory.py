@@ -10,6 +10,12 @@ during the optimizer steps (setup, where every rank first builds the whole model
 apart). A small input keeps activations small, so the figures show what ZeRO partitions:
 parameters, gradients and optimizer states. Prints JSON.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_memory", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import gc
 import json
@@ -47,10 +53,10 @@ def vm_hwm_mb() -> float:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from volmae import models
-    from volmae.engine_pretrain import build_optimizer
-    from volmae.util.dist import init_distributed, shutdown
-    from volmae.util.train_backend import make_backend
+    from .. import models
+    from ..engine_pretrain import build_optimizer
+    from ..util.dist import init_distributed, shutdown
+    from ..util.train_backend import make_backend
 
     dist_info = init_distributed("auto")
     baseline = rss_mb()

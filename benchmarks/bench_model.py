@@ -6,6 +6,12 @@ Measures forward + backward + AdamW step (volumes/s), peak memory and model FLOP
 (torch's FlopCounterMode), for each --decoders candidate and for the reference decoder 512x8x16,
 each in a fresh child process of this run so that its peak memory is its own. Prints JSON.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_model", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import multiprocessing as mp
@@ -16,9 +22,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from volmae import models
-from volmae.models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
-from volmae.util.cli import grid, int_tuple
+from .. import models
+from ..models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
+from ..util.cli import grid, int_tuple
 
 H100_BF16_DENSE_TFLOPS = 989.0
 

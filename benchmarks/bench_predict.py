@@ -7,6 +7,12 @@ not depend on them), then (a) end to end, `main_predict.py` on a CSV of CT-sized
 (read, reorient, resample, window, predict), and (b) the model's forward pass alone on random
 inputs. Prints JSON with volumes/s for both.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_predict", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import os
@@ -20,21 +26,20 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from volmae import models
-from volmae.benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.sources import list_sources
-from volmae.util.checkpoint import atomic_save
+from .. import models
+from ..benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
+from ..datasets.preprocess import PreprocessConfig
+from ..datasets.sources import list_sources
+from ..models.classifier_checkpoint import ClassifierCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def classifier_checkpoint(path: Path, name: str, grid: int) -> torch.nn.Module:
     model = models.create_model(name, img_size=grid, num_classes=2)
-    atomic_save({"kind": "volmae-classifier", "model": model.state_dict(), "model_name": name,
-                 "model_config": model.config, "class_names": ["negative", "positive"], "task": "binary-class",
-                 "input_size": [grid] * 3, "preprocess": PreprocessConfig(size=(grid,) * 3).to_dict(),
-                 "data": {"source": "volumes"}}, path)
+    ClassifierCheckpoint(name, model.config, ["negative", "positive"], "binary-class", [grid] * 3,
+                         PreprocessConfig(size=(grid,) * 3).to_dict(), {"source": "volumes"},
+                         weights=model.state_dict()).save(path)
     return model
 
 

@@ -15,6 +15,12 @@ machine hits all of them alike:
 for every --mask_ratios value. Prints JSON: volumes/s per run, the median per configuration, and the
 ratios of `equal` and `default` to `reference`.
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_reference", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import os
@@ -68,12 +74,12 @@ def our_step(args: argparse.Namespace, decoder: dict):
     import numpy as np
     import torch
 
-    from volmae import models
-    from volmae.datasets.volume_dataset import ArrayPretrainDataset, collate_volumes
-    from volmae.engine_pretrain import Pretrainer
-    from volmae.main_pretrain import get_args_parser
-    from volmae.util.dist import init_distributed
-    from volmae.util.preemption import PreemptionWatch
+    from .. import models
+    from ..datasets.volume_dataset import ArrayPretrainDataset, collate_volumes
+    from ..engine_pretrain import Pretrainer
+    from ..main_pretrain import get_args_parser
+    from ..util.dist import init_distributed
+    from ..util.preemption import PreemptionWatch
 
     torch.manual_seed(0)
     output_dir = tempfile.mkdtemp(prefix="bench_reference_")
@@ -117,7 +123,7 @@ def timed(step, args: argparse.Namespace) -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    from volmae.models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
+    from ..models.mae3d import DEFAULT_DECODER, REFERENCE_DECODER
 
     if args.config == "reference":
         speed = time_reference(args)
@@ -153,7 +159,7 @@ def main() -> None:
                         help="instead: profile our step with the reference decoder at --mask_ratio (default 0.9)")
     args = parser.parse_args()
     if args.profile:
-        from volmae.models.mae3d import REFERENCE_DECODER
+        from ..models.mae3d import REFERENCE_DECODER
 
         args.mask_ratio = args.mask_ratio or 0.9
         print(json.dumps({"profile": "pretraining_step", "model": args.model, "input_size": args.input_size,

@@ -8,6 +8,12 @@ compression, and prints JSON: max and RMS error in [0, 1] units (and in HU for a
 window), compressed MiB per volume, and full-volume and 64^3-crop read times (page-cached file, no
 HDF5 chunk cache, so every read decompresses as it does once per volume per epoch).
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_storage_dtype", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import os
@@ -18,10 +24,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from volmae.datasets.cache import STORAGE_DTYPES, write_volume
-from volmae.datasets.phantoms import make_phantom
-from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
-from volmae.datasets.stored import to_unit_float
+from ..datasets.cache import STORAGE_DTYPES, write_volume
+from ..datasets.phantoms import make_phantom
+from ..datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
+from ..datasets.stored import to_unit_float
 
 SHARED = Path(os.environ.get("VOLMAE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SOURCES = ("example_ct.nii.gz", "example_mr_sm.nii.gz", "ch2.nii.gz")

@@ -7,6 +7,12 @@ then with a busy process holding one core, in one run.
 Prints JSON: volumes/s of each thread count, idle and shared, and the thread count util.threads.choose_threads gives
 for each situation (from the load the busy process adds).
 """
+if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
+    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
+
+    runpy.run_module("volmae.benchmarks.bench_threads", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import json
 import multiprocessing
@@ -16,12 +22,12 @@ import time
 
 import torch
 
-from volmae import models
-from volmae.engine_pretrain import build_optimizer
-from volmae.models.patch_embed import auto_patch_size
-from volmae.models.vit import AUTO_ARCHITECTURE
-from volmae.util.cli import grid, int_tuple
-from volmae.util.threads import available_cores, choose_threads
+from .. import models
+from ..engine_pretrain import build_optimizer
+from ..models.patch_embed import auto_patch_size
+from ..models.vit import AUTO_ARCHITECTURE
+from ..util.cli import grid, int_tuple
+from ..util.threads import available_cores, choose_threads
 
 
 def spin(stop) -> None:

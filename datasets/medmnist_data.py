@@ -8,9 +8,7 @@ from pathlib import Path
 
 import medmnist
 import numpy as np
-import torch
 from medmnist.info import DEFAULT_ROOT, INFO
-from torch.utils.data import Dataset
 
 from ..util.errors import VolMAEError
 
@@ -93,17 +91,3 @@ def to_channels_first(images: np.ndarray, is_3d: bool) -> np.ndarray:
     if is_3d or images.ndim == 3:
         return images[:, None]
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-
-
-class ArrayDataset(Dataset):
-    """(uint8 image, label row, index) triples from in-memory arrays."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.labels = torch.from_numpy(labels)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index], index

@@ -14,7 +14,7 @@ from .data_profile import DataProfile, profile_images
 from .medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
 from .phantoms import write_phantom_corpus
 from .preprocess import PreprocessConfig
-from .reading import probe
+from .reading import unreadable_reason
 from .sources import SourceListError, list_sources
 from .volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
 
@@ -29,7 +29,7 @@ def readable_sources(data_path: str, announce: bool, max_voxels: int, external_d
         raise DataError(str(err)) from None
     readable, skipped = [], []
     for source in sources:
-        reason = probe(source, max_voxels, external_data)
+        reason = unreadable_reason(source, max_voxels, external_data)
         if reason is None:
             readable.append(source)
         else:

@@ -346,7 +346,7 @@ def read_header(source: str, max_voxels: int = MAX_VOXELS) -> Header:
         raise VolumeReadError(itk_reason(err, path)) from None
 
 
-def probe(source: str, max_voxels: int = MAX_VOXELS, external_data: bool = False) -> str | None:
+def unreadable_reason(source: str, max_voxels: int = MAX_VOXELS, external_data: bool = False) -> str | None:
     """Check a source from its header alone; the reason it cannot be used, or None."""
     path, _ = split_series(source)
     if not path.exists():

@@ -1,8 +1,8 @@
 """Pretraining datasets: volume files preprocessed on the fly, or volumes from the HDF5 cache.
 
 Both yield {"volume", "index", "source", "error"} plus the sample's augmentation parameters
-(applied on the batch by `datasets.augment.finish_batch`); cached volumes stay in their stored dtype. A source that fails to load does not stop
-training: its item carries the error instead of a volume, `collate_volumes` drops it from the
+(applied on the batch by `datasets.pretrain_augment.finish_batch`); cached volumes stay in their stored dtype.
+A source that fails to load does not stop training: its item carries the error instead of a volume, `collate_volumes` drops it from the
 batch and reports it, and the run counts it.
 """
 import numpy as np
@@ -10,9 +10,9 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .augment import crop_box, draw_params, sample_rng
 from .cache import CacheReadError, VolumeCache
 from .preprocess import PreprocessConfig, load_volume
+from .pretrain_augment import crop_box, draw_params, sample_rng
 from .reading import VolumeReadError
 
 

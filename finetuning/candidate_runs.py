@@ -5,7 +5,6 @@ A single candidate writes where a run always has (best.pth, log.txt, tensorboard
 is needed, every candidate's files live in OUTPUT_DIR/search/<candidate>/ and OUTPUT_DIR gets a copy of the chosen
 one's best.pth and log.txt.
 """
-import argparse
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..datasets.array_dataset import ArrayDataset
 from ..datasets.data_profile import DataProfile
-from ..datasets.medmnist_data import ArrayDataset
 from ..datasets.task_data import TaskData
 from ..engine_finetune import Finetuner
-from ..models.load_classifier import CLASSIFIER_KIND
-from ..util.checkpoint import plain_args
+from ..models.classifier_checkpoint import ClassifierCheckpoint
 from ..util.dist import DistInfo, barrier
 from ..util.run_log import RunLog
 from .model_choice import build_model, with_reconstruction
-from .search import candidate_record, candidates, clears_validation, rank_key, search_mode
-from .setups import resolve_augment
+from .run_config import FinetuneRun
+from .search import candidate_record, candidates, clears_validation, rank_key
 
 MOVED_OUTPUTS = ("best.pth", "log.txt", "tensorboard")
 
@@ -33,30 +31,29 @@ MOVED_OUTPUTS = ("best.pth", "log.txt", "tensorboard")
 class ChosenRun:
     trainer: Finetuner
     model: torch.nn.Module
-    args: argparse.Namespace  # the run's flags with the chosen candidate's values
+    run: FinetuneRun  # with the chosen candidate's values
     selection: dict
     augment_report: dict
     search: dict
 
 
-def train_candidate(args: argparse.Namespace, seed: int, data: TaskData, train: tuple[np.ndarray, np.ndarray],
-                    dist_info: DistInfo, profile: DataProfile, folder: Path, say: Callable) -> tuple:
+def train_candidate(run: FinetuneRun, data: TaskData, train: tuple[np.ndarray, np.ndarray], dist_info: DistInfo,
+                    profile: DataProfile, folder: Path, flags: dict, say: Callable) -> tuple:
     """Train one candidate from the same initial weights and samples as every other; (trainer, model, selection,
     augmentation report). A diverged candidate raises FloatingPointError, with no best.pth of its own."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    model = build_model(args, data, say)
-    augment, augment_report = resolve_augment(args, profile)
+    torch.manual_seed(run.training.seed)
+    np.random.seed(run.training.seed)
+    model = build_model(run.model, data, say)
+    augment, augment_report = run.augmentation(profile)
     splits = {"train": ArrayDataset(*train), **{name: ArrayDataset(*data.splits[name]) for name in ("val", "test")}}
-    trainer = Finetuner(args, with_reconstruction(args, model, say), splits, data.task, len(data.class_names),
-                        dist_info, augment)
-    extra = {"kind": CLASSIFIER_KIND, "model_name": args.model, "model_config": model.config,
-             "class_names": data.class_names, "task": data.task, "data": data.data, "setup": args.setup,
-             "input_size": list(data.input_size), "args": plain_args(args),
-             "preprocess": data.preprocess.to_dict() if data.preprocess is not None else None}
-    run_log = RunLog(folder, args.log_dir or folder / "tensorboard", enabled=dist_info.is_main)
+    trainer = Finetuner(run.training, with_reconstruction(run.model, model, say), splits, data.task,
+                        len(data.class_names), dist_info, augment)
+    checkpoint = ClassifierCheckpoint(
+        run.model.name, model.config, data.class_names, data.task, list(data.input_size),
+        data.preprocess.to_dict() if data.preprocess is not None else None, data.data, run.setup, run.to_dict(), flags)
+    run_log = RunLog(folder, run.log_dir or folder / "tensorboard", enabled=dist_info.is_main)
     try:
-        selection = trainer.fit(run_log, folder / "best.pth", extra)
+        selection = trainer.fit(run_log, folder / "best.pth", checkpoint)
     finally:
         run_log.close()
     return trainer, model, selection, augment_report
@@ -69,13 +66,13 @@ def _move_into(output_dir: Path, folder: Path) -> None:
             shutil.move(str(output_dir / name), str(folder / name))
 
 
-def train_chosen(args: argparse.Namespace, seed: int, data: TaskData, train: tuple[np.ndarray, np.ndarray],
-                 dist_info: DistInfo, profile: DataProfile, output_dir: Path, val_floor_auc: float | None,
+def train_chosen(run: FinetuneRun, data: TaskData, train: tuple[np.ndarray, np.ndarray], dist_info: DistInfo,
+                 profile: DataProfile, output_dir: Path, val_floor_auc: float | None, flags: dict,
                  say: Callable) -> ChosenRun:
     """Try the candidates (finetuning.search) and keep the chosen one in memory and in OUTPUT_DIR/best.pth."""
-    default_augment = resolve_augment(args, profile)[1]["preset"]
-    todo = candidates(args, default_augment)
-    mode = search_mode(args)
+    seed = run.training.seed
+    todo = candidates(run, run.augmentation(profile)[1]["preset"])
+    mode = run.search
     records, best, folders = [], None, {}
     for i, candidate in enumerate(todo):
         if i == 1 and dist_info.is_main:  # a second candidate: the first one's files move beside it
@@ -83,13 +80,13 @@ def train_chosen(args: argparse.Namespace, seed: int, data: TaskData, train: tup
         barrier()
         folder = output_dir if i == 0 else output_dir / "search" / candidate.name
         folders[candidate.name] = output_dir / "search" / candidate.name
-        run_args = candidate.apply(args)
+        candidate_run = candidate.apply(run)
         if len(todo) > 1:
             say(f"seed {seed}: candidate {i + 1} of at most {len(todo)} ({mode} search): lr {candidate.lr:.2e}, "
                 f"augmentation {candidate.augment}")
         try:
-            trainer, model, selection, augment_report = train_candidate(run_args, seed, data, train, dist_info,
-                                                                        profile, folder, say)
+            trainer, model, selection, augment_report = train_candidate(candidate_run, data, train, dist_info,
+                                                                        profile, folder, flags, say)
         except FloatingPointError as err:
             records.append({"name": candidate.name, "lr": candidate.lr, "augment": candidate.augment,
                             "diverged": str(err)})
@@ -98,7 +95,7 @@ def train_chosen(args: argparse.Namespace, seed: int, data: TaskData, train: tup
         record = candidate_record(candidate, selection, val_floor_auc)
         records.append(record)
         if best is None or rank_key(record) > rank_key(best[0]):
-            best = (record, ChosenRun(trainer, model, run_args, selection, augment_report, {}))
+            best = (record, ChosenRun(trainer, model, candidate_run, selection, augment_report, {}))
         if mode == "fallback" and clears_validation(record):
             break
         if len(todo) > 1 and i + 1 < len(todo):

@@ -4,8 +4,8 @@ import math
 
 from medmnist.info import DEFAULT_ROOT
 
+from ..datasets.finetune_augment import PRESETS
 from ..datasets.preprocess import AUTO, add_preprocess_args
-from ..datasets.transforms import PRESETS
 from ..util.cli import (
     HelpFormatter,
     int_tuple_or_auto,
@@ -154,19 +154,18 @@ def recipe_table() -> str:
 
 
 def parse_args(argv: list[str], description: str = __doc__) -> argparse.Namespace:
-    """Flags left unset take the chosen recipe's values."""
-    parser = get_args_parser(description)
-    args = parser.parse_args(argv)
-    args.recipe = args.recipe or SETUPS[args.setup].recipe
-    args.given = sorted(key for key in RECIPES[args.recipe] if getattr(args, key, None) is not None)  # not searched
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.patience is None and SETUPS[args.setup].early_stop:
-        args.patience = AUTO
-    if args.patience == AUTO:
-        args.patience = auto_patience(args.epochs)
-    return args
+    """The flags, those left unset filled with the chosen recipe's values; `given` lists the recipe settings the
+    user set (finetuning.search never searches them)."""
+    parsed = vars(get_args_parser(description).parse_args(argv))
+    recipe = parsed["recipe"] or SETUPS[parsed["setup"]].recipe
+    filled = {key: value if parsed.get(key) is None else parsed[key] for key, value in RECIPES[recipe].items()}
+    patience = filled.get("patience", parsed["patience"])
+    if patience is None and SETUPS[parsed["setup"]].early_stop:
+        patience = AUTO
+    if patience == AUTO:
+        patience = auto_patience(filled["epochs"])
+    given = sorted(key for key in RECIPES[recipe] if parsed.get(key) is not None)
+    return argparse.Namespace(**{**parsed, **filled, "recipe": recipe, "given": given, "patience": patience})
 
 
 def auto_patience(epochs: int) -> int:

@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 from medmnist import Evaluator
 
+from ..datasets.data_profile import DataProfile
 from ..datasets.stored import to_unit_float
 from ..datasets.task_data import TaskData
 from ..util.atomic import atomic_write
@@ -23,6 +24,7 @@ from ..util.metrics import (
     youden_threshold,
 )
 from ..util.plotting import confusion_figure, plt, roc_figure
+from .run_config import FinetuneRun
 
 RESULTS_FILE = "results.json"  # written last: a folder that has it holds a finished run
 HEADLINE = {False: ("auc", "acc"), True: ("r2", "pearson")}
@@ -153,3 +155,35 @@ def floor_line(result: dict, split: str) -> str:
     if f"{split}_acc_at_val_threshold" in result:
         text += f"{'; ' if text else ''}ACC at the validation-chosen threshold {result[f'{split}_acc_at_val_threshold']:.4f}"
     return text
+
+
+def describe_run(run: FinetuneRun, data: TaskData, profile: DataProfile, augment_report: dict, precision: str | None,
+                 threads: str | None) -> list[str]:
+    """What the run is about to do, printed before it does it: data, model, recipe, precision and augmentation."""
+    source = data.data.get("flag") or data.data.get("meta")
+    splits = ", ".join(f"{k} {len(v[0])}" for k, v in data.splits.items())
+    model = run.model
+    lines = [f"{run.setup} setup, {source} ({data.task}, {len(data.class_names)} output(s)) at "
+             f"{'x'.join(map(str, data.input_size))}: {splits}; model {model.name}"
+             f"{' ' + json.dumps(model.architecture) if model.architecture else ''}, recipe {run.recipe}, "
+             f"lr {run.training.lr:.2e}, {run.training.epochs} epochs, seeds {list(run.seeds)}"]
+    if precision:
+        lines.append(f"precision: {precision}{'; threads ' + threads if threads else ''}")
+    lines.append(f"training data: {profile.describe()}")
+    if model.normalization:
+        lines.append(f"input standardisation inside the model: mean {model.normalization['input_mean']:.4f}, std "
+                     f"{model.normalization['input_std']:.4f} ({'the encoder' if model.finetune else 'training images'})")
+    lines.append(f"augmentation: {augment_report['preset']} ({augment_report['does']})"
+                 f"{': ' + augment_report['reason'] if run.augment == 'auto' else ''}")
+    return lines
+
+
+def describe_seeds(summary: dict, regression: bool) -> list[str]:
+    """The summary over seeds, with the seeds whose scores are not results named."""
+    lines = [f"test over {len(summary['seeds'])} seeds: {headline(summary['test'], regression)}"]
+    if "pca_logreg_floor_auc" in summary["test"]:
+        lines.append(f"PCA + LR floor over the same seeds: test AUC {summary['test']['pca_logreg_floor_auc']['mean']:.4f}")
+    flagged = sorted(set(summary["collapsed_seeds"]) | set(summary["test_at_prior_seeds"]))
+    if flagged:
+        lines.append(f"WARNING: seeds {flagged} collapsed or sat at the class prior: their scores are not results")
+    return lines

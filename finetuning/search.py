@@ -9,9 +9,10 @@ leaves unset become candidates, tried on the training split and judged on valida
   - full: every candidate, the best validation score kept.
 The test split is read once, by the chosen model; results.json lists every candidate with its validation scores.
 """
-import argparse
 import math
 from dataclasses import asdict, dataclass
+
+from .run_config import FinetuneRun
 
 SEARCH_MODES = ("none", "fallback", "full")
 LR_FACTORS = (1.0, 4.0)  # the recipe's lr, and one high enough to leave the prior where the recipe's is too low
@@ -27,28 +28,22 @@ class Candidate:
     def name(self) -> str:
         return f"lr{self.lr:.2e}_{self.augment}"
 
-    def apply(self, args: argparse.Namespace) -> argparse.Namespace:
-        """A copy of the run's flags with this candidate's values; the run's own flags are left as they were."""
-        return argparse.Namespace(**{**vars(args), "lr": self.lr, "augment": self.augment})
+    def apply(self, run: FinetuneRun) -> FinetuneRun:
+        return run.with_candidate(self.lr, self.augment)
 
 
-def search_mode(args: argparse.Namespace) -> str:
-    if args.search != "auto":
-        return args.search
-    return "fallback" if args.setup == "volumes" else "none"
-
-
-def candidates(args: argparse.Namespace, chosen_augment: str) -> list[Candidate]:
+def candidates(run: FinetuneRun, chosen_augment: str) -> list[Candidate]:
     """The recipe's (lr, augmentation) first, then the most different pair, then the rest, at most
     --search_budget; a flag the user set is not searched."""
-    if search_mode(args) == "none":
-        return [Candidate(args.lr, chosen_augment)]
-    lrs = [args.lr] if {"lr", "blr"} & set(args.given) or args.lr == 0 else [args.lr * f for f in LR_FACTORS]
-    augments = [chosen_augment] if "augment" in args.given else list(dict.fromkeys([chosen_augment, FALLBACK_AUGMENT]))
+    lr = run.training.lr
+    if run.search == "none":
+        return [Candidate(lr, chosen_augment)]
+    lrs = [lr] if {"lr", "blr"} & set(run.given) or lr == 0 else [lr * f for f in LR_FACTORS]
+    augments = [chosen_augment] if "augment" in run.given else list(dict.fromkeys([chosen_augment, FALLBACK_AUGMENT]))
     pairs = [(lrs[0], augments[0]), (lrs[-1], augments[-1])]
     pairs += [(lr, augment) for lr in lrs for augment in augments]
     unique = list(dict.fromkeys(Candidate(lr, augment) for lr, augment in pairs))
-    return unique[:args.search_budget]
+    return unique[:run.search_budget]
 
 
 def clears_validation(record: dict) -> bool:

@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 from ..datasets.data_profile import DataProfile, choose_augment
+from ..datasets.finetune_augment import VITMEDNET_AUGMENT, AugmentConfig, describe, preset
 from ..datasets.labelled_volumes import VolumeTaskOptions, volume_task
-from ..datasets.medmnist_data import MedMNISTSpec
+from ..datasets.medmnist_data import MedMNISTSpec, subset_indices
 from ..datasets.preprocess import AUTO, preprocess_config_from_args
 from ..datasets.task_data import TaskData, medmnist_task, meta_image_task, meta_volume_task, slivit_medmnist_task
-from ..datasets.transforms import VITMEDNET_AUGMENT, AugmentConfig, describe, preset
 from ..util.checkpoint import atomic_save
 from ..util.cli import grid
+from ..util.errors import DataError
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
@@ -110,10 +111,23 @@ SETUPS = {setup.name: setup for setup in (
 )}
 
 
-def resolve_augment(args: argparse.Namespace, profile: DataProfile) -> tuple[AugmentConfig, dict]:
+def resolve_augment(requested: str, full: AugmentConfig, profile: DataProfile) -> tuple[AugmentConfig, dict]:
     """The run's augmentation, and a record of what was chosen and why (printed and kept in results.json):
     `auto` picks from the training images (datasets.data_profile), `full` is the setup's pipeline."""
-    name, why = (args.augment, "set by the recipe or the command line") if args.augment != "auto" \
+    name, why = (requested, "set by the recipe or the command line") if requested != "auto" \
         else choose_augment(profile)
-    config = preset(name, SETUPS[args.setup].full_augment(args))
-    return config, {"preset": name, "requested": args.augment, "reason": why, "does": describe(config)}
+    config = preset(name, full)
+    return config, {"preset": name, "requested": requested, "reason": why, "does": describe(config)}
+
+
+def load_task_data(args: argparse.Namespace, output_dir: Path) -> TaskData:
+    """The setup's data; with --train_samples, a random subset of the training split."""
+    try:
+        data = SETUPS[args.setup].build_data(args, output_dir)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    if args.train_samples:
+        images, labels = data.splits["train"]
+        keep = subset_indices(len(images), args.train_samples)
+        data.splits["train"] = (images[keep], labels[keep])
+    return data

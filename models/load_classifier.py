@@ -11,11 +11,11 @@ import torch
 from ..util.checkpoint import CheckpointError, load_checkpoint
 from ..util.errors import DataError
 from ..util.exported import ExportError, read_config
+from .classifier_checkpoint import CLASSIFIER_KIND, ClassifierCheckpoint, ClassifierCheckpointError
 from .exported_runtime import OnnxModel
 from .mae3d import PRETRAINING_ONLY_PREFIXES
+from .pretraining_checkpoint import PretrainingCheckpoint, PretrainingCheckpointError
 from .registry import create_model
-
-CLASSIFIER_KIND = "volmae-classifier"
 
 
 class NotAVolMAECheckpoint(DataError):
@@ -63,21 +63,27 @@ def load_for_inference(path: str | Path, allow_encoder: bool = False) -> LoadedM
     if path.suffix == ".onnx":
         return load_onnx(path, allow_encoder)
     checkpoint = _read(path)
-    meta = {k: v for k, v in checkpoint.items() if k != "model"}
     if checkpoint.get("kind") == CLASSIFIER_KIND:
-        model = create_model(checkpoint["model_name"], **checkpoint["model_config"])
-        model.load_state_dict(checkpoint["model"], strict=True)
-        return LoadedModel(model.eval(), meta, True)
+        try:
+            classifier = ClassifierCheckpoint.from_dict(checkpoint, path)
+        except ClassifierCheckpointError as err:
+            raise NotAVolMAECheckpoint(str(err)) from None
+        model = create_model(classifier.model_name, **classifier.model_config)
+        model.load_state_dict(classifier.weights, strict=True)
+        return LoadedModel(model.eval(), classifier.meta(), True)
     if str(checkpoint.get("model_name", "")).startswith("mae_") and allow_encoder:
-        model = create_model(checkpoint["model_name"], **checkpoint["model_config"])
-        weights = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
+        try:
+            mae = PretrainingCheckpoint.from_dict(checkpoint, path)
+        except PretrainingCheckpointError as err:
+            raise NotAVolMAECheckpoint(str(err)) from None
+        model = create_model(mae.model_name, **mae.model_config)
+        weights = {k.removeprefix("module."): v for k, v in mae.weights.items()}
         missing, unexpected = model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.startswith(PRETRAINING_ONLY_PREFIXES)]  # encoder.pth has no decoder
         if missing or unexpected:
-            raise NotAVolMAECheckpoint(f"{path}: weights do not fit {checkpoint['model_name']} (missing: "
+            raise NotAVolMAECheckpoint(f"{path}: weights do not fit {mae.model_name} (missing: "
                                        f"{', '.join(missing[:8]) or '-'}; unexpected: {', '.join(unexpected[:8]) or '-'})")
-        meta["input_size"] = list(model.img_size)
-        return LoadedModel(model.eval(), meta, False)
+        return LoadedModel(model.eval(), {**mae.state(), "input_size": list(model.img_size)}, False)
     what = "an MAE pretraining checkpoint" if str(checkpoint.get("model_name", "")).startswith("mae_") else \
         "not a fine-tuned VolMAE classifier"
     hint = " (it gives embeddings with --embeddings, not predictions)" if "MAE" in what else \

@@ -114,7 +114,7 @@ class MaskedAutoencoderViT(ViTEncoder):
             return raw[:, None].expand(-1, self.grid_size[0], -1).reshape(raw.shape[0], self.num_patches)
         return raw
 
-    def masking_noise(self, n: int, mask_type: str, device: torch.device,
+    def random_masking_noise(self, n: int, mask_type: str, device: torch.device,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """[N, L] masking noise from `generator` (the global RNG if None)."""
         raw = torch.rand(n, self.noise_count(mask_type), device=device, generator=generator)
@@ -136,10 +136,11 @@ class MaskedAutoencoderViT(ViTEncoder):
     def draw_mask(self, n: int, mask_ratio: float, mask_type: str, device: torch.device,
                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample random choice of visible patches: (ids_keep [N, K], mask [N, L] with 1 = removed,
-        ids_restore [N, L]). `noise` ([N, L], from `masking_noise`) fixes the draw; else the global RNG."""
+        ids_restore [N, L]). `noise` ([N, L]: `random_masking_noise`, or the engine's keyed_masking_noise) fixes
+        the draw; else the global RNG."""
         keep = self.num_visible(mask_ratio, mask_type)
         if noise is None:
-            noise = self.masking_noise(n, mask_type, device, None)
+            noise = self.random_masking_noise(n, mask_type, device, None)
         ids_shuffle = torch.argsort(noise, dim=1, stable=True)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         mask = torch.ones(n, self.num_patches, device=device)

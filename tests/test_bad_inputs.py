@@ -301,9 +301,7 @@ def test_deepspeed_resume_and_consolidation_refuse_a_crafted_file(tmp_path, phan
 
 
 def _parser(name: str):
-    import main_cache
-    import main_predict
-    import main_pretrain
+    from volmae import main_cache, main_predict, main_pretrain
     from volmae.finetuning import cli
     return {"pretrain": main_pretrain.get_args_parser, "finetune": cli.get_args_parser,
             "predict": main_predict.get_args_parser, "cache": main_cache.get_args_parser}[name]()

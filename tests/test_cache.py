@@ -23,7 +23,7 @@ from volmae.datasets.build_cache import CacheSettingsError, build_cache
 from volmae.datasets.cache import VolumeCache, encode
 from volmae.datasets.phantoms import write_phantom_corpus
 from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
-from volmae.datasets.reading import probe, read_image
+from volmae.datasets.reading import read_image, unreadable_reason
 from volmae.datasets.volume_dataset import CacheDataset, collate_volumes
 from volmae.util.atomic import TEMPORARY_GLOB
 
@@ -234,7 +234,7 @@ def test_implausible_spacings_are_refused_per_volume_and_cannot_steer_the_grid(t
     raw = bytearray(gzip.decompress(crops[0].read_bytes()))
     raw[80:84] = struct.pack("<f", spacing)  # pixdim[2], as written (nibabel would repair a 0 on saving)
     odd.write_bytes(gzip.compress(bytes(raw)))
-    reason = probe(str(odd))
+    reason = unreadable_reason(str(odd))
     assert reason is not None and why in reason, reason
     listed = tmp_path / "list.txt"
     listed.write_text("\n".join(map(str, [*crops, odd])))

@@ -1,6 +1,8 @@
 """Defaults that choose from the data and the machine (issue 25): precision, threads, grid, schedule, the floors
 beside every score, the paired comparison, and choices that never read the test labels."""
 import json
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,10 +11,12 @@ import torch
 from tests.conftest import lidc_patients, run_cli, shared_path
 from volmae import models
 from volmae.datasets.build_cache import build_cache
+from volmae.datasets.data_profile import profile_images
 from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.preprocess_choice import AUTO_VOXEL_BUDGET, HeaderSurvey, choose_preprocess
 from volmae.engine_pretrain import build_optimizer
 from volmae.finetuning.cli import parse_args
+from volmae.finetuning.run_config import FinetuneRun, resolve_run
 from volmae.finetuning.search import candidates, clears_validation, rank_key
 from volmae.models.mae3d import AUTO_DECODER
 from volmae.models.vit import AUTO_ARCHITECTURE
@@ -174,18 +178,23 @@ def test_the_validation_threshold_balances_sensitivity_and_specificity():
     assert youden_threshold(np.zeros(4), np.full((4, 2), 0.5)) is None
 
 
+def resolved(argv: list[str], lr: float | None = None) -> FinetuneRun:
+    """The run the flags resolve to on a small 3D grid, its lr replaced (as if --blr had given it) when `lr` is set."""
+    images = np.random.default_rng(0).integers(0, 255, size=(6, 1, 8, 8, 8), dtype=np.uint8)
+    profile = profile_images(images, np.array([[0], [1]] * 3))
+    run = resolve_run(parse_args(argv), SimpleNamespace(input_size=(16, 16, 16)), profile, world_size=1)
+    return run if lr is None else replace(run, training=replace(run.training, lr=lr))
+
+
 def test_the_search_tries_unset_settings_only_and_never_prefers_a_model_at_the_prior():
     volumes = ["--setup", "volumes", "--meta", "labels.csv", "--label", "y"]
-    args = parse_args(volumes)
-    args.lr = 1e-3
-    assert [c.name for c in candidates(args, "full")] == ["lr1.00e-03_full", "lr4.00e-03_flips", "lr1.00e-03_flips",
-                                                          "lr4.00e-03_full"]
-    args.search_budget = 2
-    assert len(candidates(args, "full")) == 2
-    given = parse_args([*volumes, "--lr", "1e-3", "--augment", "geometric"])
+    run = resolved(volumes, lr=1e-3)
+    assert [c.name for c in candidates(run, "full")] == ["lr1.00e-03_full", "lr4.00e-03_flips", "lr1.00e-03_flips",
+                                                         "lr4.00e-03_full"]
+    assert len(candidates(replace(run, search_budget=2), "full")) == 2
+    given = resolved([*volumes, "--lr", "1e-3", "--augment", "geometric"])
     assert [c.name for c in candidates(given, "geometric")] == ["lr1.00e-03_geometric"]
-    reference = parse_args(["--setup", "medmnist"])  # the published recipes stay as published
-    reference.lr = 1e-3
+    reference = resolved(["--setup", "medmnist"], lr=1e-3)  # the published recipes stay as published
     assert len(candidates(reference, "none")) == 1
     record = {"collapsed": False, "val_at_prior": False, "val_score": 0.80, "val_floor_auc": 0.75}
     at_prior = {**record, "val_at_prior": True, "val_score": 0.95}

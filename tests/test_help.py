@@ -9,11 +9,13 @@ from volmae.main_cache import get_args_parser as cache_parser
 from volmae.main_export import get_args_parser as export_parser
 from volmae.main_predict import get_args_parser as predict_parser
 from volmae.main_pretrain import get_args_parser as pretrain_parser
+from volmae.studies import demo, medmnist, volumes
 
 pytestmark = pytest.mark.fast  # in-process: `make test-fast`
 
 PARSERS = {"volmae-cache": cache_parser, "volmae-pretrain": pretrain_parser, "volmae-finetune": finetune_parser,
-           "volmae-predict": predict_parser, "volmae-export": export_parser}
+           "volmae-predict": predict_parser, "volmae-export": export_parser, "volmae-study demo": demo.get_args_parser,
+           "volmae-study medmnist": medmnist.get_args_parser, "volmae-study volumes": volumes.get_args_parser}
 
 
 def flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -1,5 +1,6 @@
 """Every import inside the package resolves from the files alone, as an IDE or a structure viewer reads them
-(issue 27): relative imports, never the installed name `volmae.`, which no folder of the tree carries."""
+(issue 27): relative imports, never the installed name `volmae.`, which no folder of the tree carries. The mains
+and benchmarks too: run as files, they first re-run themselves as the package's modules."""
 import ast
 from pathlib import Path
 
@@ -34,9 +35,14 @@ def resolves(path: Path, level: int, module: str, names: list[str], root: Path =
     return target.is_dir() and all((target / f"{n}.py").is_file() or (target / "__init__.py").is_file() for n in names)
 
 
+def package_files() -> list[Path]:
+    """The library, the mains and the benchmarks: every Python file the package installs."""
+    return library_files() + sorted(REPO.glob("main_*.py")) + sorted((REPO / "benchmarks").glob("*.py"))
+
+
 def test_every_import_inside_the_package_resolves_from_the_tree():
-    files = library_files()
-    assert len(files) > 60
+    files = package_files()
+    assert len(files) > 90 and REPO / "main_finetune.py" in files
     absolute, unresolved = [], []
     for path in files:
         for line, level, module, names in imports(path.read_text()):
@@ -47,6 +53,13 @@ def test_every_import_inside_the_package_resolves_from_the_tree():
                 unresolved.append(f"{where} {'.' * level}{module}")
     assert not absolute, f"absolute volmae imports inside the package (use relative ones): {absolute}"
     assert not unresolved, f"relative imports that name no file of the tree: {unresolved}"
+
+
+def test_every_main_run_as_a_file_first_runs_itself_as_the_package_module():
+    for path in sorted(REPO.glob("main_*.py")) + sorted((REPO / "benchmarks").glob("bench_*.py")):
+        source = path.read_text()
+        module = "volmae." + ".".join(path.relative_to(REPO).with_suffix("").parts)
+        assert f'runpy.run_module("{module}", run_name="__main__", alter_sys=True)' in source, path.name
 
 
 @pytest.mark.parametrize("source, ok", [("from ..util.errors import DataError", True),

@@ -14,7 +14,7 @@ from tests.conftest import REPO, copy_of_source
 BIN = Path(sys.executable).parent
 COMMANDS = {"volmae-cache": "volmae.main_cache:cli", "volmae-pretrain": "volmae.main_pretrain:cli",
             "volmae-finetune": "volmae.main_finetune:cli", "volmae-predict": "volmae.main_predict:cli",
-            "volmae-export": "volmae.main_export:cli"}
+            "volmae-export": "volmae.main_export:cli", "volmae-study": "volmae.main_study:cli"}
 
 
 def foreign_site(root: Path) -> Path:

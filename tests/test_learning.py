@@ -15,8 +15,8 @@ import torch
 from tests.conftest import REPO, run_cli, shared_path
 from volmae import models
 from volmae.datasets.data_profile import choose_augment, profile_images
+from volmae.datasets.finetune_augment import NO_AUGMENT, PRESETS, VITMEDNET_AUGMENT, augment_batch, preset
 from volmae.datasets.medmnist_data import RAW_SCALE, MedMNISTSpec, load_split
-from volmae.datasets.transforms import NO_AUGMENT, PRESETS, VITMEDNET_AUGMENT, augment_batch, preset
 from volmae.util.checkpoint import load_checkpoint
 from volmae.util.metrics import bootstrap_auc_ci, stays_at_prior
 from volmae.util.probe import probe_aucs
@@ -168,5 +168,5 @@ def test_models_standardise_their_input_with_statistics_from_their_config(name):
             torch.testing.assert_close(standardised(x), plain((x - 0.2) / 0.5))
         else:
             torch.testing.assert_close(standardised.forward_features(x), plain.forward_features((x - 0.2) / 0.5))
-            noise = plain.masking_noise(2, "random", torch.device("cpu"), torch.Generator().manual_seed(0))
+            noise = plain.random_masking_noise(2, "random", torch.device("cpu"), torch.Generator().manual_seed(0))
             torch.testing.assert_close(standardised(x, noise=noise)[0], plain((x - 0.2) / 0.5, noise=noise)[0])

@@ -194,7 +194,7 @@ def test_a_conv_stem_lets_nothing_of_the_masked_patches_reach_the_encoder():
     model = create_model("mae_vit_tiny_patch16", img_size=16, patch_size=4, depth=1, stem_channels=4,
                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).eval()
     x = torch.rand(2, 1, 16, 16, 16)
-    noise = model.masking_noise(2, "random", torch.device("cpu"), torch.Generator().manual_seed(0))
+    noise = model.random_masking_noise(2, "random", torch.device("cpu"), torch.Generator().manual_seed(0))
     with torch.no_grad():
         latent, mask, _ = model.forward_encoder(x, 0.75, noise=noise)
         removed = mask.view(2, 1, 4, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)

@@ -11,7 +11,7 @@ from tests.conftest import shared_path
 from tests.volumes import image_from_xyz, reoriented_copy, write_bad_inputs
 from volmae.datasets.orientation import CANONICAL_ORIENTATION, orientation_code, to_canonical
 from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image, resample_to_grid
-from volmae.datasets.reading import VolumeReadError, listed_path, listed_source, probe, read_image
+from volmae.datasets.reading import VolumeReadError, listed_path, listed_source, read_image, unreadable_reason
 from volmae.datasets.sources import list_sources
 
 pytestmark = pytest.mark.fast  # in-process: `make test-fast`
@@ -151,21 +151,21 @@ def test_analyze_pairs_as_spm_writes_them_read_like_the_same_voxels_in_mha(tmp_p
     np.testing.assert_array_equal(load_volume(str(tmp_path / "pet.hdr"), config), load_volume(str(tmp_path / "same.mha"), config))
     assert "deprecated" not in capfd.readouterr().err
     (tmp_path / "pet.img").unlink()
-    assert probe(str(tmp_path / "pet.hdr")) == "an Analyze header without its data file pet.img beside it"
+    assert unreadable_reason(str(tmp_path / "pet.hdr")) == "an Analyze header without its data file pet.img beside it"
 
 
 def test_each_kind_of_broken_file_is_refused_with_its_reason(tmp_path, phantom_dir):
     good = sorted(phantom_dir.glob("*.nii.gz"))[0]
     expected = write_bad_inputs(tmp_path, good)
     for name, fragment in expected.items():
-        reason = probe(str(tmp_path / name))
+        reason = unreadable_reason(str(tmp_path / name))
         if reason is None:  # only the header is checked; the data check happens on reading
             with pytest.raises(ValueError, match=fragment):
                 load_volume(str(tmp_path / name), PreprocessConfig(size=(8, 8, 8)))
         else:
             assert fragment in reason, (name, reason)
     shutil.copy(good, tmp_path / "good.nii.gz")
-    assert probe(str(tmp_path / "good.nii.gz")) is None
+    assert unreadable_reason(str(tmp_path / "good.nii.gz")) is None
 
 
 def write_detached(header: Path, data_file: str, kind: str = "mhd", size=(6, 5, 4), element: str = "MET_SHORT") -> None:
@@ -191,10 +191,10 @@ def test_a_detached_header_reads_only_data_beside_it(tmp_path, kind):
              "passwd": "/etc/passwd"}
     for name, data_file in cases.items():
         write_detached(tmp_path / "scans" / f"{name}.{kind}", data_file, kind)
-    assert probe(str(tmp_path / "scans" / f"ok.{kind}")) is None
+    assert unreadable_reason(str(tmp_path / "scans" / f"ok.{kind}")) is None
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(str(tmp_path / "scans" / f"ok.{kind}"))), volume)
     for name in ("up", "abs", "passwd"):
-        reason = probe(str(tmp_path / "scans" / f"{name}.{kind}"))
+        reason = unreadable_reason(str(tmp_path / "scans" / f"{name}.{kind}"))
         assert reason is not None and "outside its folder" in reason and "--allow_external_data" in reason, reason
         with pytest.raises(VolumeReadError, match="outside its folder"):
             read_image(str(tmp_path / "scans" / f"{name}.{kind}"))
@@ -207,9 +207,9 @@ def test_decoded_bytes_are_budgeted_from_the_header_before_decoding(tmp_path):
     (tmp_path / "tiny.raw").write_bytes(b"\0" * 16)  # never read: the header alone decides
     write_detached(tmp_path / "big.mhd", "tiny.raw", size=(100, 100, 60), element="MET_DOUBLE")
     write_detached(tmp_path / "small.mhd", "tiny.raw", size=(100, 100, 60), element="MET_FLOAT")
-    reason = probe(str(tmp_path / "big.mhd"), max_voxels=800_000)
+    reason = unreadable_reason(str(tmp_path / "big.mhd"), max_voxels=800_000)
     assert reason is not None and "of 8 bytes" in reason and "skipped before decoding" in reason, reason
-    assert "of 8 bytes" not in (probe(str(tmp_path / "small.mhd"), max_voxels=800_000) or "")
+    assert "of 8 bytes" not in (unreadable_reason(str(tmp_path / "small.mhd"), max_voxels=800_000) or "")
 
 
 def test_a_listed_path_is_read_one_way_for_every_listing(tmp_path):

@@ -120,15 +120,15 @@ def test_lr_schedule_warms_up_linearly_then_follows_half_cosine():
 @pytest.mark.parametrize("mask_type", ["random", "tube"])
 def test_masks_are_keyed_on_seed_epoch_and_sample_whatever_the_batch(mask_type):
     from volmae import models
-    from volmae.engine_pretrain import masking_noise
+    from volmae.engine_pretrain import keyed_masking_noise
 
     core = models.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, decoder_depth=1)
     cpu = torch.device("cpu")
-    batch = masking_noise(core, torch.tensor([4, 9, 2]), 3, 0, mask_type, cpu)
+    batch = keyed_masking_noise(core, torch.tensor([4, 9, 2]), 3, 0, mask_type, cpu)
     assert batch.shape == (3, core.num_patches)
-    torch.testing.assert_close(masking_noise(core, torch.tensor([9]), 3, 0, mask_type, cpu)[0], batch[1])
-    assert not torch.equal(masking_noise(core, torch.tensor([9]), 4, 0, mask_type, cpu)[0], batch[1])
-    assert not torch.equal(masking_noise(core, torch.tensor([9]), 3, 1, mask_type, cpu)[0], batch[1])
+    torch.testing.assert_close(keyed_masking_noise(core, torch.tensor([9]), 3, 0, mask_type, cpu)[0], batch[1])
+    assert not torch.equal(keyed_masking_noise(core, torch.tensor([9]), 4, 0, mask_type, cpu)[0], batch[1])
+    assert not torch.equal(keyed_masking_noise(core, torch.tensor([9]), 3, 1, mask_type, cpu)[0], batch[1])
     assert len(set(batch[0].tolist())) > core.noise_count(mask_type) // 2  # not degenerate
     if mask_type == "tube":  # one draw per depth column
         grid = batch.view(3, *core.grid_size)

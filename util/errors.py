@@ -17,3 +17,7 @@ class DataError(VolMAEError, ValueError):
 
 class FolderInUseError(VolMAEError, RuntimeError):
     """An output folder held by another live run."""
+
+
+class DivergedError(VolMAEError, ArithmeticError):
+    """Training reached a non-finite loss; the message says where, and which setting to lower."""

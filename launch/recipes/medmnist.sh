@@ -6,4 +6,4 @@
 # Runs $VOLMAE_PYTHON (default: this checkout's .venv/bin/python); --help lists every option.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
-exec "${VOLMAE_PYTHON:-$repo/.venv/bin/python}" "$repo/launch/recipes/medmnist_recipe.py" "$@"
+exec "${VOLMAE_PYTHON:-$repo/.venv/bin/python}" "$repo/main_study.py" medmnist "$@"

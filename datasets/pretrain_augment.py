@@ -1,4 +1,5 @@
-"""Cheap pretraining augmentation: a random crop in the loader, flip and intensity jitter on the batch.
+"""Pretraining augmentation, cheap: a random crop in the loader, flip and intensity jitter on the batch.
+Fine-tuning has its own, richer one on the device (datasets.finetune_augment).
 
 Parameters are drawn per sample from (seed, epoch, index), so a sample is augmented the same way
 whatever the number of loader workers or ranks, and a resumed run exactly as an uninterrupted

@@ -1,4 +1,5 @@
-"""Batched augmentation for classification, on tensors on the training device (2D and 3D).
+"""Fine-tuning augmentation: batched, on tensors on the training device (2D and 3D). Pretraining's own,
+cheaper one is datasets.pretrain_augment.
 
 All samples of a batch are transformed at once: random flips, 90-degree rotations (in planes
 whose two axes have the same size), one affine resampling for small rotations, scaling and

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from recipe_steps import run
 from sklearn.metrics import roc_auc_score
 
-from volmae.util.cli import HelpFormatter, positive_int
+from ..util.cli import HelpFormatter, positive_int
+from .steps import run
 
 # The small hybrid ViT of the recipes (a conv stem, 4 blocks of 96) with their small decoder
 MODEL = ["--model", "auto", "--decoder_embed_dim", "96", "--decoder_depth", "2", "--decoder_num_heads", "3"]
@@ -28,15 +28,17 @@ FINETUNE = ["--layer_decay", "1.0", "--augment", "flips"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--output_dir", default="demo_output", help="everything the demo writes (made if missing)")
-    parser.add_argument("--count", type=positive_int, default=320, help="labelled phantoms to pretrain and fine-tune on")
-    parser.add_argument("--held_back", type=positive_int, default=16, help="phantoms kept out of training, then predicted")
-    parser.add_argument("--size", type=positive_int, default=32, help="cached grid, N^3 voxels")
-    parser.add_argument("--pretrain_epochs", type=positive_int, default=10, help="MAE pretraining epochs")
-    parser.add_argument("--finetune_epochs", type=positive_int, default=40, help="fine-tuning epochs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pretraining and the fine-tuning")
-    parser.add_argument("--workers", type=positive_int, default=2, help="processes that build the cache")
+    parser = argparse.ArgumentParser(prog="launch/recipes/demo.sh", description=__doc__, formatter_class=HelpFormatter)
+    data = parser.add_argument_group("built-in data")
+    data.add_argument("--count", type=positive_int, default=320, help="labelled phantoms to pretrain and fine-tune on")
+    data.add_argument("--held_back", type=positive_int, default=16, help="phantoms kept out of training, then predicted")
+    data.add_argument("--size", type=positive_int, default=32, help="cached grid, N^3 voxels")
+    data.add_argument("--workers", type=positive_int, default=2, help="processes that build the cache")
+    steps = parser.add_argument_group("steps")
+    steps.add_argument("--output_dir", default="demo_output", help="everything the demo writes (made if missing)")
+    steps.add_argument("--pretrain_epochs", type=positive_int, default=10, help="MAE pretraining epochs")
+    steps.add_argument("--finetune_epochs", type=positive_int, default=40, help="fine-tuning epochs")
+    steps.add_argument("--seed", type=int, default=0, help="seed of the pretraining and the fine-tuning")
     return parser
 
 
@@ -98,8 +100,7 @@ then predict new cases with
 """)
 
 
-def main() -> int:
-    args = get_args_parser().parse_args()
+def run_study(args: argparse.Namespace) -> int:
     out = Path(args.output_dir).resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,3 @@ def main() -> int:
     print_summary(out, summary)
     return 0 if not summary["test_at_prior"] and np.isfinite(summary["test_auc"]) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,19 +25,18 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from recipe_steps import flags, loss_curve, probe_curve, run, seed_summary
 
-from volmae.datasets.labelled_volumes import VolumeTaskOptions, choose_for, fraction_of_patients, read_labels, resolve_source
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.pretrain_data import held_out_count
-from volmae.datasets.sources import SourceListError, list_sources
-from volmae.datasets.task_data import TaskDataError, infer_task
-from volmae.util.cli import int_tuple_or_auto, positive_int, positive_int_or_auto
-from volmae.util.lr_sched import auto_epochs, optimizer_steps_per_epoch
-from volmae.util.metrics import one_feature_auc, paired_auc_difference
-from volmae.util.plotting import label_efficiency_figure
+from ..datasets.labelled_volumes import VolumeTaskOptions, choose_for, read_labels, resolve_source
+from ..datasets.preprocess import PreprocessConfig
+from ..datasets.pretrain_data import held_out_count
+from ..datasets.sources import SourceListError, list_sources
+from ..datasets.task_data import TaskDataError, infer_task
+from ..util.cli import HelpFormatter, int_tuple_or_auto, positive_int, positive_int_or_auto
+from ..util.errors import DataError, UsageError
+from ..util.lr_sched import auto_epochs, optimizer_steps_per_epoch
+from .steps import flags, run
+from .volumes_report import fraction_entry, run_folder, study_result, summary_lines, write_report
 
 # The commands' own defaults, as the README's own-data commands give them: `--model auto` (the small hybrid ViT and
 # its decoder, base lr 6e-3), epochs and warmup from the corpus size. Fine-tuning screens two (lr, augmentation)
@@ -54,8 +53,8 @@ def epochs_for(fraction: float, epochs: int) -> int:
     return int(math.ceil(epochs / math.sqrt(fraction)))
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/recipes/volumes.sh", description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--corpus", action="append", default=[],
                       help="unlabelled volumes to pretrain on: a folder, a .txt of paths or a .csv with a path "
@@ -71,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     data.add_argument("--floor_col", default=None, help="a numeric column of the labels CSV (e.g. a measured "
                       "diameter): a logistic regression on it alone, same patients, is the floor reported")
     study = parser.add_argument_group("study")
-    study.add_argument("--output_dir", required=True)
+    study.add_argument("--output_dir", required=True, help="every step's outputs, results.json and report.png")
     study.add_argument("--seeds", default="0,1,2,3,4", help="each seed pretrains once and fine-tunes both arms on the "
                        "same patients, for a paired comparison")
     study.add_argument("--label_fractions", default="0.1,0.25,1.0", help="fractions of the training patients")
@@ -88,7 +87,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             "(small models use many cores poorly: on 2 cores, --jobs 2 is faster)")
     study.add_argument("--workers", type=int, default=2, help="processes that decode volumes into the caches")
     study.add_argument("--num_workers", type=int, default=0, help="loader workers of pretraining")
-    return parser.parse_args(argv)
+    return parser
 
 
 def planned_pretrain_epochs(requested: int | str, cache: Path) -> int:
@@ -108,7 +107,7 @@ def split_labels(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, Pat
     try:
         table = read_labels(Path(args.labels).resolve(), options)
     except TaskDataError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise DataError(str(err)) from None
     path = out / "labels_split.csv"
     table.to_csv(path, index=False)
     return table, path
@@ -121,7 +120,7 @@ def corpus_list(args: argparse.Namespace, table: pd.DataFrame, out: Path) -> tup
         try:
             found = list_sources(location)
         except SourceListError as err:
-            raise SystemExit(f"error: --corpus {err}") from None
+            raise DataError(f"--corpus {err}") from None
         sources += [resolve_source(Path.cwd(), source) for source in found]  # OUT/corpus.csv is read from OUT
         counts[location] = len(found)
     labelled = [p for p, s in zip(table["path"], table["split"]) if p and s != "test"]
@@ -132,58 +131,20 @@ def corpus_list(args: argparse.Namespace, table: pd.DataFrame, out: Path) -> tup
     return path, counts
 
 
-def floor(table: pd.DataFrame, column: str, label: str, group: str, fraction: float, seeds: list[int]) -> dict:
-    """Test AUC of a logistic regression on one numeric column, fitted on the same training patients the image
-    models get for each seed."""
-    values = pd.to_numeric(table[column], errors="coerce")
-    if values.isna().any():
-        raise SystemExit(f"error: --floor_col {column}: row {int(np.flatnonzero(values.isna())[0]) + 2} is not a number")
-    target = pd.to_numeric(table[label]).to_numpy()
-    train, test = (table["split"] == "train").to_numpy(), (table["split"] == "test").to_numpy()
-    groups = table[group].astype(str).to_numpy() if group in table.columns else table["path"].to_numpy()
-    aucs = []
-    for seed in seeds:
-        keep = fraction_of_patients(groups[train], target[train], fraction, seed)
-        aucs.append(one_feature_auc(values.to_numpy()[train][keep], target[train][keep],
-                                    values.to_numpy()[test], target[test]))
-    return {"column": column, "test_auc_mean": float(np.mean(aucs)), "test_auc_std": float(np.std(aucs)),
-            "per_seed": aucs}
+def probe_and_labelled_lists(table: pd.DataFrame, labels: list[str], task: str, out: Path) -> tuple[Path, Path]:
+    """OUT/probe.csv (the readable train and val volumes with a binary label: the pretraining's kNN/linear probe)
+    and OUT/labelled.csv (every labelled volume, for the fine-tuning cache)."""
+    probe_csv, labelled_csv = out / "probe.csv", out / "labelled.csv"
+    manifest = pd.read_csv(out / "cache" / "manifest.csv", keep_default_na=False)
+    cached = set(manifest.loc[manifest["status"] == "ok", "source"])
+    probe_rows = table[table["split"].isin(("train", "val")) & table["path"].isin(cached)]
+    if task == "binary-class" and len(labels) == 1:
+        probe_rows.assign(label=probe_rows[labels[0]])[["path", "label", "split"]].to_csv(probe_csv, index=False)
+    pd.DataFrame({"path": list(dict.fromkeys(p for p in table["path"] if p))}).to_csv(labelled_csv, index=False)
+    return probe_csv, labelled_csv
 
 
-def run_folder(out: Path, init: str, fraction: float, seed: int) -> Path:
-    return out / "finetune" / init / f"frac_{fraction:g}" / f"seed_{seed}"
-
-
-def paired_difference(out: Path, fraction: float, seeds: list[int], table: pd.DataFrame, group: str, task: str) -> dict:
-    """MAE - scratch test AUC, paired: each seed's two arms trained on the same patients and scored on the same test
-    samples; the 95% CI resamples test patients, pooled over seeds (util.metrics.paired_auc_difference)."""
-    arms = {init: [pd.read_csv(run_folder(out, init, fraction, s) / "test_scores.csv") for s in seeds]
-            for init in ("mae", "scratch")}
-    first = arms["mae"][0]
-    for frame in arms["mae"] + arms["scratch"]:
-        if not frame["path"].equals(first["path"]):
-            raise SystemExit(f"error: the test samples differ between runs of fraction {fraction:g}; cannot pair them")
-    patient = dict(zip(table["path"], table[group].astype(str) if group in table.columns else table["path"]))
-    labels = first[[c for c in first.columns if c.startswith("label")]].to_numpy()
-    columns = [c for c in first.columns if c.startswith("score_")]
-    return paired_auc_difference(labels, [f[columns].to_numpy() for f in arms["mae"]],
-                                 [f[columns].to_numpy() for f in arms["scratch"]],
-                                 first["path"].map(patient).fillna(first["path"]).to_numpy(), task)
-
-
-def pca_floor(runs: list[dict]) -> dict | None:
-    """The PCA + logistic regression floor each fine-tuning run fitted on its own training patients, over seeds."""
-    found = [r["floors"]["pca_logreg"] for r in runs if "pca_logreg" in r.get("floors", {})]
-    if not found or "test_auc" not in found[0]:
-        return None
-    return {"test_auc_mean": float(np.mean([f["test_auc"] for f in found])),
-            "test_auc_std": float(np.std([f["test_auc"] for f in found])),
-            "val_auc_mean": float(np.mean([f["val_auc"] for f in found])),
-            "per_seed": [{"test_auc": f["test_auc"], "val_auc": f["val_auc"], "chosen": f["chosen"]} for f in found]}
-
-
-def main(argv: list[str]) -> None:
-    args = parse_args(argv)
+def run_study(args: argparse.Namespace) -> None:
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -193,7 +154,7 @@ def main(argv: list[str]) -> None:
     labels = [c.strip() for c in args.label.split(",")]
     task = infer_task(table, labels, "auto")
     if args.floor_col and (task != "binary-class" or args.floor_col not in table.columns):
-        raise SystemExit(f"error: --floor_col needs a binary label and a column of {args.labels}; "
+        raise UsageError(f"--floor_col needs a binary label and a column of {args.labels}; "
                          f"got {args.floor_col!r} for a {task} task")
 
     size = None if args.input_size == "auto" else tuple(args.input_size) * (3 if len(args.input_size) == 1 else 1)
@@ -213,14 +174,7 @@ def main(argv: list[str]) -> None:
 
     pretrain_epochs = planned_pretrain_epochs(args.pretrain_epochs, out / "cache")
     probe_every = args.probe_every or max(1, pretrain_epochs // 5)
-    probe_csv = out / "probe.csv"
-    manifest = pd.read_csv(out / "cache" / "manifest.csv", keep_default_na=False)
-    cached = set(manifest.loc[manifest["status"] == "ok", "source"])
-    probe_rows = table[table["split"].isin(("train", "val")) & table["path"].isin(cached)]  # readable ones only
-    if task == "binary-class" and len(labels) == 1:
-        probe_rows.assign(label=probe_rows[labels[0]])[["path", "label", "split"]].to_csv(probe_csv, index=False)
-    labelled_csv = out / "labelled.csv"
-    pd.DataFrame({"path": list(dict.fromkeys(p for p in table["path"] if p))}).to_csv(labelled_csv, index=False)
+    probe_csv, labelled_csv = probe_and_labelled_lists(table, labels, task, out)
     run([python, "main_cache.py", "--input", str(labelled_csv), "--output", str(out / "volume_cache"),
          "--workers", str(args.workers), "--size", grid_text, *resampling], out / "volume_cache.log",
         steps / "volume_cache.json")  # what fine-tuning reads: built once, before runs share it
@@ -241,7 +195,7 @@ def main(argv: list[str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         probe = ["--probe_csv", str(probe_csv), "--probe_every", str(probe_every)] if probe_csv.exists() else []
         pretrain[seed] = step([python, "main_pretrain.py", "--data_path", str(out / "cache"), *flags(PRETRAIN),
-                               "--input_size", ",".join(map(str, config.size)), "--epochs", str(pretrain_epochs),
+                               "--input_size", grid_text, "--epochs", str(pretrain_epochs),
                                "--seed", str(seed), "--num_workers", str(args.num_workers), *probe,
                                "--val_fraction", str(HOLDOUT), "--val_every", str(probe_every), "--keep_every", "0",
                                "--vis_every", "0", "--output_dir", str(folder)],
@@ -250,7 +204,7 @@ def main(argv: list[str]) -> None:
     common = [python, "main_finetune.py", *flags(FINETUNE), "--meta", str(labels_csv), "--label", args.label,
               "--group", args.group, "--input_size", grid_text, *resampling, "--volume_cache", str(out / "volume_cache"),
               "--cache_workers", str(args.workers), "--bootstrap", "0",
-              "--overwrite"]  # the recipe's own folders: a step killed after its results but before its record reruns
+              "--overwrite"]  # the study's own folders: a step killed after its results but before its record reruns
     inits = ["mae", "scratch"] if args.baseline else ["mae"]
     runs: dict[tuple[str, float, int], Future] = {}
     for init in reversed(inits):  # scratch runs first: they need no pretraining, so they fill the wait for it
@@ -269,69 +223,19 @@ def main(argv: list[str]) -> None:
         finetuned: dict[str, dict[float, list[dict]]] = {init: {f: [] for f in fractions} for init in inits}
         for (init, fraction, seed), future in sorted(runs.items(), key=lambda item: item[0][2]):
             future.result()
-            folder = run_folder(out, init, fraction, seed)
-            finetuned[init][fraction].append(json.loads((folder / "results.json").read_text()))
+            finetuned[init][fraction].append(json.loads((run_folder(out, init, fraction, seed) / "results.json").read_text()))
     finally:  # a failed step stops what has not started; a re-run goes on from the finished ones
         pool.shutdown(cancel_futures=True)
 
-    pretrain_cpu = float(np.mean([pretrain[s]["cpu_seconds"] for s in seeds]))
-    per_fraction = {}
-    for fraction in fractions:
-        entry = {init: seed_summary(finetuned[init][fraction]) for init in inits}
-        entry["epochs"] = epochs_for(fraction, args.epochs)
-        entry["train_patients"] = finetuned["mae"][fraction][0].get("train_patients_used",
-                                                                    finetuned["mae"][fraction][0]["split_patients"]["train"])
-        if "scratch" in entry:
-            entry["mae_minus_scratch_test_auc"] = entry["mae"]["test_auc_mean"] - entry["scratch"]["test_auc_mean"]
-            entry["paired"] = paired_difference(out, fraction, seeds, table, args.group, task)
-        entry["pca_floor"] = pca_floor(finetuned["mae"][fraction])
-        if args.floor_col:
-            entry["floor"] = floor(table, args.floor_col, labels[0], args.group, fraction, seeds)
-        per_fraction[f"{fraction:g}"] = entry
-    first = finetuned["mae"][fractions[0]][0]
-    test = table[table["split"] == "test"]
-    result = {
-        "labels": str(Path(args.labels).resolve()), "label": args.label, "group": args.group, "task": task,
-        "seeds": seeds, "label_fractions": fractions, "corpus": corpus_counts,
-        "split": {**first["split_counts"], "patients": first["split_patients"],
-                  "test_majority_share": float(test[labels[0]].astype(float).value_counts(normalize=True).max())
-                  if task == "binary-class" else None, "excluded_rows": first["excluded_rows"]},
-        "preprocess": choice.to_dict(),
-        "pretrain": {"flags": PRETRAIN, "epochs": pretrain_epochs, "cache": cache,
-                     "cpu_seconds_per_seed": round(pretrain_cpu, 1),
-                     "per_seed": {str(s): {**pretrain[s], "curve": loss_curve(out / "pretrain" / f"seed_{s}" / "log.txt"),
-                                           "probe": probe_curve(out / "pretrain" / f"seed_{s}" / "log.txt")}
-                                  for s in seeds}},
-        "finetune": {"flags": FINETUNE, "epochs_at_fraction_1": args.epochs},
-        "fractions": per_fraction,
-        "cpu_seconds_one_seed": round(pretrain_cpu + sum(entry["mae"]["cpu_seconds_one_seed"]
-                                                         for entry in per_fraction.values()), 1),
-        "model": first["model"], "model_config": first["model_config"], "augment": first["augment"],
-        "data_profile": first["data_profile"],
-    }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    figure = label_efficiency_figure(result)
-    figure.savefig(out / "report.png", dpi=120)
-    for key, entry in per_fraction.items():
-        line = "  ".join(f"{init} {entry[init]['test_auc_mean']:.4f} +- {entry[init]['test_auc_std']:.4f}"
-                         for init in inits)
-        if "floor" in entry:
-            line += f"  floor ({args.floor_col}) {entry['floor']['test_auc_mean']:.4f}"
-        if entry["pca_floor"]:
-            line += f"  PCA + LR floor {entry['pca_floor']['test_auc_mean']:.4f}"
-        print(f"fraction {key}: test AUC {line}")
-        if "paired" in entry:
-            paired = entry["paired"]
-            print(f"fraction {key}: MAE - scratch {paired['difference']:+.4f}, 95% CI [{paired['ci95'][0]:+.4f}, "
-                  f"{paired['ci95'][1]:+.4f}] (test patients resampled, {paired['seeds']} seeds paired)")
-        flagged = sorted({(init, r["seed"]) for init in inits for r in entry[init]["per_seed"]
-                          if r["collapsed"] or r["test_at_prior"]})
-        if flagged:
-            print(f"fraction {key}: WARNING: collapsed or at the class prior: "
-                  f"{', '.join(f'{init} seed {seed}' for init, seed in flagged)}")
+    per_fraction = {f"{fraction:g}": fraction_entry(out, fraction, {init: finetuned[init][fraction] for init in inits},
+                                                    epochs_for(fraction, args.epochs), seeds, table, args, task,
+                                                    labels[0])
+                    for fraction in fractions}
+    result = study_result(args, out, table, task, labels, seeds, fractions, {
+        "corpus_counts": corpus_counts, "choice": choice, "pretrain": pretrain, "pretrain_flags": PRETRAIN,
+        "pretrain_epochs": pretrain_epochs, "cache": cache, "finetune_flags": FINETUNE, "per_fraction": per_fraction,
+        "first": finetuned["mae"][fractions[0]][0]})
+    write_report(out, result)
+    print("\n".join(summary_lines(result, inits, args.floor_col)))
     print(f"one seed costs {result['cpu_seconds_one_seed'] / 3600:.2f} CPU-hours; wrote {out / 'results.json'} and "
           f"{out / 'report.png'}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

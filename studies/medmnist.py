@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from recipe_steps import flags, probe_curve, run, seed_summary
+from ..util.cli import HelpFormatter, non_negative_int, positive_int
+from .steps import flags, probe_curve, run, seed_summary
 
 # The recipe (docs/finetuning.md, the MedMNIST recipe, says why each value is what it is).
 PRETRAIN = {"--model": "auto", "--mask_ratio": "0.75", "--decoder_embed_dim": "96", "--decoder_depth": "2",
@@ -33,32 +34,38 @@ def summary(folder: Path, seeds: list[int], extra_cpu: float = 0.0) -> dict:
     return seed_summary(runs, extra_cpu)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_flag", required=True, help="a MedMNIST flag, 2D or 3D")
-    parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--data_root", required=True, help="folder holding the flag's .npz")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--baseline", action="store_true", help="also fine-tune the same architecture from scratch")
-    parser.add_argument("--pretrain_epochs", type=int, default=PRETRAIN_EPOCHS)
-    parser.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS, help="fine-tuning epochs")
-    parser.add_argument("--probe_every", type=int, default=10, help="pretraining epochs between kNN/linear probes")
-    parser.add_argument("--train_samples", type=int, default=None,
-                        help="use N training samples in every step (smoke runs and label-efficiency studies)")
-    parser.add_argument("--num_workers", type=int, default=0)
-    args = parser.parse_args()
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/recipes/medmnist.sh", description=__doc__, formatter_class=HelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_flag", required=True, help="a MedMNIST flag, 2D or 3D")
+    data.add_argument("--size", type=positive_int, default=28, help="the flag's image size (3D: 28 or 64)")
+    data.add_argument("--data_root", required=True, help="folder holding the flag's .npz")
+    data.add_argument("--train_samples", type=positive_int, default=None,
+                      help="use N training samples in every step (smoke runs and label-efficiency studies)")
+    data.add_argument("--num_workers", type=non_negative_int, default=0, help="loader workers of every step")
+    study = parser.add_argument_group("study")
+    study.add_argument("--output_dir", required=True, help="pretrain/, mae/, scratch/ and results.json")
+    study.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds (one pretraining serves them all)")
+    study.add_argument("--baseline", action="store_true", help="also fine-tune the same architecture from scratch")
+    study.add_argument("--pretrain_epochs", type=positive_int, default=PRETRAIN_EPOCHS, help="MAE pretraining epochs")
+    study.add_argument("--epochs", type=positive_int, default=FINETUNE_EPOCHS, help="fine-tuning epochs")
+    study.add_argument("--probe_every", type=positive_int, default=10,
+                       help="pretraining epochs between kNN/linear probes")
+    return parser
+
+
+def run_study(args: argparse.Namespace) -> None:
     out = Path(args.output_dir).resolve()  # the steps run from the repository root
     out.mkdir(parents=True, exist_ok=True)
-    args.data_root = str(Path(args.data_root).resolve())
+    data_root = str(Path(args.data_root).resolve())
     seeds = [int(s) for s in args.seeds.split(",")]
     python = sys.executable
-    data = ["--data_flag", args.data_flag, "--size", str(args.size), "--data_root", args.data_root]
+    data = ["--data_flag", args.data_flag, "--size", str(args.size), "--data_root", data_root]
     subset = ["--train_samples", str(args.train_samples)] if args.train_samples else []
 
     pretrain_dir = out / "pretrain"
     pretrain = run([python, "main_pretrain.py", *data, *flags(PRETRAIN), "--epochs", str(args.pretrain_epochs),
-                    "--probe_data_flag", args.data_flag, "--probe_root", args.data_root,
+                    "--probe_data_flag", args.data_flag, "--probe_root", data_root,
                     "--probe_every", str(args.probe_every), "--num_workers", str(args.num_workers), *subset,
                     "--vis_every", "0", "--keep_every", "0", "--output_dir", str(pretrain_dir)],
                    out / "pretrain.log")
@@ -85,6 +92,3 @@ def main() -> None:
              for name in ("mae", "scratch") if name in result]
     print("\n".join(lines) + f"\nwrote {out / 'results.json'}")
 
-
-if __name__ == "__main__":
-    main()

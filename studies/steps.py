@@ -1,6 +1,6 @@
-"""What the one-command recipes share: running a step as the command a user would type, timing it in CPU
-seconds, remembering finished steps so that a re-run goes on where a killed one stopped, and summarising
-a fine-tuning run over seeds."""
+"""What the studies share: running a step as the command a user would type, timing it in CPU seconds,
+remembering finished steps so that a re-run goes on where a killed one stopped, and summarising a fine-tuning run
+over seeds."""
 import json
 import os
 import re
@@ -11,10 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+from ..util.errors import VolMAEError
+
+REPO = Path(__file__).resolve().parents[1]  # where the mains are, in a checkout and in the installed package
 # A tqdm progress bar ("epoch 3:  40%|####      | 8/20 [...]"). Popen's text mode turns its carriage returns
 # into newlines, so bars are recognised by their shape, not by '\r'.
 PROGRESS_BAR = re.compile(r"\d+%\|")
+
+
+class StepFailed(VolMAEError, RuntimeError):
+    """A step's command exited with an error; the message names it and its log."""
 
 
 def run(command: list[str], log: Path, done: Path | None = None, threads: int | None = None,
@@ -40,7 +46,7 @@ def run(command: list[str], log: Path, done: Path | None = None, threads: int | 
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise SystemExit(f"error: {command[1]} exited with {code}; its log: {log}")
+        raise StepFailed(f"{command[1]} exited with {code}; its log: {log}")
     record = {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
               "wall_seconds": round(time.perf_counter() - wall, 1)}
     if done is not None:

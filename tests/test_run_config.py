@@ -1,0 +1,140 @@
+"""Typed boundaries (issue 27): the fine-tuning run configuration is resolved once and never written to, and one
+versioned type each writes and reads best.pth and the pretraining checkpoints, older files included."""
+import ast
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, library_files
+from volmae import models
+from volmae.datasets.data_profile import profile_images
+from volmae.engine_finetune import TrainingConfig
+from volmae.finetuning.cli import parse_args
+from volmae.finetuning.model_choice import ModelConfig
+from volmae.finetuning.run_config import FinetuneRun, resolve_run
+from volmae.models.classifier_checkpoint import CHECKPOINT_VERSION, ClassifierCheckpoint, ClassifierCheckpointError
+from volmae.models.load_classifier import load_for_inference
+from volmae.models.pretraining_checkpoint import PretrainingCheckpoint, PretrainingCheckpointError
+from volmae.util.checkpoint import atomic_save
+
+pytestmark = pytest.mark.fast
+
+CONFIG_TYPES = {"Namespace", "FinetuneRun", "TrainingConfig", "ModelConfig"}
+CONFIG_NAMES = {"args", "run", "config", "flags"}
+
+
+def _resolved(argv: list[str]) -> FinetuneRun:
+    images = np.random.default_rng(0).integers(0, 255, size=(4, 1, 8, 8, 8), dtype=np.uint8)
+    profile = profile_images(images, np.array([[0], [1], [0], [1]]))
+    return resolve_run(parse_args(argv), SimpleNamespace(input_size=(16, 16, 16)), profile, world_size=1)
+
+
+def test_a_resolved_run_is_frozen_and_a_seed_or_candidate_is_a_new_copy():
+    run = _resolved(["--setup", "volumes", "--meta", "m.csv", "--label", "y", "--model", "auto", "--seeds", "3,4"])
+    assert run.model.name == "vit3d" and run.model.architecture["patch_size"]  # --model auto, resolved from the grid
+    assert run.training.layer_decay == 1.0 and run.search == "fallback" and run.seeds == (3, 4)
+    for frozen in (run, run.training, run.model):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            frozen.seed = 1
+    other = run.for_seed(4).with_candidate(1e-2, "flips")
+    assert (other.training.seed, other.training.lr, other.augment) == (4, 1e-2, "flips")
+    assert (run.training.seed, run.augment) == (3, "auto") and run.training.lr != 1e-2
+
+
+def _assigned_names(target: ast.AST) -> list[ast.Attribute]:
+    """Attributes a target assigns: `a.b = ` and `a.b, c = `, not what a subscript's index mentions."""
+    if isinstance(target, ast.Attribute):
+        return [target]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [a for element in target.elts for a in _assigned_names(element)]
+    return []
+
+
+def _config_parameters(function: ast.FunctionDef) -> set[str]:
+    names = set()
+    for arg in function.args.args + function.args.kwonlyargs:
+        annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+        if arg.arg in CONFIG_NAMES or any(kind in annotation for kind in CONFIG_TYPES):
+            names.add(arg.arg)
+    return names
+
+
+def test_no_library_function_assigns_to_the_run_configuration_it_was_given():
+    writes = []
+    for path in library_files():
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            params = _config_parameters(function)
+            for node in ast.walk(function):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                written = [a for t in targets for a in _assigned_names(t)]
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "setattr" and node.args:
+                    written.append(ast.Attribute(value=node.args[0], attr="?"))
+                writes += [f"{path.relative_to(REPO)}:{node.lineno} {function.name}: {ast.unparse(a.value)}.{a.attr}"
+                           for a in written if isinstance(a.value, ast.Name) and a.value.id in params]
+    assert not writes, writes
+
+
+def _tiny_classifier() -> torch.nn.Module:
+    return models.create_model("resnet18_3d", num_classes=2)
+
+
+def test_best_pth_round_trips_through_its_type(tmp_path):
+    model = _tiny_classifier()
+    written = ClassifierCheckpoint("resnet18_3d", model.config, ["no", "yes"], "binary-class", [16, 16, 16],
+                                   run={"setup": "volumes"}, args={"lr": None}).with_weights(
+                                       model.state_dict(), 3, {"val_auc": 0.75})
+    written.save(tmp_path / "best.pth")
+    read = ClassifierCheckpoint.load(tmp_path / "best.pth")
+    assert (read.epoch, read.val_scores, read.run, read.class_names) == (3, {"val_auc": 0.75}, {"setup": "volumes"},
+                                                                         ["no", "yes"])
+    stored = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert stored["format_version"] == CHECKPOINT_VERSION and stored["val_auc"] == 0.75
+
+
+def test_a_version_1_best_pth_still_loads_and_a_newer_one_is_refused_in_one_line(tmp_path):
+    model = _tiny_classifier()
+    version_1 = {"kind": "volmae-classifier", "model": model.state_dict(), "epoch": 2, "val_auc": 0.8,
+                 "model_name": "resnet18_3d", "model_config": model.config, "class_names": ["a", "b"],
+                 "task": "binary-class", "data": {"source": "volumes"}, "setup": "volumes",
+                 "input_size": [16, 16, 16], "args": {"lr": 0.001}, "preprocess": None}
+    atomic_save(version_1, tmp_path / "old.pth")
+    loaded = load_for_inference(tmp_path / "old.pth")
+    assert loaded.is_classifier and loaded.meta["class_names"] == ["a", "b"] and loaded.meta["run"] == {}
+    assert ClassifierCheckpoint.load(tmp_path / "old.pth").val_scores == {"val_auc": 0.8}
+    with pytest.raises(ClassifierCheckpointError, match="version 99.*update VolMAE"):
+        ClassifierCheckpoint.from_dict({**version_1, "format_version": 99}, "new.pth")
+    with pytest.raises(ClassifierCheckpointError, match="without class_names"):
+        ClassifierCheckpoint.from_dict({k: v for k, v in version_1.items() if k != "class_names"}, "cut.pth")
+
+
+def test_pretraining_checkpoints_round_trip_and_version_1_files_count_every_step_applied(tmp_path):
+    state = PretrainingCheckpoint("mae_vit3d_tiny", {"embed_dim": 8}, {"source": "cache"}, None, {"mask_ratio": 0.9})
+    at_step = state.at(step=25, steps_per_epoch=10, applied_steps=24, nonfinite_steps=1)
+    at_step.with_weights({"w": torch.ones(2)}).save(tmp_path / "model.pth")
+    read = PretrainingCheckpoint.load(tmp_path / "model.pth")
+    assert (read.epoch, read.step, read.applied_steps, read.nonfinite_steps) == (2, 25, 24, 1)
+    assert read.args == {"mask_ratio": 0.9} and torch.equal(read.weights["w"], torch.ones(2))
+    version_1 = {"model": {}, "epoch": 1, "step": 12, "args": {}, "model_name": "mae_vit3d_tiny",
+                 "model_config": {}, "data": {}, "preprocess": None}
+    old = PretrainingCheckpoint.from_dict(version_1, "old.pth")
+    assert (old.step, old.applied_steps, old.nonfinite_steps) == (12, 12, 0)
+    with pytest.raises(PretrainingCheckpointError, match="no model_name"):
+        PretrainingCheckpoint.from_dict({"model": {}}, "foreign.pth")
+
+
+def test_the_loop_and_the_model_choice_read_typed_configurations_only():
+    import inspect
+
+    from volmae.engine_finetune import Finetuner, build_optimizer
+    from volmae.finetuning.model_choice import build_model, with_reconstruction
+
+    assert inspect.signature(Finetuner).parameters["config"].annotation is TrainingConfig
+    assert inspect.signature(build_optimizer).parameters["config"].annotation is TrainingConfig
+    for function in (build_model, with_reconstruction):
+        assert inspect.signature(function).parameters["config"].annotation is ModelConfig
