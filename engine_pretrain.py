@@ -7,7 +7,7 @@ an uninterrupted single-process run would.
 import math
 import time
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -23,7 +23,7 @@ from .datasets.volume_dataset import collate_volumes, single_threaded_worker
 from .models.mae3d import encoder_weights
 from .models.pretraining_checkpoint import PretrainingCheckpoint
 from .util.atomic import atomic_write
-from .util.checkpoint import CheckpointError, plain_args
+from .util.checkpoint import CheckpointError
 from .util.dist import DistInfo, all_reduce_sum, barrier
 from .util.errors import UsageError
 from .util.keyed_random import keyed_uniform
@@ -121,45 +121,78 @@ class StepResult:
     sample: tuple | None = None  # (volume, pred, mask) of the last micro-batch, for figures
 
 
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What the pretraining loop reads, resolved once by main_pretrain (no `auto` left): the loop never writes it."""
+    output_dir: str
+    seed: int
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    accum_iter: int
+    num_workers: int
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    clip_grad: float | None
+    precision: str
+    deepspeed: str | None
+    mask_ratio: float
+    mask_type: str
+    log_every: int
+    save_every: int
+    save_every_steps: int | None
+    keep_every: int
+    vis_every: int
+    val_every: int
+    max_bad_steps: int
+    max_bad_samples: float
+
+    @classmethod
+    def from_flags(cls, flags: Namespace) -> "PretrainConfig":
+        return cls(**{f.name: getattr(flags, f.name) for f in fields(cls)})
+
+
 class Pretrainer:
     """Owns the model, optimizer, backend and schedule of one pretraining run."""
 
-    def __init__(self, args: Namespace, core: torch.nn.Module, dataset: Dataset, dist_info: DistInfo,
+    def __init__(self, config: PretrainConfig, core: torch.nn.Module, dataset: Dataset, dist_info: DistInfo,
                  checkpoint: PretrainingCheckpoint, preemption: PreemptionWatch, probe: FeatureProbe | None = None,
                  holdout: Dataset | None = None):
-        self.args = args
+        self.config = config
         self.probe = probe
         self.last_probe_step = -1
         self.holdout = holdout  # volumes never trained on: their reconstruction loss every --val_every epochs
         self.last_holdout_step = -1
         self.dist = dist_info
         self.checkpoint = checkpoint  # model name, config, data, preprocessing, flags: saved with every checkpoint
-        self.output_dir = Path(args.output_dir)
+        self.output_dir = Path(config.output_dir)
         self.preemption = preemption
         self.sampler = ResumableDistributedSampler(dataset, num_replicas=dist_info.world_size,
-                                                   rank=dist_info.rank, shuffle=True, seed=args.seed)
-        self.loader = DataLoader(dataset, batch_size=args.batch_size, sampler=self.sampler,
-                                 num_workers=args.num_workers, collate_fn=collate_volumes,
+                                                   rank=dist_info.rank, shuffle=True, seed=config.seed)
+        self.loader = DataLoader(dataset, batch_size=config.batch_size, sampler=self.sampler,
+                                 num_workers=config.num_workers, collate_fn=collate_volumes,
                                  pin_memory=dist_info.device.type == "cuda",
                                  worker_init_fn=single_threaded_worker)
-        self.steps_per_epoch = len(self.loader) // args.accum_iter
+        self.steps_per_epoch = len(self.loader) // config.accum_iter
         if self.steps_per_epoch == 0:
             raise UsageError(f"one epoch has {len(self.loader)} batches per rank, fewer than "
-                             f"--accum_iter {args.accum_iter}: lower --accum_iter or --batch_size")
-        self.total_steps = args.epochs * self.steps_per_epoch
-        if args.max_steps is not None:
-            self.total_steps = min(self.total_steps, args.max_steps)
-        self.warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
-        optimizer = build_optimizer(core, args.weight_decay, fused=not args.deepspeed)
-        self.backend = make_backend(core, optimizer, dist_info, args.deepspeed, args.precision, args.batch_size,
-                                    args.accum_iter, args.clip_grad, cpu_bf16=True)
+                             f"--accum_iter {config.accum_iter}: lower --accum_iter or --batch_size")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
+        optimizer = build_optimizer(core, config.weight_decay, fused=not config.deepspeed)
+        self.backend = make_backend(core, optimizer, dist_info, config.deepspeed, config.precision, config.batch_size,
+                                    config.accum_iter, config.clip_grad, cpu_bf16=True)
         self.core = self.backend.module
         self.step = 0
         self.bad_steps_in_row = 0
         self.applied_steps = 0  # optimizer steps that changed the weights, over the whole run (resumes included)
         self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, over the whole run
         self.epoch_failures = 0  # samples of the current epoch that failed to load, over all ranks
-        self.max_failures = args.max_bad_samples * len(dataset)
+        self.max_failures = config.max_bad_samples * len(dataset)
         self.failed_sources: dict[str, str] = {}
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -204,7 +237,7 @@ class Pretrainer:
     def check_resumable(self, saved: dict, path: Path) -> None:
         """A checkpoint of another model, grid, masking or target cannot continue this run: its weights would
         not fit, or its loss would change meaning mid-run (1.03 to 1.80 with --norm_pix_loss)."""
-        current = plain_args(self.args)
+        current = self.checkpoint.args
         changed = [key for key in RESUME_DEFINING if key in saved and saved[key] != current.get(key)]
         if changed:
             shown = "; ".join(f"--{key} {saved[key]} there, {current.get(key)} here" for key in changed)
@@ -228,13 +261,13 @@ class Pretrainer:
             last = i == len(micro_batches) - 1
             with self.backend.accumulating(last):
                 volume = finish_batch(batch, device)
-                noise = keyed_masking_noise(self.core, batch["index"], epoch, self.args.seed, self.args.mask_type, device)
-                views = {"second_noise": keyed_masking_noise(self.core, batch["index"], epoch, self.args.seed,
-                                                       self.args.mask_type, device, view=1)} \
+                noise = keyed_masking_noise(self.core, batch["index"], epoch, self.config.seed, self.config.mask_type, device)
+                views = {"second_noise": keyed_masking_noise(self.core, batch["index"], epoch, self.config.seed,
+                                                       self.config.mask_type, device, view=1)} \
                     if getattr(self.core, "needs_second_view", False) else {}
                 with self.backend.autocast():
-                    loss, pred, mask = self.backend.model(volume.to(input_dtype), self.args.mask_ratio,
-                                                          self.args.mask_type, noise=noise, **views)
+                    loss, pred, mask = self.backend.model(volume.to(input_dtype), self.config.mask_ratio,
+                                                          self.config.mask_type, noise=noise, **views)
                 local = loss.detach().float()
                 finite = bool(torch.isfinite(local))
                 stats = torch.tensor([local.item() if finite else 0.0, float(not finite)], device=device,
@@ -255,7 +288,7 @@ class Pretrainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def train(self, run_log: RunLog) -> None:
-        args = self.args
+        config = self.config
         bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", disable=not self.dist.is_main,
                    dynamic_ncols=True)
         window = _LogWindow()
@@ -268,17 +301,17 @@ class Pretrainer:
             self.sampler.set_epoch(epoch)
             self.loader.dataset.set_epoch(epoch)
             first = self.step - epoch * self.steps_per_epoch
-            self.sampler.set_start(first * args.accum_iter * args.batch_size)
+            self.sampler.set_start(first * config.accum_iter * config.batch_size)
             batches = iter(self.loader)
             for _ in range(first, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
                 tick = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(args.accum_iter)]
+                micro_batches = [next(batches) for _ in range(config.accum_iter)]
                 window.data_wait += time.perf_counter() - tick
                 for batch in micro_batches:
                     self._note_failures(batch["failed"])
-                lr = lr_at_step(self.step, args.lr, args.min_lr, self.warmup_steps, self.total_steps)
+                lr = lr_at_step(self.step, config.lr, config.min_lr, self.warmup_steps, self.total_steps)
                 set_lr(self.backend.optimizer, lr)
                 keep_sample = self.dist.is_main and self._is_vis_step(self.step + 1)
                 result = self.optimizer_step(micro_batches, epoch, keep_sample)
@@ -289,33 +322,33 @@ class Pretrainer:
                 if self.epoch_failures > self.max_failures:
                     bar.close()
                     self._stop_unreadable(f"{self.epoch_failures} samples of epoch {epoch} could not be loaded, "
-                                          f"more than --max_bad_samples {self.args.max_bad_samples:g} of "
+                                          f"more than --max_bad_samples {self.config.max_bad_samples:g} of "
                                           f"{len(self.loader.dataset)}")
                 window.add(result, sum(int(b["index"].numel()) for b in micro_batches) * self.dist.world_size)
                 too_many_bad = self._count_bad_step(result)
                 bar.update(1)
                 if result.loss is not None:
                     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-                if self.step % args.log_every == 0 or self.step == self.total_steps or too_many_bad:
+                if self.step % config.log_every == 0 or self.step == self.total_steps or too_many_bad:
                     run_log.scalars(window.record(self.step, self.step / self.steps_per_epoch, lr), self.step)
                     window = _LogWindow()
                 if too_many_bad:
                     self._stop_non_finite(result)
                 if result.sample is not None:
                     self._save_figure(run_log, result.sample)
-                if args.save_every_steps and self.step % args.save_every_steps == 0:
+                if config.save_every_steps and self.step % config.save_every_steps == 0:
                     self.save("checkpoint-last.pth")
                 self._stop_if_requested(bar)
             del batches
             if self.step % self.steps_per_epoch == 0:
                 finished = self.step // self.steps_per_epoch
-                if finished % args.save_every == 0 or self.step == self.total_steps:
+                if finished % config.save_every == 0 or self.step == self.total_steps:
                     self.save("checkpoint-last.pth")
-                if args.keep_every and finished % args.keep_every == 0:
+                if config.keep_every and finished % config.keep_every == 0:
                     self.save(f"checkpoint-{finished - 1}.pth")
                 if self.probe and (finished % self.probe.every == 0 or self.step == self.total_steps):
                     self._run_probe(run_log)
-                if self.holdout is not None and (finished % self.args.val_every == 0 or self.step == self.total_steps):
+                if self.holdout is not None and (finished % self.config.val_every == 0 or self.step == self.total_steps):
                     self._run_holdout(run_log)
             epoch += 1
         bar.close()
@@ -349,7 +382,7 @@ class Pretrainer:
         volumes on all ranks."""
         training = self.core.training
         self.core.eval()
-        loader = DataLoader(self.holdout, batch_size=self.args.batch_size, collate_fn=collate_volumes,
+        loader = DataLoader(self.holdout, batch_size=self.config.batch_size, collate_fn=collate_volumes,
                             sampler=ShardSampler(len(self.holdout), self.dist.rank, self.dist.world_size))
         device = self.dist.device
         total = torch.zeros(2, device=device, dtype=torch.float64)
@@ -357,11 +390,11 @@ class Pretrainer:
             if batch["volume"] is None:
                 continue
             volume = finish_batch(batch, device)
-            noise = keyed_masking_noise(self.core, batch["index"], HOLDOUT_MASK_EPOCH, self.args.seed, self.args.mask_type,
+            noise = keyed_masking_noise(self.core, batch["index"], HOLDOUT_MASK_EPOCH, self.config.seed, self.config.mask_type,
                                   device)
             with self.backend.autocast(inference=True):
                 loss, _, _ = self.core(volume.to(getattr(self.backend, "input_dtype", torch.float32)),
-                                       self.args.mask_ratio, self.args.mask_type, noise=noise)
+                                       self.config.mask_ratio, self.config.mask_type, noise=noise)
             total += torch.tensor([loss.float().item() * len(volume), len(volume)], device=device, dtype=torch.float64)
         all_reduce_sum(total)
         self.core.train(training)
@@ -388,7 +421,7 @@ class Pretrainer:
         raise Preempted(self.step, reason)
 
     def _is_vis_step(self, step: int) -> bool:
-        return step == self.total_steps or (self.args.vis_every > 0 and step % self.args.vis_every == 0)
+        return step == self.total_steps or (self.config.vis_every > 0 and step % self.config.vis_every == 0)
 
     def _count_bad_step(self, result: StepResult) -> bool:
         """Count consecutive non-finite steps; True once there are --max_bad_steps of them."""
@@ -398,7 +431,7 @@ class Pretrainer:
         self.bad_steps_in_row += 1
         if self.dist.is_main:
             tqdm.write(f"step {self.step}: skipped ({result.reason}); {self.bad_steps_in_row} in a row")
-        return self.bad_steps_in_row >= self.args.max_bad_steps
+        return self.bad_steps_in_row >= self.config.max_bad_steps
 
     def _stop_non_finite(self, result: StepResult) -> None:
         """Stop with a checkpoint of the last good state (skipped steps changed no weight)."""
@@ -407,7 +440,7 @@ class Pretrainer:
         where = self.backend.checkpoint_candidates(self.output_dir)[0]
         raise NonFiniteLossError(
             f"{self.bad_steps_in_row} steps in a row had a {result.reason} (--max_bad_steps "
-            f"{self.args.max_bad_steps}); stopped at step {self.step} and saved the last good state in {where}. "
+            f"{self.config.max_bad_steps}); stopped at step {self.step} and saved the last good state in {where}. "
             f"Lower the learning rate, use --clip_grad, or --precision bf16/fp32.")
 
     def _is_divergence(self, result: StepResult) -> bool:

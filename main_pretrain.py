@@ -34,6 +34,7 @@ from .engine_pretrain import (
     FeatureProbe,
     NonFiniteLossError,
     Preempted,
+    PretrainConfig,
     Pretrainer,
     ResumeMismatchError,
     UnreadableDataError,
@@ -89,18 +90,18 @@ def resolve_input_size(requested: tuple[int, ...] | str, data_path: str | None) 
     return (256,)
 
 
-def resolve_schedule(args: argparse.Namespace, samples: int, world_size: int) -> str:
-    """`--epochs auto` and `--warmup_epochs auto` from the corpus size and the batch; what was chosen, for the log."""
+def resolve_schedule(args: argparse.Namespace, samples: int, world_size: int) -> tuple[int, float, str]:
+    """(epochs, warmup epochs, what was chosen for the log): `--epochs auto` and `--warmup_epochs auto` from the
+    corpus size and the batch."""
     per_epoch = optimizer_steps_per_epoch(samples, world_size, args.batch_size, args.accum_iter)
-    notes = []
-    if args.epochs == "auto":
-        args.epochs = auto_epochs(per_epoch)
-        notes.append(f"epochs auto: {args.epochs} x {per_epoch} steps for about {AUTO_PRETRAIN_STEPS} steps")
-    if args.warmup_epochs == "auto":
-        total = min(args.epochs * per_epoch, args.max_steps or math.inf)
-        args.warmup_epochs = auto_warmup_epochs(total, per_epoch)
+    epochs, warmup, notes = args.epochs, args.warmup_epochs, []
+    if epochs == "auto":
+        epochs = auto_epochs(per_epoch)
+        notes.append(f"epochs auto: {epochs} x {per_epoch} steps for about {AUTO_PRETRAIN_STEPS} steps")
+    if warmup == "auto":
+        warmup = auto_warmup_epochs(min(epochs * per_epoch, args.max_steps or math.inf), per_epoch)
         notes.append("warmup auto: a tenth of the steps")
-    return f" ({'; '.join(notes)})" if notes else ""
+    return epochs, warmup, f" ({'; '.join(notes)})" if notes else ""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -296,16 +297,15 @@ def main(args: argparse.Namespace) -> int:
             f"{'none' if args.no_augment else 'flips' if profile.is_label_like else 'flips and intensity jitter'}")
         input_size, in_chans, data_info, config = spec.input_size, spec.in_chans, spec.to_dict(), None
         normalization = profile.normalization if args.normalize == "auto" else {}
-        args.data_path = f"{spec.root}/{spec.filename} (train split)"
+        data_path = f"{spec.root}/{spec.filename} (train split)"
     else:
         input_size, in_chans, normalization = grid(resolve_input_size(args.input_size, args.data_path)), 1, {}
-        if args.data_path is None:
-            args.data_path = phantom_corpus(args.output_dir, args.num_phantoms, args.seed, dist_info.is_main)
-        dataset, config = build_pretrain_dataset(args.data_path, input_size,
+        data_path = args.data_path or phantom_corpus(args.output_dir, args.num_phantoms, args.seed, dist_info.is_main)
+        dataset, config = build_pretrain_dataset(data_path, input_size,
                                                  preprocess_config_from_args(args, input_size),
                                                  not args.no_augment, args.seed, dist_info.is_main,
                                                  Path(args.output_dir) / "skipped_sources.txt")
-        data_info = {"source": "volumes", "data_path": args.data_path, "volumes": len(dataset)}
+        data_info = {"source": "volumes", "data_path": data_path, "volumes": len(dataset)}
 
     holdout = None
     if args.val_fraction:
@@ -324,50 +324,51 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     overrides["patch_size"] = resolve_patch_size(args, input_size, overrides.get("stem_channels", 0) > 0)
-    auto_model = args.model == "auto"
-    if auto_model:
-        args.model = AUTO_MAE
+    model_name = AUTO_MAE if args.model == "auto" else args.model
     try:
-        core = models.create_model(args.model, **overrides)
+        core = models.create_model(model_name, **overrides)
         core.num_visible(args.mask_ratio, args.mask_type)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
     effective_batch = args.batch_size * args.accum_iter * dist_info.world_size
-    if args.blr is None:
-        args.blr = AUTO_BLR if auto_model else MAE_BLR
-    args.lr = effective_lr(args.blr, args.lr, effective_batch)
-    schedule_note = resolve_schedule(args, len(dataset), dist_info.world_size)
-    saved_with = PretrainingCheckpoint(args.model, core.config, data_info,
-                                       config.to_dict() if config is not None else None, plain_args(args))
-    probe = build_probe(args, core, config, say)
-    trainer = Pretrainer(args, core, dataset, dist_info, saved_with, preemption, probe, holdout)
-    checkpoint = resume(args, trainer, say)
+    blr = args.blr if args.blr is not None else (AUTO_BLR if args.model == "auto" else MAE_BLR)
+    epochs, warmup_epochs, schedule_note = resolve_schedule(args, len(dataset), dist_info.world_size)
+    # the flags with every `auto` resolved: what the loop reads (PretrainConfig) and every checkpoint records
+    resolved = argparse.Namespace(**{**vars(args), "model": model_name, "data_path": data_path, "blr": blr,
+                                 "lr": effective_lr(blr, args.lr, effective_batch), "epochs": epochs,
+                                 "warmup_epochs": warmup_epochs})
+    saved_with = PretrainingCheckpoint(model_name, core.config, data_info,
+                                       config.to_dict() if config is not None else None, plain_args(resolved))
+    probe = build_probe(resolved, core, config, say)
+    trainer = Pretrainer(PretrainConfig.from_flags(resolved), core, dataset, dist_info, saved_with, preemption, probe,
+                         holdout)
+    checkpoint = resume(resolved, trainer, say)
     if checkpoint is not None:
         say(f"resumed from {checkpoint} at step {trainer.step}")
 
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
     n_decoder = sum(p.numel() for name, p in core.named_parameters()
                     if p.requires_grad and name.startswith(PRETRAINING_ONLY_PREFIXES))
-    say(f"model {args.model}: {n_params / 1e6:.2f}M trainable parameters (encoder {(n_params - n_decoder) / 1e6:.2f}M, "
+    say(f"model {resolved.model}: {n_params / 1e6:.2f}M trainable parameters (encoder {(n_params - n_decoder) / 1e6:.2f}M, "
         f"decoder {n_decoder / 1e6:.2f}M), grid {core.grid_size}, "
-        f"{core.num_visible(args.mask_ratio, args.mask_type)}/{core.num_patches} patches visible")
+        f"{core.num_visible(resolved.mask_ratio, resolved.mask_type)}/{core.num_patches} patches visible")
     grid_note = f", grid {config.size}, {config.resample}" if config is not None else ""
     held = f", {len(holdout)} held out for val_loss" if holdout is not None else ""
     kind = type(getattr(dataset, "dataset", dataset)).__name__
-    say(f"data: {len(dataset)} volumes{held} from {args.data_path} ({kind}{grid_note}) -> {input_size}; "
+    say(f"data: {len(dataset)} volumes{held} from {resolved.data_path} ({kind}{grid_note}) -> {input_size}; "
         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
     engine = f"DeepSpeed ZeRO-{trainer.backend.config.get('zero_optimization', {}).get('stage', 0)}" \
-        if args.deepspeed else ("DDP" if dist_info.distributed else "single process")
+        if resolved.deepspeed else ("DDP" if dist_info.distributed else "single process")
     say(f"{dist_info.world_size} rank(s) on {dist_info.device} ({engine}), precision "
-        f"{trainer.backend.precision if args.deepspeed else describe_precision(args.precision, dist_info.device, cpu_bf16=True)}; "
-        f"effective batch {effective_batch}, lr {args.lr:.3e}"
+        f"{trainer.backend.precision if resolved.deepspeed else describe_precision(resolved.precision, dist_info.device, cpu_bf16=True)}; "
+        f"effective batch {effective_batch}, lr {resolved.lr:.3e}"
         f"{'; threads ' + dist_info.cpu_threads if dist_info.cpu_threads else ''}")
-    say(f"schedule: {args.epochs} epochs, warmup {args.warmup_epochs:g} epochs ({trainer.warmup_steps} steps){schedule_note}")
+    say(f"schedule: {resolved.epochs} epochs, warmup {resolved.warmup_epochs:g} epochs ({trainer.warmup_steps} steps){schedule_note}")
     if warning := warmup_warning(trainer.warmup_steps, trainer.total_steps):
         say(warning)
 
-    run_log = RunLog(output_dir, args.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
+    run_log = RunLog(output_dir, resolved.log_dir or output_dir / "tensorboard", enabled=dist_info.is_main)
     try:
         trainer.train(run_log)
     except (NonFiniteLossError, UnreadableDataError) as err:
@@ -383,10 +384,10 @@ def main(args: argparse.Namespace) -> int:
     failed = trainer.all_failed_sources()
     if failed:
         say(f"warning: {len(failed)} volume(s) could not be loaded during training and were skipped")
-    resume_files = "deepspeed/ (resume)" if args.deepspeed else "checkpoint-last.pth"
+    resume_files = "deepspeed/ (resume)" if resolved.deepspeed else "checkpoint-last.pth"
     say(f"{trainer.nonfinite_steps} of {trainer.step} steps skipped for a non-finite loss or gradient")
     say(f"done: {output_dir} holds {resume_files}, model.pth, encoder.pth, log.txt, reconstruction.png, "
-        f"tensorboard in {args.log_dir or output_dir / 'tensorboard'}")
+        f"tensorboard in {resolved.log_dir or output_dir / 'tensorboard'}")
     shutdown()
     return 0
 

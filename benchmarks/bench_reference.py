@@ -76,8 +76,9 @@ def our_step(args: argparse.Namespace, decoder: dict):
 
     from .. import models
     from ..datasets.volume_dataset import ArrayPretrainDataset, collate_volumes
-    from ..engine_pretrain import Pretrainer
+    from ..engine_pretrain import PretrainConfig, Pretrainer
     from ..main_pretrain import get_args_parser
+    from ..models.pretraining_checkpoint import PretrainingCheckpoint
     from ..util.dist import init_distributed
     from ..util.preemption import PreemptionWatch
 
@@ -85,12 +86,13 @@ def our_step(args: argparse.Namespace, decoder: dict):
     output_dir = tempfile.mkdtemp(prefix="bench_reference_")
     run = get_args_parser().parse_args([
         "--batch_size", str(args.batch_size), "--mask_ratio", str(args.mask_ratio), "--num_workers", "0",
-        "--precision", "fp32", "--output_dir", output_dir, "--epochs", "1"])
+        "--precision", "fp32", "--output_dir", output_dir, "--epochs", "1", "--warmup_epochs", "0", "--lr", "1e-4"])
     core = models.create_model(args.model, img_size=args.input_size, patch_size=args.patch_size, **decoder)
     images = (np.random.default_rng(0).random((args.batch_size * 4, 1, *(args.input_size,) * 3)) * 65535)
     dataset = ArrayPretrainDataset(images.astype(np.uint16), "random")
     dist_info = init_distributed("cpu")
-    trainer = Pretrainer(run, core, dataset, dist_info, {}, PreemptionWatch(Path(output_dir), dist_info.device))
+    trainer = Pretrainer(PretrainConfig.from_flags(run), core, dataset, dist_info,
+                         PretrainingCheckpoint(args.model, core.config), PreemptionWatch(Path(output_dir), dist_info.device))
     batch = collate_volumes([dataset[i] for i in range(args.batch_size)])
     return lambda: trainer.optimizer_step([batch], 0, keep_sample=False)
 

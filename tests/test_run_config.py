@@ -128,12 +128,15 @@ def test_pretraining_checkpoints_round_trip_and_version_1_files_count_every_step
         PretrainingCheckpoint.from_dict({"model": {}}, "foreign.pth")
 
 
-def test_the_loop_and_the_model_choice_read_typed_configurations_only():
+def test_the_loops_and_the_model_choice_read_typed_configurations_only():
     import inspect
 
     from volmae.engine_finetune import Finetuner, build_optimizer
+    from volmae.engine_pretrain import PretrainConfig, Pretrainer
     from volmae.finetuning.model_choice import build_model, with_reconstruction
 
+    assert inspect.signature(Pretrainer).parameters["config"].annotation is PretrainConfig
+    assert dataclasses.fields(PretrainConfig) and PretrainConfig.__dataclass_params__.frozen
     assert inspect.signature(Finetuner).parameters["config"].annotation is TrainingConfig
     assert inspect.signature(build_optimizer).parameters["config"].annotation is TrainingConfig
     for function in (build_model, with_reconstruction):
