@@ -208,8 +208,9 @@ class Pretrainer:
         """Plain files any later step reads without knowing the engine: model.pth and encoder.pth."""
         weights = self.backend.full_state_dict(self.output_dir)
         if self.dist.is_main:
-            self.progress().with_weights(weights).save(self.output_dir / "model.pth")
-            self.progress().with_weights(encoder_weights(weights)).save(self.output_dir / "encoder.pth")
+            state = self.progress()
+            state.with_weights(weights).save(self.output_dir / "model.pth")
+            state.with_weights(encoder_weights(weights)).save(self.output_dir / "encoder.pth")
 
     def resume_newest(self, say) -> Path | None:
         """Resume from the newest checkpoint that loads; newer ones that cannot be read are reported by path and

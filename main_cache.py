@@ -8,11 +8,8 @@ Re-running the same command after a crash or a kill builds only what is missing;
 cached again. Unusable inputs are `skipped` with their reason; the exit code is non-zero only when nothing
 at all could be cached.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.main_cache", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import os

@@ -14,11 +14,8 @@ volumes (the run's own test cases, or --check_csv); the export stops when they d
 dict of monai.networks.nets.ViT, and monai_vit.json, the arguments that build it; its hidden states are
 checked to equal the encoder's tokens within 1e-5. A hybrid stem or MedViT-3D is refused: they do not map.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.main_export", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

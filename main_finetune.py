@@ -16,11 +16,8 @@ slivit_backbone (SLIViT's 2D ConvNeXt pretraining). The checkpoint kept is the e
 validation AUC (R2 for regression); the test split is evaluated once, with it. Metrics are the medmnist
 Evaluator's; on MedMNIST's own splits the scores are also written in its CSV format.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.main_finetune", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import sys
 

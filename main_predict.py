@@ -9,11 +9,8 @@ passes through. Preprocessing and class names come from the checkpoint. The outp
 input row, in order: the input columns, prob_<class> for each class, pred_index, pred_label,
 status (ok/error) and error. A row that cannot be read is an `error` row; the others are predicted.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.main_predict", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import os

@@ -5,11 +5,8 @@
 
 Without --data_path it writes a small corpus of synthetic CT phantoms and trains on it.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.main_pretrain", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import logging

@@ -7,11 +7,8 @@
 `python main_study.py STUDY --help` lists a study's options. The studies live in `studies/`; the shell scripts
 under launch/recipes/ only choose the interpreter ($VOLMAE_PYTHON) and the study.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.main_study", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import sys

@@ -8,11 +8,8 @@ encoder as a classifier) are timed, fp32 and bf16 taking turns for --rounds roun
 median seconds per step, volumes/s, the bf16 speedup of each, the largest relative loss difference over the steps,
 and whether the CPU has native bf16 (what `--precision auto` goes by).
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_bf16", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

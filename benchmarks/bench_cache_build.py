@@ -7,11 +7,8 @@ and prints JSON: volumes/s for each and the speedup over one worker. By default 
 cores / workers SimpleITK threads, so one worker already uses every core for ITK's parallel
 filters; "1_single_thread" (one worker, one thread) shows the scaling of processes alone.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_cache_build", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -6,11 +6,8 @@ with and without the checksum, then read whole, alternating rounds so both see t
 Prints JSON: volumes/s of each, their ratio and the file sizes. With the checksum, bit-rot in a chunk is
 reported as a checksum error instead of being decoded into wrong voxels (when the compressor does not notice).
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_checksum", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

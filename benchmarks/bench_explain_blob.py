@@ -7,11 +7,8 @@ share of the explanation's mass inside the blob against the blob's share of the 
 Prints JSON: test accuracy, mean mass inside the blob, the blob's mean volume share, and their ratio
 (1 = no better than a uniform map).
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_explain_blob", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -8,11 +8,8 @@ Training: samples/s of each loop over --epochs epochs of --samples random volume
 turns for --rounds rounds; overhead = 1 - ours / bare. Evaluation: volumes/s of Finetuner.predict (the
 validation and test pass) per model and grid. Prints JSON.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_finetune", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -9,11 +9,8 @@ transfer between processes (the upper bound), and (c1) the same bare reads in on
 JSON with volumes/s, MB/s (float32 voxels delivered) and the ratios a/b, a/c and a/c1.
 Every path runs once untimed first (warm page cache, workers started), then is timed.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_loader", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -13,11 +13,8 @@ subprocess; up to --jobs run at once (small models leave a GPU mostly idle, so p
 there; on a 2-core CPU use --jobs 1). Prints JSON: test AUC/ACC mean and std over the seeds, and
 the wall-clock of each run (pretraining counted in the MAE row).
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_medmnist", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -10,11 +10,8 @@ during the optimizer steps (setup, where every rank first builds the whole model
 apart). A small input keeps activations small, so the figures show what ZeRO partitions:
 parameters, gradients and optimizer states. Prints JSON.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_memory", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import gc

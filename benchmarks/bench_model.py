@@ -6,11 +6,8 @@ Measures forward + backward + AdamW step (volumes/s), peak memory and model FLOP
 (torch's FlopCounterMode), for each --decoders candidate and for the reference decoder 512x8x16,
 each in a fresh child process of this run so that its peak memory is its own. Prints JSON.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_model", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -7,11 +7,8 @@ not depend on them), then (a) end to end, `main_predict.py` on a CSV of CT-sized
 (read, reorient, resample, window, predict), and (b) the model's forward pass alone on random
 inputs. Prints JSON with volumes/s for both.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_predict", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -15,11 +15,8 @@ machine hits all of them alike:
 for every --mask_ratios value. Prints JSON: volumes/s per run, the median per configuration, and the
 ratios of `equal` and `default` to `reference`.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_reference", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

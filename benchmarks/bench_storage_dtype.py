@@ -8,11 +8,8 @@ compression, and prints JSON: max and RMS error in [0, 1] units (and in HU for a
 window), compressed MiB per volume, and full-volume and 64^3-crop read times (page-cached file, no
 HDF5 chunk cache, so every read decompresses as it does once per volume per epoch).
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_storage_dtype", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -7,11 +7,8 @@ then with a busy process holding one core, in one run.
 Prints JSON: volumes/s of each thread count, idle and shared, and the thread count util.threads.choose_threads gives
 for each situation (from the load the busy process adds).
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.bench_threads", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json

@@ -7,11 +7,8 @@ path (`--setup volumes`, launch/recipes/volumes.sh) can be judged on a labelled 
 MedMNIST stores no spacing: the volumes are written at 1 mm, so a 28^3 volume spans 28 mm per axis.
 Each volume is its own patient (`pid`): MedMNIST's splits are already by patient.
 """
-if __name__ == "__main__" and not __package__:  # run as a file: run it as the package's module, so that
-    import runpy  # the relative imports below resolve (docs/contributing.md, Imports)
-
-    runpy.run_module("volmae.benchmarks.medmnist_as_volumes", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
+    __package__ = "volmae.benchmarks"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 from pathlib import Path

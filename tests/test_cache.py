@@ -287,7 +287,7 @@ def _ignores_sigint(pid: int) -> bool:
     return bool(ignored & (1 << (signal.SIGINT - 1)))
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal dispositions from /proc")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the workers' signal masks from /proc, which only Linux has")
 def test_cache_workers_are_born_ignoring_ctrl_c_so_one_still_importing_prints_no_traceback():
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
