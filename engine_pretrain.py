@@ -6,8 +6,7 @@ an uninterrupted single-process run would.
 """
 import math
 import time
-from argparse import Namespace
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -18,19 +17,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .datasets.pretrain_augment import finish_batch
-from .datasets.probe_data import ProbeSet
 from .datasets.volume_dataset import collate_volumes, single_threaded_worker
 from .models.mae3d import encoder_weights
 from .models.pretraining_checkpoint import PretrainingCheckpoint
+from .pretraining.probe import FeatureProbe
+from .pretraining.run_config import PretrainConfig
 from .util.atomic import atomic_write
 from .util.checkpoint import CheckpointError
 from .util.dist import DistInfo, all_reduce_sum, barrier
-from .util.errors import UsageError
+from .util.errors import DataError, DivergedError, UsageError
 from .util.keyed_random import keyed_uniform
 from .util.lr_sched import lr_at_step, set_lr
 from .util.plotting import slice_grid
 from .util.preemption import PREEMPTED_FILE, PreemptionWatch
-from .util.probe import probe_aucs
 from .util.run_log import RunLog
 from .util.sampler import ResumableDistributedSampler, ShardSampler
 from .util.train_backend import make_backend
@@ -40,11 +39,11 @@ HOLDOUT_MASK_EPOCH = -1  # the held-out volumes' masks are keyed on this instead
 MAX_NONFINITE_SHARE = 0.05  # of a run's steps skipped for non-finite values, beyond which it has diverged
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DivergedError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-class UnreadableDataError(RuntimeError):
+class UnreadableDataError(DataError):
     """Too many samples failed to load, or no optimizer step succeeded: the run refuses to report success."""
 
 
@@ -83,35 +82,6 @@ def keyed_masking_noise(core, indices: torch.Tensor, epoch: int, seed: int, mask
     return core.expand_noise(raw, mask_type).to(device, non_blocking=True)
 
 
-class FeatureProbe:
-    """Scores the encoder's frozen features on a labelled set (kNN and linear probe AUCs, util.probe):
-    the signal that tells whether pretraining is buying anything, long before fine-tuning would."""
-
-    def __init__(self, probe_set: ProbeSet, every: int, batch_size: int = 64):
-        self.probe_set = probe_set
-        self.every = every  # epochs between probes (besides step 0 and the end)
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def features(self, core: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-        """Mean of the patch tokens after the encoder's final norm, no token masked: [N, E]."""
-        parts = []
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.from_numpy(images[start:start + self.batch_size]).to(device)
-            parts.append(core.forward_features(batch)[:, 1:].mean(dim=1).float().cpu().numpy())
-        return np.concatenate(parts)
-
-    def __call__(self, core: torch.nn.Module, device: torch.device) -> dict[str, float]:
-        training = core.training
-        core.eval()
-        start = time.perf_counter()
-        (train_x, train_y), (val_x, val_y) = self.probe_set.splits["train"], self.probe_set.splits["val"]
-        scores = probe_aucs(self.features(core, train_x, device), train_y, self.features(core, val_x, device), val_y,
-                            self.probe_set.task, self.probe_set.num_classes)
-        core.train(training)
-        return {**scores, "probe_seconds": time.perf_counter() - start}
-
-
 @dataclass
 class StepResult:
     loss: float | None  # global mean over ranks and micro-batches; None when the step was skipped
@@ -119,39 +89,6 @@ class StepResult:
     reason: str = ""  # why the step was skipped
     failed: int = 0  # samples that failed to load in this step, summed over ranks
     sample: tuple | None = None  # (volume, pred, mask) of the last micro-batch, for figures
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """What the pretraining loop reads, resolved once by main_pretrain (no `auto` left): the loop never writes it."""
-    output_dir: str
-    seed: int
-    epochs: int
-    max_steps: int | None
-    batch_size: int
-    accum_iter: int
-    num_workers: int
-    lr: float
-    min_lr: float
-    warmup_epochs: float
-    weight_decay: float
-    clip_grad: float | None
-    precision: str
-    deepspeed: str | None
-    mask_ratio: float
-    mask_type: str
-    log_every: int
-    save_every: int
-    save_every_steps: int | None
-    keep_every: int
-    vis_every: int
-    val_every: int
-    max_bad_steps: int
-    max_bad_samples: float
-
-    @classmethod
-    def from_flags(cls, flags: Namespace) -> "PretrainConfig":
-        return cls(**{f.name: getattr(flags, f.name) for f in fields(cls)})
 
 
 class Pretrainer:
@@ -211,6 +148,21 @@ class Pretrainer:
             state = self.progress()
             state.with_weights(weights).save(self.output_dir / "model.pth")
             state.with_weights(encoder_weights(weights)).save(self.output_dir / "encoder.pth")
+
+    def resume_as_flagged(self, flag: str, say) -> Path | None:
+        """--resume: auto (the newest checkpoint that loads, if any), none, or a path; the checkpoint resumed from."""
+        if flag in ("none", ""):
+            return None
+        try:
+            if flag == "auto":
+                return self.resume_newest(say)
+            path = Path(flag)
+            if not path.exists():
+                raise UsageError(f"--resume {path}: no such file")
+            self.resume(path)
+            return path
+        except (CheckpointError, ResumeMismatchError) as err:
+            raise UsageError(f"cannot resume: {err}") from None
 
     def resume_newest(self, say) -> Path | None:
         """Resume from the newest checkpoint that loads; newer ones that cannot be read are reported by path and

@@ -23,6 +23,7 @@ from .datasets.preprocess import AUTO, add_preprocess_args, preprocess_config_fr
 from .datasets.preprocess_choice import choose_preprocess, survey_headers
 from .datasets.sources import list_sources
 from .util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, run_main
+from .util.errors import UsageError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,9 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.workers < 1:
-        raise SystemExit("error: --workers must be at least 1")
+        raise UsageError("--workers must be at least 1")
     if args.size == AUTO and args.resample != AUTO:
-        raise SystemExit("error: --size auto is chosen together with the resampling: add --resample auto")
+        raise UsageError("--size auto is chosen together with the resampling: add --resample auto")
     size = None if args.size == AUTO else grid(args.size)
     config = preprocess_config_from_args(args, size or (1, 1, 1))
     start = time.perf_counter()
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = build_cache(sources, args.output, config, args.workers, args.dtype, args.shard_size,
                                itk_threads=args.itk_threads)
     except CacheSettingsError as err:
-        raise SystemExit(f"error: {err}; use another --output") from None
+        raise UsageError(f"{err}; use another --output") from None
     except KeyboardInterrupt:
         print(f"\ninterrupted: the finished shards in {args.output} are kept; run the same command again to build "
               f"the rest", file=sys.stderr)

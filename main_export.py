@@ -42,6 +42,7 @@ from .models.monai_vit import (
 from .util.atomic import atomic_write, make_output_folder
 from .util.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .util.cli import HelpFormatter, run_main
+from .util.errors import DataError, UsageError
 from .util.exported import CONFIG_FILE, write_config, write_weights
 from .util.model_card import LAYOUT, card_facts, render_card
 
@@ -88,7 +89,7 @@ def check_inputs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[torch.T
             base, where = Path(phantoms), "synthetic CT phantoms (datasets.phantoms)"
         batch = collate_cases([CaseDataset(paths, base, spec)[i] for i in range(len(paths))])
     if batch["input"] is None:
-        raise SystemExit(f"error: none of the check cases from {where} could be read ({batch['failed'][:1]})")
+        raise DataError(f"none of the check cases from {where} could be read ({batch['failed'][:1]})")
     return batch["input"], where
 
 
@@ -109,8 +110,8 @@ def export_onnx(args: argparse.Namespace, loaded: LoadedModel, out: Path) -> dic
     difference = float(np.abs(actual - expected).max())
     if not difference <= ONNX_TOLERANCE:
         path.unlink()
-        raise SystemExit(f"error: the ONNX graph differs from PyTorch by {difference:.2e} (more than "
-                         f"{ONNX_TOLERANCE:g}) on {len(volumes)} volumes from {where}; nothing was exported")
+        raise DataError(f"the ONNX graph differs from PyTorch by {difference:.2e} (more than "
+                        f"{ONNX_TOLERANCE:g}) on {len(volumes)} volumes from {where}; nothing was exported")
     print(f"onnx: {output} of {len(volumes)} volumes from {where} agree with PyTorch to {difference:.2e}")
     return {"file": path.name, "input": ONNX_INPUT, "output": output, "batch_axis": "dynamic",
             "checked_on": where, "checked_volumes": len(volumes), "max_abs_difference": difference,
@@ -123,13 +124,13 @@ def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel
     from monai.networks.nets import ViT
 
     if loaded.is_classifier:
-        raise SystemExit("error: --format monai takes a pretrained encoder (encoder.pth or model.pth of "
+        raise UsageError("--format monai takes a pretrained encoder (encoder.pth or model.pth of "
                          "volmae-pretrain); export a classifier as safetensors or onnx")
     try:
         kwargs = monai_vit_kwargs(checkpoint["model_config"])
         mapped = monai_vit_weights(checkpoint["model"], checkpoint["model_config"])
     except UnmappableEncoder as err:
-        raise SystemExit(f"error: cannot map {checkpoint.get('model_name')} to MONAI's ViT: {err}") from None
+        raise UsageError(f"cannot map {checkpoint.get('model_name')} to MONAI's ViT: {err}") from None
     vit = ViT(**kwargs)
     state = {**vit.state_dict(), **mapped}
     vit.load_state_dict(state, strict=True)
@@ -141,8 +142,8 @@ def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel
         actual = vit.norm(vit(volumes)[1][-1])
     difference = float((actual - expected).abs().max())
     if not difference <= MONAI_TOLERANCE:
-        raise SystemExit(f"error: MONAI's ViT differs from the VolMAE encoder by {difference:.2e} (more than "
-                         f"{MONAI_TOLERANCE:g}) on {len(volumes)} volumes from {where}; nothing was exported")
+        raise DataError(f"MONAI's ViT differs from the VolMAE encoder by {difference:.2e} (more than "
+                        f"{MONAI_TOLERANCE:g}) on {len(volumes)} volumes from {where}; nothing was exported")
     atomic_save(state, out / "monai_vit.pt")
     record = {"kwargs": kwargs, "layer_norm_eps": VOLMAE_LAYER_NORM_EPS, "input_layout": LAYOUT,
               "checked_on": where, "checked_volumes": len(volumes), "max_abs_difference": difference,
@@ -161,7 +162,7 @@ def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel
 def prepare_folder(out: Path, overwrite: bool) -> Path:
     if (out / CONFIG_FILE).exists():
         if not overwrite:
-            raise SystemExit(f"error: {out} holds an export already; choose another --output_dir or add --overwrite")
+            raise UsageError(f"{out} holds an export already; choose another --output_dir or add --overwrite")
         shutil.rmtree(out)
     return make_output_folder(out)
 
@@ -172,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
         checkpoint = load_checkpoint(source)
         loaded = load_for_inference(source, allow_encoder=True)
     except (FileNotFoundError, CheckpointError, NotAVolMAECheckpoint) as err:
-        raise SystemExit(f"error: cannot export {source}: {err}") from None
+        raise DataError(f"cannot export {source}: {err}") from None
     if not loaded.is_classifier:  # an MAE: export its encoder, the part other tools take
         weights = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
         checkpoint = {**checkpoint, "model": {k: v for k, v in weights.items()

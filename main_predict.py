@@ -33,6 +33,7 @@ from .util.atomic import atomic_write
 from .util.capped import print_capped
 from .util.cli import HelpFormatter, non_negative_int, positive_int, run_main
 from .util.dist import init_distributed, shutdown
+from .util.errors import UsageError
 from .util.explain import explain_predictions
 from .util.metrics import MULTI_LABEL, scores_from_logits
 from .util.sampler import ShardSampler
@@ -93,15 +94,15 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Refuse before any work: outputs that cannot be written (or would be overwritten without --overwrite),
     unknown embedding formats."""
     if args.explain and not args.output_csv:
-        raise SystemExit("error: --explain explains predictions; give --output_csv too")
+        raise UsageError("--explain explains predictions; give --output_csv too")
     for target in filter(None, (args.output_csv, args.embeddings)):
         if reason := unwritable_reason(Path(target), args.overwrite):
-            raise SystemExit(f"error: {target} {reason}")
+            raise UsageError(f"{target} {reason}")
     refuse_shared_paths(args)
     if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
-        raise SystemExit(f"error: --explain {args.explain} is a file, not a folder")
+        raise UsageError(f"--explain {args.explain} is a file, not a folder")
     if args.embeddings and Path(args.embeddings).suffix.lower() not in (".npy", ".h5"):
-        raise SystemExit(f"error: --embeddings must end in .npy or .h5, got {args.embeddings}")
+        raise UsageError(f"--embeddings must end in .npy or .h5, got {args.embeddings}")
 
 
 def refuse_shared_paths(args: argparse.Namespace) -> None:
@@ -112,7 +113,7 @@ def refuse_shared_paths(args: argparse.Namespace) -> None:
     for i, (flag, path) in enumerate(named):
         for other, other_path in named[i + 1:]:
             if Path(path).resolve() == Path(other_path).resolve() and flag in ("output_csv", "embeddings", "explain"):
-                raise SystemExit(f"error: --{flag} and --{other} are the same path ({path}); give each output its "
+                raise UsageError(f"--{flag} and --{other} are the same path ({path}); give each output its "
                                  f"own file")
 
 
@@ -135,7 +136,7 @@ def embed(model: torch.nn.Module, features: torch.Tensor, kind: str) -> torch.Te
     maps pooled as the head pools them."""
     if features.dim() != 3:
         if kind != "mean":
-            raise SystemExit(f"error: --embedding_type {kind} needs tokens; this model gives feature maps (mean)")
+            raise UsageError(f"--embedding_type {kind} needs tokens; this model gives feature maps (mean)")
         return model.forward_head(features, pre_logits=True)
     cls, mean = features[:, 0], features[:, 1:].mean(dim=1)
     return {"cls": cls, "mean": mean, "concat": torch.cat([cls, mean], dim=-1)}[kind]
@@ -252,11 +253,11 @@ def main(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.checkpoint, allow_encoder=bool(args.embeddings))
     table = read_cases(args.input_csv, args.path_col, args.id_col)
     if loaded.is_classifier and not args.output_csv:
-        raise SystemExit("error: --output_csv is required to predict with a classifier")
+        raise UsageError("--output_csv is required to predict with a classifier")
     if args.explain and not loaded.is_classifier:
-        raise SystemExit("error: --explain needs a fine-tuned classifier; this checkpoint is an encoder")
+        raise UsageError("--explain needs a fine-tuned classifier; this checkpoint is an encoder")
     if not args.output_csv and not args.embeddings:
-        raise SystemExit("error: nothing to write: give --output_csv and/or --embeddings")
+        raise UsageError("nothing to write: give --output_csv and/or --embeddings")
     spec = InputSpec.from_meta(loaded.meta, args.allow_external_data)
     dataset = CaseDataset(list(table[args.path_col]), Path(args.input_csv).resolve().parent, spec)
     start = time.perf_counter()

@@ -73,9 +73,10 @@ def our_step(args: argparse.Namespace, decoder: dict):
 
     from .. import models
     from ..datasets.volume_dataset import ArrayPretrainDataset, collate_volumes
-    from ..engine_pretrain import PretrainConfig, Pretrainer
-    from ..main_pretrain import get_args_parser
+    from ..engine_pretrain import Pretrainer
     from ..models.pretraining_checkpoint import PretrainingCheckpoint
+    from ..pretraining.cli import get_args_parser
+    from ..pretraining.run_config import PretrainConfig
     from ..util.dist import init_distributed
     from ..util.preemption import PreemptionWatch
 

@@ -18,7 +18,7 @@ CORES_PER_TEST = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIS
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(CORES_PER_TEST)
 SHARED_DATA = Path(os.environ.get("VOLMAE_SHARED_DATA", REPO.parent / "shared" / "data"))
-LIBRARY = ["datasets", "models", "util", "finetuning", "studies", "engine_pretrain.py", "engine_finetune.py"]
+LIBRARY = ["datasets", "models", "util", "finetuning", "pretraining", "studies", "engine_pretrain.py", "engine_finetune.py"]
 
 
 def copy_of_source(destination: Path) -> Path:

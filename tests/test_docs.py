@@ -13,7 +13,8 @@ pytestmark = pytest.mark.fast  # in-process: `make test-fast`
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-REPO_FILE = re.compile(r"^(?:benchmarks|launch|tests|datasets|models|util|finetuning|docs)/[\w./-]+\.(?:py|sh|json|png|sbatch|md)$"
+REPO_FILE = re.compile(r"^(?:benchmarks|launch|tests|datasets|models|util|finetuning|pretraining|studies|docs)/"
+                       r"[\w./-]+\.(?:py|sh|json|png|sbatch|md)$"
                        r"|^(?:main|engine)_\w+\.py$")
 EXAMPLES = {"models/tiny_cnn3d.py"}  # the file docs/contributing.md has a contributor write
 TOOLS = {"pip", "tensorboard", "sbatch", "git", "torchrun", "deepspeed"}  # installed with VolMAE or the system's

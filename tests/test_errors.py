@@ -34,6 +34,19 @@ def test_library_code_never_ends_the_process():
     assert not exits, f"library code ends the process; raise a volmae.util.errors error instead: {exits}"
 
 
+def test_a_main_ends_the_process_only_in_its_entry_code():
+    """Inside a main too, everything but the `cli()` (or `__main__`) entry raises typed errors: the body can be
+    called from a notebook or a study and the error caught."""
+    mains = sorted(REPO.glob("main_*.py"))
+    assert len(mains) >= 6
+    for path in mains:
+        tree = ast.parse(path.read_text(), str(path))
+        entry = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "cli")
+        entry_lines = set(range(entry.lineno, entry.end_lineno + 1))
+        exits = [hit for hit in process_exits(path) if int(hit.rsplit(":", 1)[1]) not in entry_lines]
+        assert not exits, f"a main's body ends the process; raise a volmae.util.errors error instead: {exits}"
+
+
 def test_the_finder_sees_each_way_of_ending_the_process(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import sys\nraise SystemExit('a')\nsys.exit(1)\nraise SystemExit\nprint('exit')\n")

@@ -132,8 +132,9 @@ def test_the_loops_and_the_model_choice_read_typed_configurations_only():
     import inspect
 
     from volmae.engine_finetune import Finetuner, build_optimizer
-    from volmae.engine_pretrain import PretrainConfig, Pretrainer
+    from volmae.engine_pretrain import Pretrainer
     from volmae.finetuning.model_choice import build_model, with_reconstruction
+    from volmae.pretraining.run_config import PretrainConfig
 
     assert inspect.signature(Pretrainer).parameters["config"].annotation is PretrainConfig
     assert dataclasses.fields(PretrainConfig) and PretrainConfig.__dataclass_params__.frozen
@@ -141,3 +142,24 @@ def test_the_loops_and_the_model_choice_read_typed_configurations_only():
     assert inspect.signature(build_optimizer).parameters["config"].annotation is TrainingConfig
     for function in (build_model, with_reconstruction):
         assert inspect.signature(function).parameters["config"].annotation is ModelConfig
+
+
+def test_pretraining_resolves_every_auto_into_a_new_namespace_and_refuses_in_typed_errors():
+    from volmae.pretraining.cli import get_args_parser
+    from volmae.pretraining.run_config import AUTO_BLR, AUTO_MAE, PretrainConfig, build_model, check_flags, resolve_flags
+    from volmae.util.errors import UsageError
+
+    args = get_args_parser().parse_args(["--model", "auto", "--batch_size", "4", "--output_dir", "out"])
+    given = dict(vars(args))
+    name, core = build_model(args, (16, 16, 16), 1, {})
+    resolved, note = resolve_flags(args, name, "corpus", samples=40, world_size=1)
+    assert vars(args) == given  # the flags themselves are never written to
+    assert (resolved.model, resolved.data_path, resolved.lr) == (AUTO_MAE, "corpus", AUTO_BLR * 4 / 256)
+    assert "auto" not in (resolved.epochs, resolved.warmup_epochs) and "epochs auto" in note
+    config = PretrainConfig.from_flags(resolved)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    with pytest.raises(UsageError, match="--max_bad_samples"):
+        check_flags(get_args_parser().parse_args(["--max_bad_samples", "2"]))
+    with pytest.raises(UsageError):
+        build_model(get_args_parser().parse_args(["--model", "auto", "--mask_ratio", "1.0"]), (16, 16, 16), 1, {})
