@@ -153,8 +153,8 @@ def run_study(args: argparse.Namespace) -> None:
     table, labels_csv = split_labels(args, out)
     labels = [c.strip() for c in args.label.split(",")]
     task = infer_task(table, labels, "auto")
-    if args.floor_col and (task != "binary-class" or args.floor_col not in table.columns):
-        raise UsageError(f"--floor_col needs a binary label and a column of {args.labels}; "
+    if args.floor_col and (task not in ("binary-class", "multi-class") or args.floor_col not in table.columns):
+        raise UsageError(f"--floor_col needs a binary or multi-class label and a column of {args.labels}; "
                          f"got {args.floor_col!r} for a {task} task")
 
     size = None if args.input_size == "auto" else tuple(args.input_size) * (3 if len(args.input_size) == 1 else 1)

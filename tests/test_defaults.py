@@ -5,6 +5,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ from volmae.models.vit import AUTO_ARCHITECTURE
 from volmae.util.baselines import image_floor
 from volmae.util.dist import DistInfo
 from volmae.util.lr_sched import auto_epochs, auto_warmup_epochs, optimizer_steps_per_epoch, warmup_warning
-from volmae.util.metrics import accuracy_at, paired_auc_difference, youden_threshold
+from volmae.util.metrics import accuracy_at, one_feature_auc, paired_auc_difference, youden_threshold
 from volmae.util.threads import choose_threads
 from volmae.util.train_backend import TorchBackend, resolve_precision
 
@@ -125,6 +126,27 @@ def test_the_automatic_grid_fits_the_voxel_budget_at_the_finest_spacing_that_doe
     assert "budget" in choice.reason and "coarser than the median finest" in choice.reason
     small = choose_preprocess(survey([(8.0, 12.0, 12.0 + i) for i in range(10)], 1.0), PreprocessConfig())
     assert small.config.spacing[0] == 1.0  # within budget at the headers' own spacing: kept
+
+
+@pytest.mark.parametrize("classes,task", [(2, "binary-class"), (5, "multi-class")])
+def test_the_one_feature_floor_is_scored_as_the_medmnist_evaluator_scores_the_image_models(classes, task):
+    """--floor_col on a binary or a multi-class label (the 5-level LIDC malignancy score): the same AUC the
+    image models are reported with, from the medmnist Evaluator's own function."""
+    from medmnist.evaluator import getAUC
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, classes, 400)
+    feature = labels + rng.normal(0.0, 1.0, 400)
+    floor = one_feature_auc(feature[:250], labels[:250], feature[250:], labels[250:])
+    model = LogisticRegression().fit(feature[:250, None], labels[:250])
+    assert floor == pytest.approx(getAUC(labels[250:], model.predict_proba(feature[250:, None]), task))
+    assert 0.7 < floor < 1.0
+    from volmae.studies.volumes_report import floor as study_floor
+    table = pd.DataFrame({"score": labels, "size": feature, "patient": np.arange(400) // 2,
+                          "split": np.where(np.arange(400) < 250, "train", "test")})
+    reported = study_floor(table, "size", "score", "patient", 1.0, [0, 1])
+    assert reported["column"] == "size" and reported["per_seed"] == pytest.approx([floor, floor])
 
 
 def test_the_paired_difference_finds_a_known_difference_and_resamples_patients():

@@ -131,14 +131,20 @@ def regression_metrics(y_true: np.ndarray, predicted: np.ndarray, names: list[st
 
 def one_feature_auc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
     """Test AUC of a logistic regression on one number per sample (e.g. a measured diameter): the floor an image
-    model must beat on the same split."""
+    model must beat on the same split. With more than two classes, a multinomial regression scored as the image
+    models are (the medmnist Evaluator's AUC: the mean one-vs-rest AUC over the classes)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    if len(set(np.asarray(train_y).tolist())) < 2 or len(set(np.asarray(test_y).tolist())) < 2:
+    train_y, test_y = np.asarray(train_y).reshape(-1), np.asarray(test_y).reshape(-1)
+    if len(np.unique(train_y)) < 2 or len(np.unique(test_y)) < 2:
         return math.nan
     model = LogisticRegression().fit(np.asarray(train_x, dtype=np.float64).reshape(-1, 1), train_y)
-    return float(roc_auc_score(test_y, model.predict_proba(np.asarray(test_x, dtype=np.float64).reshape(-1, 1))[:, 1]))
+    scores = model.predict_proba(np.asarray(test_x, dtype=np.float64).reshape(-1, 1))
+    if len(model.classes_) == 2:
+        return float(roc_auc_score(test_y == model.classes_[1], scores[:, 1]))
+    scored = [k for k, name in enumerate(model.classes_) if 0 < np.sum(test_y == name) < len(test_y)]
+    return float(np.mean([roc_auc_score(test_y == model.classes_[k], scores[:, k]) for k in scored]))
 
 
 def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float | None:
