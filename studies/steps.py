@@ -1,6 +1,6 @@
-"""What the studies share: running a step as the command a user would type, timing it in CPU seconds,
-remembering finished steps so that a re-run goes on where a killed one stopped, and summarising a fine-tuning run
-over seeds."""
+"""What the studies share: running a step as the command a user would type, timing it in CPU seconds (every
+attempt's, a killed one's included), remembering finished steps so that a re-run goes on where a killed one
+stopped, and summarising a fine-tuning run over seeds."""
 import json
 import os
 import re
@@ -11,12 +11,27 @@ from pathlib import Path
 
 import numpy as np
 
+from ..util.atomic import atomic_write
 from ..util.errors import VolMAEError
 
 REPO = Path(__file__).resolve().parents[1]  # where the mains are, in a checkout and in the installed package
 # A tqdm progress bar ("epoch 3:  40%|####      | 8/20 [...]"). Popen's text mode turns its carriage returns
 # into newlines, so bars are recognised by their shape, not by '\r'.
 PROGRESS_BAR = re.compile(r"\d+%\|")
+CPU_SAMPLE_SECONDS = 30.0  # how often a running step's CPU time so far is saved, for when it is killed
+
+
+def cpu_so_far(pid: int) -> float:
+    """CPU seconds a live process and the children it has waited for have used (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
+def _save_cpu(partial: Path, seconds: float) -> None:
+    atomic_write(partial, lambda tmp: tmp.write_text(json.dumps({"cpu_seconds": round(seconds, 1)})))
 
 
 class StepFailed(VolMAEError, RuntimeError):
@@ -28,30 +43,42 @@ def run(command: list[str], log: Path, done: Path | None = None, threads: int | 
     """Run one step with its output in `log` (and, with `echo`, on our stdout); its CPU and wall-clock seconds,
     the CPU time being the step's own (its process and what it waited for), so steps may run side by side.
     `threads` sets OMP_NUM_THREADS for it. With `done`, a step that finished before (its record in `done`) is
-    not run again and keeps its recorded times."""
+    not run again and keeps its recorded times, and the CPU time counts every attempt: a failed one's, and a
+    killed one's as last sampled (every CPU_SAMPLE_SECONDS, beside `done`), so a resumed pretraining is not
+    costed at its last part alone. The wall-clock time is the last attempt's."""
     if done is not None and done.exists():
         record = json.loads(done.read_text())
         print(f"already done: {' '.join(command[1:3])} ... ({done})", flush=True)
         return record
+    partial = None if done is None else done.with_name(f"{done.stem}.partial.json")  # earlier attempts' CPU
+    earlier = json.loads(partial.read_text())["cpu_seconds"] if partial is not None and partial.exists() else 0.0
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     wall = time.perf_counter()
     print(f"$ {' '.join(command)}", flush=True)
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    bufsize=1, env=env)
+        sampled = time.monotonic()
         for line in process.stdout:
             out.write(line)
             if echo and not PROGRESS_BAR.search(line):  # progress bars stay in the log
                 sys.stdout.write(line)
+            if partial is not None and time.monotonic() - sampled >= CPU_SAMPLE_SECONDS:
+                _save_cpu(partial, earlier + cpu_so_far(process.pid))
+                sampled = time.monotonic()
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = code = os.waitstatus_to_exitcode(status)
+    cpu = earlier + usage.ru_utime + usage.ru_stime
     if code != 0:
+        if partial is not None:
+            _save_cpu(partial, cpu)
         raise StepFailed(f"{command[1]} exited with {code}; its log: {log}")
-    record = {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-              "wall_seconds": round(time.perf_counter() - wall, 1)}
+    record = {"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1)}
     if done is not None:
-        done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(record))
+        partial.unlink(missing_ok=True)
     if not echo:
         print(f"finished in {record['wall_seconds']:.0f} s: {' '.join(command[1:3])} ... (log: {log})", flush=True)
     return record
