@@ -75,7 +75,7 @@ def build_optimizer(model: torch.nn.Module, weight_decay: float, fused: bool = T
 
 
 def keyed_masking_noise(core, indices: torch.Tensor, epoch: int, seed: int, mask_type: str,
-                  device: torch.device, view: int = 0) -> torch.Tensor:
+                        device: torch.device, view: int = 0) -> torch.Tensor:
     """Masking noise of a batch, each sample's a function of (seed, epoch, dataset index) alone; `view` > 0 gives
     other masks of the same samples (the contrastive term's second view)."""
     raw = keyed_uniform([seed, epoch] + ([view] if view else []), indices, core.noise_count(mask_type))
@@ -216,7 +216,7 @@ class Pretrainer:
                 volume = finish_batch(batch, device)
                 noise = keyed_masking_noise(self.core, batch["index"], epoch, self.config.seed, self.config.mask_type, device)
                 views = {"second_noise": keyed_masking_noise(self.core, batch["index"], epoch, self.config.seed,
-                                                       self.config.mask_type, device, view=1)} \
+                                                             self.config.mask_type, device, view=1)} \
                     if getattr(self.core, "needs_second_view", False) else {}
                 with self.backend.autocast():
                     loss, pred, mask = self.backend.model(volume.to(input_dtype), self.config.mask_ratio,

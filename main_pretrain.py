@@ -18,13 +18,13 @@ from .engine_pretrain import Preempted, Pretrainer
 from .models.mae3d import PRETRAINING_ONLY_PREFIXES
 from .models.pretraining_checkpoint import PretrainingCheckpoint
 from .pretraining.cli import get_args_parser
-from .pretraining.data import load_pretrain_data
+from .pretraining.data import PretrainData, load_pretrain_data
 from .pretraining.probe import build_probe
 from .pretraining.run_config import PretrainConfig, build_model, check_flags, resolve_flags
 from .util.atomic import make_output_folder
 from .util.checkpoint import plain_args
 from .util.cli import run_main
-from .util.dist import init_distributed, shutdown
+from .util.dist import DistInfo, init_distributed, shutdown
 from .util.lr_sched import warmup_warning
 from .util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
 from .util.run_lock import lock_output_folder
@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
         shutdown()
 
 
-def pretrain(args: argparse.Namespace, dist_info, say) -> int:
+def pretrain(args: argparse.Namespace, dist_info: DistInfo, say) -> int:
     output_dir = make_output_folder(args.output_dir)
     if dist_info.is_main:
         lock_output_folder(output_dir)
@@ -88,8 +88,8 @@ def pretrain(args: argparse.Namespace, dist_info, say) -> int:
     return 0
 
 
-def describe_run(resolved: argparse.Namespace, core: torch.nn.Module, data, trainer: Pretrainer, dist_info,
-                 schedule_note: str) -> list[str]:
+def describe_run(resolved: argparse.Namespace, core: torch.nn.Module, data: PretrainData, trainer: Pretrainer,
+                 dist_info: DistInfo, schedule_note: str) -> list[str]:
     """The header a user checks before waiting on a run: model size, data, ranks, precision, lr and schedule."""
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
     n_decoder = sum(p.numel() for name, p in core.named_parameters()

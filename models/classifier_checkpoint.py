@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..util.checkpoint import atomic_save, load_checkpoint, plain_args
+from ..util.checkpoint import atomic_save, load_checkpoint, plain_args, readable_version
 from ..util.errors import DataError
 
 CLASSIFIER_KIND = "volmae-classifier"
@@ -58,10 +58,7 @@ class ClassifierCheckpoint:
     def from_dict(cls, stored: dict[str, Any], path: str | os.PathLike) -> "ClassifierCheckpoint":
         if stored.get("kind") != CLASSIFIER_KIND:
             raise ClassifierCheckpointError(f"{path}: not a fine-tuned VolMAE classifier")
-        version = stored.get("format_version", 1)
-        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-            raise ClassifierCheckpointError(f"{path}: classifier format version {version}; this VolMAE reads up to "
-                                            f"{CHECKPOINT_VERSION}: update VolMAE")
+        readable_version(stored, CHECKPOINT_VERSION, "classifier", path, ClassifierCheckpointError)
         missing = [key for key in _REQUIRED if key not in stored]
         if missing:
             raise ClassifierCheckpointError(f"{path}: a classifier checkpoint without {', '.join(missing)}")

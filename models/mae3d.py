@@ -115,7 +115,7 @@ class MaskedAutoencoderViT(ViTEncoder):
         return raw
 
     def random_masking_noise(self, n: int, mask_type: str, device: torch.device,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                             generator: torch.Generator | None = None) -> torch.Tensor:
         """[N, L] masking noise from `generator` (the global RNG if None)."""
         raw = torch.rand(n, self.noise_count(mask_type), device=device, generator=generator)
         return self.expand_noise(raw, mask_type)

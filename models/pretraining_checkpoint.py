@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..util.checkpoint import atomic_save, load_checkpoint, plain_args
+from ..util.checkpoint import atomic_save, load_checkpoint, plain_args, readable_version
 from ..util.errors import DataError
 
 PRETRAINING_VERSION = 2
@@ -52,10 +52,7 @@ class PretrainingCheckpoint:
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any], path: str | os.PathLike) -> "PretrainingCheckpoint":
-        version = stored.get("format_version", 1)
-        if not isinstance(version, int) or version > PRETRAINING_VERSION:
-            raise PretrainingCheckpointError(f"{path}: pretraining format version {version}; this VolMAE reads up "
-                                             f"to {PRETRAINING_VERSION}: update VolMAE")
+        readable_version(stored, PRETRAINING_VERSION, "pretraining", path, PretrainingCheckpointError)
         if not isinstance(stored.get("model_name"), str) or not isinstance(stored.get("model_config"), dict):
             raise PretrainingCheckpointError(f"{path}: not a VolMAE pretraining checkpoint (no model_name and "
                                              f"model_config)")

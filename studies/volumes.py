@@ -100,9 +100,9 @@ def planned_pretrain_epochs(requested: int | str, cache: Path) -> int:
     return auto_epochs(optimizer_steps_per_epoch(trained, 1, int(PRETRAIN["--batch_size"]), 1))
 
 
-def split_labels(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, Path]:
+def split_labels(args: argparse.Namespace, labels: list[str], out: Path) -> tuple[pd.DataFrame, Path]:
     """The labels CSV with absolute paths and the split every later step uses: OUT/labels_split.csv."""
-    options = VolumeTaskOptions(labels=[c.strip() for c in args.label.split(",")], group=args.group,
+    options = VolumeTaskOptions(labels=labels, group=args.group,
                                 ratio=tuple(float(v) for v in args.split_ratio.split(",")), split_seed=args.split_seed)
     try:
         table = read_labels(Path(args.labels).resolve(), options)
@@ -150,8 +150,8 @@ def run_study(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     fractions = [float(f) for f in args.label_fractions.split(",")]
     python = sys.executable
-    table, labels_csv = split_labels(args, out)
     labels = [c.strip() for c in args.label.split(",")]
+    table, labels_csv = split_labels(args, labels, out)
     task = infer_task(table, labels, "auto")
     if args.floor_col and (task not in ("binary-class", "multi-class") or args.floor_col not in table.columns):
         raise UsageError(f"--floor_col needs a binary or multi-class label and a column of {args.labels}; "

@@ -58,6 +58,15 @@ class CheckpointError(DataError):
     """A checkpoint that cannot be used; the message names the file and the reason, in one line."""
 
 
+def readable_version(stored: dict, newest: int, what: str, path: str | os.PathLike, error: type[Exception]) -> int:
+    """A checkpoint type's `format_version` (1 where a file predates it), or `error` for one written by a newer
+    VolMAE, whose fields this version cannot know."""
+    version = stored.get("format_version", 1)
+    if not isinstance(version, int) or version > newest:
+        raise error(f"{path}: {what} format version {version}; this VolMAE reads up to {newest}: update VolMAE")
+    return version
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return re.sub(r"\s+", " ", text[0]) if text else type(err).__name__
