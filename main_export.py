@@ -39,6 +39,7 @@ from .models.monai_vit import (
     monai_vit_weights,
     set_layer_norm_eps,
 )
+from .models.pretraining_checkpoint import PretrainingCheckpoint
 from .util.atomic import atomic_write, make_output_folder
 from .util.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .util.cli import HelpFormatter, run_main
@@ -175,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, CheckpointError, NotAVolMAECheckpoint) as err:
         raise DataError(f"cannot export {source}: {err}") from None
     if not loaded.is_classifier:  # an MAE: export its encoder, the part other tools take
-        weights = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
+        weights = PretrainingCheckpoint.from_dict(checkpoint, source).weights
         checkpoint = {**checkpoint, "model": {k: v for k, v in weights.items()
                                               if not k.startswith(PRETRAINING_ONLY_PREFIXES)},
                       "input_size": loaded.meta["input_size"]}

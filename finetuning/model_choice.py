@@ -122,7 +122,7 @@ def with_reconstruction(config: ModelConfig, model: torch.nn.Module, say) -> tor
         checkpoint = PretrainingCheckpoint.load(config.finetune)
     except PretrainingCheckpointError:
         raise UsageError(needs) from None
-    weights = {k.removeprefix("module."): v for k, v in (checkpoint.weights or {}).items()}
+    weights = checkpoint.weights or {}
     if not checkpoint.model_name.startswith("mae_") or not any(k.startswith("decoder_") for k in weights):
         raise UsageError(needs)
     mae = create_model(checkpoint.model_name, **{**checkpoint.model_config, "contrast_weight": 0.0})

@@ -77,8 +77,7 @@ def load_for_inference(path: str | Path, allow_encoder: bool = False) -> LoadedM
         except PretrainingCheckpointError as err:
             raise NotAVolMAECheckpoint(str(err)) from None
         model = create_model(mae.model_name, **mae.model_config)
-        weights = {k.removeprefix("module."): v for k, v in mae.weights.items()}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.load_state_dict(mae.weights, strict=False)
         missing = [k for k in missing if not k.startswith(PRETRAINING_ONLY_PREFIXES)]  # encoder.pth has no decoder
         if missing or unexpected:
             raise NotAVolMAECheckpoint(f"{path}: weights do not fit {mae.model_name} (missing: "

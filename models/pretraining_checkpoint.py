@@ -59,7 +59,10 @@ class PretrainingCheckpoint:
         names = {f.name for f in fields(cls)} - {"weights", "applied_steps"}
         known = {key: stored[key] for key in names if stored.get(key) is not None}
         applied = stored.get("applied_steps", known.get("step", 0))  # version 1 before the count: every step applied
-        return cls(**known, applied_steps=int(applied), weights=stored.get("model"))
+        weights = stored.get("model")
+        if isinstance(weights, dict):  # weights saved from a DistributedDataParallel wrapper name it in every key
+            weights = {key.removeprefix("module."): value for key, value in weights.items()}
+        return cls(**known, applied_steps=int(applied), weights=weights)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PretrainingCheckpoint":

@@ -117,6 +117,21 @@ def test_pretrained_mae_loads_across_grids_and_fine_tunes(tmp_path):
     assert (out / "best.pth").exists()
 
 
+def test_fine_tuning_keeps_the_mae_loss_from_a_pretraining_with_its_decoder(tmp_path):
+    """--mae_loss_weight reads the MAE's decoder from model.pth; encoder.pth, which has none, is refused by name."""
+    pre = tmp_path / "mae"
+    run_cli(["main_pretrain.py", "--data_path", str(shared_path("volumes")), "--model", "mae_vit_tiny_patch16",
+             "--input_size", "28,28,28", "--patch_size", "7", "--decoder_depth", "1", "--batch_size", "2",
+             "--max_steps", "1", "--num_workers", "0", "--output_dir", str(pre)])
+    common = ["--data_flag", "adrenalmnist3d", "--model", "vit3d_tiny_patch7", "--epochs", "1", "--train_samples", "64",
+              "--mae_loss_weight", "1"]
+    out, result = finetune(tmp_path, "joint", *common, "--finetune", str(pre / "model.pth"))
+    assert "keeps the MAE's reconstruction loss (weight 1, mask ratio 0.75)" in result.stdout
+    assert (out / "best.pth").exists()
+    _, refused = finetune(tmp_path, "no_decoder", *common, "--finetune", str(pre / "encoder.pth"), check=False)
+    assert refused.returncode != 0 and "has none" in refused.stderr and "model.pth" in refused.stderr
+
+
 def test_a_checkpoint_that_does_not_fit_fails_naming_the_keys(tmp_path):
     wrong = models.create_model("vit3d_small_patch4", img_size=28, num_classes=2)
     torch.save({"model": wrong.state_dict()}, tmp_path / "small.pth")

@@ -128,6 +128,21 @@ def test_pretraining_checkpoints_round_trip_and_version_1_files_count_every_step
         PretrainingCheckpoint.from_dict({"model": {}}, "foreign.pth")
 
 
+def test_a_pretraining_saved_from_a_ddp_wrapper_loads_for_inference_and_export(tmp_path):
+    """Every reader of an MAE's weights (prediction, embeddings, export, --mae_loss_weight) goes through
+    PretrainingCheckpoint, so a `module.` prefix is dropped in one place."""
+    config = {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16,
+              "decoder_depth": 1, "decoder_num_heads": 2}
+    mae = models.create_model("mae_vit_tiny_patch16", **config)
+    wrapped = {f"module.{key}": value for key, value in mae.state_dict().items()}
+    PretrainingCheckpoint("mae_vit_tiny_patch16", config, weights=wrapped).save(tmp_path / "model.pth")
+    assert set(PretrainingCheckpoint.load(tmp_path / "model.pth").weights) == set(mae.state_dict())
+    loaded = load_for_inference(tmp_path / "model.pth", allow_encoder=True)
+    assert not loaded.is_classifier
+    for key, value in mae.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
 def test_the_loops_and_the_model_choice_read_typed_configurations_only():
     import inspect
 

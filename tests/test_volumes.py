@@ -197,6 +197,16 @@ def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path
     assert summary["cpu_seconds_one_seed"] > summary["pretrain"]["cpu_seconds_per_seed"] > 0
     assert (out / "report.png").stat().st_size > 10_000
     assert "fraction 1: test AUC mae" in result.stdout and "fraction 1: MAE - scratch" in result.stdout
+    # A screen's comparison of arms reads the same folders and pairs them as the study does.
+    folder = str(out / "finetune" / "{arm}" / "frac_1" / "seed_{seed}")
+    compared = json.loads(run_cli(
+        ["benchmarks/compare_runs.py", "--labels", str(out / "labels_split.csv"), "--group", "patient_id",
+         "--seeds", "0", "--baseline", "scratch=" + folder.replace("{arm}", "scratch"),
+         "--arm", "mae=" + folder.replace("{arm}", "mae")]).stdout)
+    mae = next(arm for arm in compared["arms"] if arm["arm"] == "mae")
+    assert mae["test_minus_scratch"]["difference"] == pytest.approx(summary["fractions"]["1"]["paired"]["difference"])
+    assert mae["per_seed"][0]["test_auc"] == pytest.approx(summary["fractions"]["1"]["mae"]["per_seed"][0]["test_auc"])
+    assert "val_minus_scratch" in mae and compared["chosen_on_validation"] in ("mae", "scratch")
 
 
 def test_build_cache_chooses_the_preprocessing_from_the_headers(sphere_crops, tmp_path):
