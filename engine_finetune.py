@@ -52,6 +52,15 @@ class TrainingConfig:
     deepspeed: str | None
     num_workers: int
     mae_loss_weight: float
+    probe_epochs: int = 0  # LP-FT: epochs in which only the head trains
+
+
+HEAD_MODULES = frozenset({"head", "fc_norm", "head_norm"})  # the ViTs' classification head, after the encoder
+
+
+def is_head_parameter(name: str) -> bool:
+    """A parameter of the head (in a classifier, or in one joined to its MAE decoder: `classifier.head.weight`)."""
+    return not HEAD_MODULES.isdisjoint(name.split(".")[:-1])
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
@@ -63,10 +72,28 @@ def build_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opt
         groups = param_groups_layer_decay(model, config.weight_decay, no_decay, layer_decay=config.layer_decay)
     else:
         groups = param_groups_weight_decay(model, config.weight_decay, no_decay)
+    if config.probe_epochs:
+        groups = split_head_groups(model, groups)
     fused = not config.deepspeed  # one kernel for all parameters (engine_pretrain.build_optimizer)
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr, fused=fused)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
+
+
+def split_head_groups(model: torch.nn.Module, groups: list[dict]) -> list[dict]:
+    """Each parameter group split into its head and its other parameters (`head`: True / False), with the same
+    settings, so that LP-FT can hold the encoder still by its groups' lr, which DDP and DeepSpeed both allow."""
+    head = {id(p) for name, p in model.named_parameters() if is_head_parameter(name)}
+    if not head:
+        raise UsageError(f"--probe_epochs trains the head alone, and {type(model).__name__} has none named "
+                         f"{', '.join(sorted(HEAD_MODULES))}")
+    split = []
+    for group in groups:
+        for in_head in (True, False):
+            params = [p for p in group["params"] if (id(p) in head) == in_head]
+            if params:
+                split.append({**group, "params": params, "head": in_head})
+    return split
 
 
 class Patience:
@@ -151,6 +178,9 @@ class Finetuner:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.dist.is_main)
         for i, (images, labels, _) in enumerate(bar):
             set_lr(self.optimizer, self.lr_at(epoch * self.steps_per_epoch + i, epoch))
+            if epoch < self.config.probe_epochs:  # LP-FT's probe: the encoder's groups stand still
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["lr"] if group.get("head", True) else 0.0
             with self.backend.autocast():
                 x = self.inputs(images, train=True)
                 if self.reconstruction_weight:

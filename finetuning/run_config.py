@@ -73,7 +73,7 @@ def resolve_run(args: argparse.Namespace, data: TaskData, profile: DataProfile, 
         warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, layer_decay=layer_decay,
         optimizer=args.optimizer, schedule=args.schedule, smoothing=args.smoothing, clip_grad=args.clip_grad,
         class_weights=args.class_weights, patience=args.patience, precision=args.precision, deepspeed=args.deepspeed,
-        num_workers=args.num_workers, mae_loss_weight=args.mae_loss_weight)
+        num_workers=args.num_workers, mae_loss_weight=args.mae_loss_weight, probe_epochs=args.probe_epochs)
     return FinetuneRun(
         setup=args.setup, recipe=args.recipe, model=model, training=training, augment=args.augment,
         full_augment=SETUPS[args.setup].full_augment(args), search=_search_mode(args),

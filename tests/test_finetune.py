@@ -9,7 +9,8 @@ from medmnist import Evaluator
 
 from tests.conftest import run_cli, shared_path
 from volmae import models
-from volmae.engine_finetune import Patience
+from volmae.engine_finetune import Patience, is_head_parameter
+from volmae.models.classifier_checkpoint import ClassifierCheckpoint
 from volmae.models.load_pretrained import CheckpointMismatchError, adapt_pos_embed, load_encoder
 from volmae.models.pos_embed import sincos_pos_embed
 from volmae.util.checkpoint import load_checkpoint
@@ -117,8 +118,9 @@ def test_pretrained_mae_loads_across_grids_and_fine_tunes(tmp_path):
     assert (out / "best.pth").exists()
 
 
-def test_fine_tuning_keeps_the_mae_loss_from_a_pretraining_with_its_decoder(tmp_path):
-    """--mae_loss_weight reads the MAE's decoder from model.pth; encoder.pth, which has none, is refused by name."""
+def test_fine_tuning_keeps_the_mae_loss_from_model_pth_and_lp_ft_holds_the_encoder_in_its_probe_epochs(tmp_path):
+    """--mae_loss_weight reads the MAE's decoder from model.pth (encoder.pth, which has none, is refused by name);
+    --probe_epochs trains the head alone first."""
     pre = tmp_path / "mae"
     run_cli(["main_pretrain.py", "--data_path", str(shared_path("volumes")), "--model", "mae_vit_tiny_patch16",
              "--input_size", "28,28,28", "--patch_size", "7", "--decoder_depth", "1", "--batch_size", "2",
@@ -130,6 +132,18 @@ def test_fine_tuning_keeps_the_mae_loss_from_a_pretraining_with_its_decoder(tmp_
     assert (out / "best.pth").exists()
     _, refused = finetune(tmp_path, "no_decoder", *common, "--finetune", str(pre / "encoder.pth"), check=False)
     assert refused.returncode != 0 and "has none" in refused.stderr and "model.pth" in refused.stderr
+
+    # LP-FT: in its probe epochs only the head moves; the encoder is the pretraining's, to the bit.
+    encoder = load_checkpoint(pre / "encoder.pth")["model"]
+    plain = ["--data_flag", "adrenalmnist3d", "--model", "vit3d_tiny_patch7", "--train_samples", "64", "--finetune",
+             str(pre / "encoder.pth")]
+    for probe_epochs, encoder_moves in ((1, False), (0, True)):
+        out, _ = finetune(tmp_path, f"probe_{probe_epochs}", *plain, "--probe_epochs", str(probe_epochs))
+        tuned = ClassifierCheckpoint.load(out / "best.pth").weights
+        shared = [k for k in encoder if k in tuned and not is_head_parameter(k)]
+        assert len(shared) > 10 and any(k.startswith("blocks.0.") for k in shared)
+        moved = [k for k in shared if not torch.equal(tuned[k], encoder[k])]
+        assert bool(moved) == encoder_moves, moved[:3]
 
 
 def test_a_checkpoint_that_does_not_fit_fails_naming_the_keys(tmp_path):
