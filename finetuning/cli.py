@@ -104,7 +104,8 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     optim.add_argument("--probe_epochs", type=non_negative_int, default=0,
                        help="linear-probe-then-fine-tune (LP-FT): for the first N epochs only the head trains, on the "
                             "frozen encoder, so that a random head does not distort pretrained features; then every "
-                            "layer trains (default: 0, every layer from the start)")
+                            "layer trains. N >= --epochs: a head on frozen features (default: 0, every layer from "
+                            "the start)")
     optim.add_argument("--weight_decay", type=non_negative_float, help="weight decay (default: the recipe's)")
     optim.add_argument("--warmup_epochs", type=non_negative_float, help="linear lr warmup (default: the recipe's)")
     optim.add_argument("--smoothing", type=non_negative_float, help="label smoothing (default: the recipe's)")
