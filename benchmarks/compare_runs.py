@@ -17,12 +17,15 @@ if not __package__:  # run as a file (python, torchrun, a spawned worker): the r
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from ..util.cli import seed_list
-from ..util.metrics import MULTI_LABEL, paired_auc_difference
+from ..studies.volumes_report import paired_scores_difference
+from ..util.cli import run_main, seed_list
+from ..util.errors import DataError
+from ..util.metrics import MULTI_LABEL
 
 
 def arm(text: str) -> tuple[str, str]:
@@ -35,7 +38,7 @@ def arm(text: str) -> tuple[str, str]:
 def read_seed(folder: Path) -> dict:
     missing = [name for name in ("results.json", "val_scores.csv", "test_scores.csv") if not (folder / name).exists()]
     if missing:
-        raise SystemExit(f"error: {folder} has no {', '.join(missing)}: not a finished main_finetune.py run")
+        raise DataError(f"{folder} has no {', '.join(missing)}: not a finished main_finetune.py run")
     result = json.loads((folder / "results.json").read_text())
     return {"result": result, "val": pd.read_csv(folder / "val_scores.csv"), "test": pd.read_csv(folder / "test_scores.csv")}
 
@@ -46,19 +49,6 @@ def task_of(scores: pd.DataFrame) -> str:
     if sum(c.startswith("label") for c in scores.columns) > 1:
         return MULTI_LABEL
     return "binary-class" if sum(c.startswith("score_") for c in scores.columns) == 2 else "multi-class"
-
-
-def paired(split: str, runs: list[dict], baseline: list[dict], patient: dict, task: str) -> dict:
-    """This arm minus the baseline on one split, seed by seed on the same samples."""
-    first = baseline[0][split]
-    for run in runs + baseline:
-        if not run[split]["path"].equals(first["path"]):
-            raise SystemExit(f"error: the {split} samples differ between runs; they cannot be paired")
-    labels = first[[c for c in first.columns if c.startswith("label")]].to_numpy()
-    columns = [c for c in first.columns if c.startswith("score_")]
-    return paired_auc_difference(labels, [run[split][columns].to_numpy() for run in runs],
-                                 [run[split][columns].to_numpy() for run in baseline],
-                                 first["path"].map(patient).fillna(first["path"]).to_numpy(), task)
 
 
 def summarise(name: str, runs: list[dict], seeds: list[int]) -> dict:
@@ -74,7 +64,7 @@ def summarise(name: str, runs: list[dict], seeds: list[int]) -> dict:
     return entry
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labels", type=Path, required=True, help="the labels CSV the runs were split from")
     parser.add_argument("--group", default=None, help="its patient column (default: each sample its own patient)")
@@ -84,7 +74,6 @@ def main() -> None:
     args = parser.parse_args()
 
     table = pd.read_csv(args.labels)
-    patient = dict(zip(table["path"], table[args.group].astype(str) if args.group else table["path"]))
     loaded = {name: [read_seed(Path(folder.format(seed=seed))) for seed in args.seeds]
               for name, folder in [args.baseline, *args.arm]}
     base_name = args.baseline[0]
@@ -94,13 +83,16 @@ def main() -> None:
         entry = summarise(name, runs, args.seeds)
         if name != base_name:
             for split in ("val", "test"):
-                entry[f"{split}_minus_{base_name}"] = paired(split, runs, loaded[base_name], patient, task)
+                entry[f"{split}_minus_{base_name}"] = paired_scores_difference(
+                    [run[split] for run in runs], [run[split] for run in loaded[base_name]], table, args.group, task,
+                    f"the {split} split")
         arms.append(entry)
     chosen = max(arms, key=lambda entry: entry["val_auc_mean"])
     separates = chosen["arm"] == base_name or chosen[f"val_minus_{base_name}"]["ci95"][0] > 0
     print(json.dumps({"seeds": args.seeds, "baseline": base_name, "arms": arms, "chosen_on_validation": chosen["arm"],
                       "validation_separates": separates}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

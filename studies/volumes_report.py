@@ -36,21 +36,29 @@ def floor(table: pd.DataFrame, column: str, label: str, group: str, fraction: fl
             "per_seed": aucs}
 
 
-def paired_difference(out: Path, fraction: float, seeds: list[int], table: pd.DataFrame, group: str, task: str) -> dict:
-    """MAE - scratch test AUC, paired: each seed's two arms trained on the same patients and scored on the same test
-    samples; the 95% CI resamples test patients, pooled over seeds (util.metrics.paired_auc_difference)."""
-    arms = {init: [pd.read_csv(run_folder(out, init, fraction, s) / "test_scores.csv") for s in seeds]
-            for init in ("mae", "scratch")}
-    first = arms["mae"][0]
-    for frame in arms["mae"] + arms["scratch"]:
+def paired_scores_difference(arm: list[pd.DataFrame], baseline: list[pd.DataFrame], table: pd.DataFrame,
+                             group: str | None, task: str, what: str) -> dict:
+    """AUC(arm) - AUC(baseline) from main_finetune.py's score CSVs (seed i's of each arm), paired: the same samples
+    in each, their patients read from the labels table; the 95% CI resamples patients, pooled over seeds
+    (util.metrics.paired_auc_difference)."""
+    first = baseline[0]
+    for frame in arm + baseline:
         if not frame["path"].equals(first["path"]):
-            raise DataError(f"the test samples differ between runs of fraction {fraction:g}; cannot pair them")
+            raise DataError(f"the samples of {what} differ between runs; cannot pair them")
     patient = dict(zip(table["path"], table[group].astype(str) if group in table.columns else table["path"]))
     labels = first[[c for c in first.columns if c.startswith("label")]].to_numpy()
     columns = [c for c in first.columns if c.startswith("score_")]
-    return paired_auc_difference(labels, [f[columns].to_numpy() for f in arms["mae"]],
-                                 [f[columns].to_numpy() for f in arms["scratch"]],
+    return paired_auc_difference(labels, [f[columns].to_numpy() for f in arm], [f[columns].to_numpy() for f in baseline],
                                  first["path"].map(patient).fillna(first["path"]).to_numpy(), task)
+
+
+def paired_difference(out: Path, fraction: float, seeds: list[int], table: pd.DataFrame, group: str, task: str) -> dict:
+    """MAE - scratch test AUC, paired: each seed's two arms trained on the same patients and scored on the same test
+    samples."""
+    arms = {init: [pd.read_csv(run_folder(out, init, fraction, s) / "test_scores.csv") for s in seeds]
+            for init in ("mae", "scratch")}
+    return paired_scores_difference(arms["mae"], arms["scratch"], table, group, task,
+                                    f"the test split at fraction {fraction:g}")
 
 
 def pca_floor(runs: list[dict]) -> dict | None:
