@@ -269,11 +269,18 @@ class Finetuner:
                 break
         self.classifier.load_state_dict(best["state"])
         epochs_run = epoch + 1
-        collapsed = prior_epochs == epochs_run
+        undefined = not math.isfinite(best["score"])  # e.g. one class in validation: nothing to choose on or judge
+        collapsed = prior_epochs == epochs_run and not undefined
+        if undefined and self.dist.is_main:
+            tqdm.write(f"WARNING: {metric.replace('_', ' ')} is undefined in every epoch (the validation split holds "
+                       f"one class{'' if self.task != REGRESSION else ' value'}): the epoch kept is the first, and "
+                       f"whether the model learned cannot be judged on this split. Give a validation split with "
+                       f"every class.")
         if collapsed and self.dist.is_main:
             tqdm.write(f"WARNING: the model never left the class prior: in all {epochs_run} epochs its validation "
                        f"predictions were one class, or scores that do not depend on the input. Its AUC is noise, "
                        f"not a result (results.json: collapsed: true). Train longer, raise the learning rate, or "
                        f"check the augmentation.")
         return {"best_epoch": best["epoch"], f"best_{metric}": best["score"], "best_val_at_prior": not best["key"][0],
-                "epochs_run": epochs_run, "epochs_at_prior": prior_epochs, "collapsed": collapsed}
+                "epochs_run": epochs_run, "epochs_at_prior": prior_epochs, "collapsed": collapsed,
+                "val_score_undefined": undefined}

@@ -189,13 +189,22 @@ class Pretrainer:
 
     def check_resumable(self, saved: dict, path: Path) -> None:
         """A checkpoint of another model, grid, masking or target cannot continue this run: its weights would
-        not fit, or its loss would change meaning mid-run (1.03 to 1.80 with --norm_pix_loss)."""
-        current = self.checkpoint.args
-        changed = [key for key in RESUME_DEFINING if key in saved and saved[key] != current.get(key)]
+        not fit, or its loss would change meaning mid-run (1.03 to 1.80 with --norm_pix_loss). Nor can one
+        trained on volumes preprocessed otherwise (a cache rebuilt at another grid, spacing or window): the
+        encoder would record a preprocessing only part of its training saw."""
+        current, args = self.checkpoint.args, saved.get("args") or {}
+        changed = [key for key in RESUME_DEFINING if key in args and args[key] != current.get(key)]
         if changed:
-            shown = "; ".join(f"--{key} {saved[key]} there, {current.get(key)} here" for key in changed)
+            shown = "; ".join(f"--{key} {args[key]} there, {current.get(key)} here" for key in changed)
             raise ResumeMismatchError(f"{path} was trained with other settings ({shown}); resume with the same "
                                       f"flags, or start this run in a new --output_dir")
+        before, now = saved.get("preprocess"), self.checkpoint.preprocess
+        if before is not None and now is not None and before != now:
+            differ = [key for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+            shown = "; ".join(f"{key} {before.get(key)} there, {now.get(key)} here" for key in differ)
+            raise ResumeMismatchError(f"{path} was trained on volumes preprocessed otherwise ({shown}); "
+                                      f"{args.get('data_path') or 'the data'} has changed since: resume on the "
+                                      f"data it was trained on, or start this run in a new --output_dir")
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -249,61 +258,65 @@ class Pretrainer:
         if self.step == 0:
             self._run_probe(run_log)
             self._run_holdout(run_log)
-        while self.step < self.total_steps:
-            self.epoch_failures = 0
-            self.sampler.set_epoch(epoch)
-            self.loader.dataset.set_epoch(epoch)
-            first = self.step - epoch * self.steps_per_epoch
-            self.sampler.set_start(first * config.accum_iter * config.batch_size)
-            batches = iter(self.loader)
-            for _ in range(first, self.steps_per_epoch):
-                if self.step >= self.total_steps:
-                    break
-                tick = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(config.accum_iter)]
-                window.data_wait += time.perf_counter() - tick
-                for batch in micro_batches:
-                    self._note_failures(batch["failed"])
-                lr = lr_at_step(self.step, config.lr, config.min_lr, self.warmup_steps, self.total_steps)
-                set_lr(self.backend.optimizer, lr)
-                keep_sample = self.dist.is_main and self._is_vis_step(self.step + 1)
-                result = self.optimizer_step(micro_batches, epoch, keep_sample)
-                self.step += 1
-                self.applied_steps += result.loss is not None
-                self.nonfinite_steps += self._is_divergence(result)
-                self.epoch_failures += result.failed
-                if self.epoch_failures > self.max_failures:
-                    bar.close()
-                    self._stop_unreadable(f"{self.epoch_failures} samples of epoch {epoch} could not be loaded, "
-                                          f"more than --max_bad_samples {self.config.max_bad_samples:g} of "
-                                          f"{len(self.loader.dataset)}")
-                window.add(result, sum(int(b["index"].numel()) for b in micro_batches) * self.dist.world_size)
-                too_many_bad = self._count_bad_step(result)
-                bar.update(1)
-                if result.loss is not None:
-                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-                if self.step % config.log_every == 0 or self.step == self.total_steps or too_many_bad:
-                    run_log.scalars(window.record(self.step, self.step / self.steps_per_epoch, lr), self.step)
-                    window = _LogWindow()
-                if too_many_bad:
-                    self._stop_non_finite(result)
-                if result.sample is not None:
-                    self._save_figure(run_log, result.sample)
-                if config.save_every_steps and self.step % config.save_every_steps == 0:
-                    self.save("checkpoint-last.pth")
-                self._stop_if_requested(bar)
-            del batches
-            if self.step % self.steps_per_epoch == 0:
-                finished = self.step // self.steps_per_epoch
-                if finished % config.save_every == 0 or self.step == self.total_steps:
-                    self.save("checkpoint-last.pth")
-                if config.keep_every and finished % config.keep_every == 0:
-                    self.save(f"checkpoint-{finished - 1}.pth")
-                if self.probe and (finished % self.probe.every == 0 or self.step == self.total_steps):
-                    self._run_probe(run_log)
-                if self.holdout is not None and (finished % self.config.val_every == 0 or self.step == self.total_steps):
-                    self._run_holdout(run_log)
-            epoch += 1
+        try:  # a bar left open repaints itself after the one line a stopped run ends with
+            while self.step < self.total_steps:
+                self.epoch_failures = 0
+                self.sampler.set_epoch(epoch)
+                self.loader.dataset.set_epoch(epoch)
+                first = self.step - epoch * self.steps_per_epoch
+                self.sampler.set_start(first * config.accum_iter * config.batch_size)
+                batches = iter(self.loader)
+                for _ in range(first, self.steps_per_epoch):
+                    if self.step >= self.total_steps:
+                        break
+                    tick = time.perf_counter()
+                    micro_batches = [next(batches) for _ in range(config.accum_iter)]
+                    window.data_wait += time.perf_counter() - tick
+                    for batch in micro_batches:
+                        self._note_failures(batch["failed"])
+                    lr = lr_at_step(self.step, config.lr, config.min_lr, self.warmup_steps, self.total_steps)
+                    set_lr(self.backend.optimizer, lr)
+                    keep_sample = self.dist.is_main and self._is_vis_step(self.step + 1)
+                    result = self.optimizer_step(micro_batches, epoch, keep_sample)
+                    self.step += 1
+                    self.applied_steps += result.loss is not None
+                    self.nonfinite_steps += self._is_divergence(result)
+                    self.epoch_failures += result.failed
+                    if self.epoch_failures > self.max_failures:
+                        bar.close()
+                        self._stop_unreadable(f"{self.epoch_failures} samples of epoch {epoch} could not be loaded, "
+                                              f"more than --max_bad_samples {self.config.max_bad_samples:g} of "
+                                              f"{len(self.loader.dataset)}")
+                    window.add(result, sum(int(b["index"].numel()) for b in micro_batches) * self.dist.world_size)
+                    too_many_bad = self._count_bad_step(result)
+                    bar.update(1)
+                    if result.loss is not None:
+                        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
+                    if self.step % config.log_every == 0 or self.step == self.total_steps or too_many_bad:
+                        run_log.scalars(window.record(self.step, self.step / self.steps_per_epoch, lr), self.step)
+                        window = _LogWindow()
+                    if too_many_bad:
+                        self._stop_non_finite(result)
+                    if result.sample is not None:
+                        self._save_figure(run_log, result.sample)
+                    if config.save_every_steps and self.step % config.save_every_steps == 0:
+                        self.save("checkpoint-last.pth")
+                    self._stop_if_requested(bar)
+                del batches
+                if self.step % self.steps_per_epoch == 0:
+                    finished = self.step // self.steps_per_epoch
+                    if finished % config.save_every == 0 or self.step == self.total_steps:
+                        self.save("checkpoint-last.pth")
+                    if config.keep_every and finished % config.keep_every == 0:
+                        self.save(f"checkpoint-{finished - 1}.pth")
+                    if self.probe and (finished % self.probe.every == 0 or self.step == self.total_steps):
+                        self._run_probe(run_log)
+                    if self.holdout is not None and (finished % self.config.val_every == 0 or self.step == self.total_steps):
+                        self._run_holdout(run_log)
+                epoch += 1
+        except BaseException:
+            bar.close()
+            raise
         bar.close()
         if self.applied_steps == 0:
             self._stop_unreadable(f"none of the {self.step} optimizer steps changed the weights")

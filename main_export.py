@@ -13,13 +13,17 @@ volumes (the run's own test cases, or --check_csv); the export stops when they d
 `monai` (plain patch-embedding ViT encoders such as mae_vit_*) writes monai_vit.pt, the weights as the state
 dict of monai.networks.nets.ViT, and monai_vit.json, the arguments that build it; its hidden states are
 checked to equal the encoder's tokens within 1e-5. A hybrid stem or MedViT-3D is refused: they do not map.
+
+config.json records the hash of every file and the weights carry the hash of config.json's model definition
+(util.exported), so an edited or swapped file is refused when read. The export is built beside OUTPUT_DIR and
+swapped in once complete (util.folder_swap): a refused or killed export leaves the old one as it was, and a
+folder holding anything an export did not write (a run folder, a user's files) is never written.
 """
 if not __package__:  # run as a file (python, torchrun, a spawned worker): the relative imports below resolve
     __package__ = "volmae"  # in the installed package (PEP 366; docs/contributing.md, Imports)
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
+from .datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
 from .datasets.phantoms import write_phantom_corpus
+from .models.ensemble import is_ensemble
 from .models.exported_runtime import ONNX_INPUT, OnnxModel, PooledEmbedding
 from .models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from .models.mae3d import PRETRAINING_ONLY_PREFIXES
@@ -40,12 +45,25 @@ from .models.monai_vit import (
     set_layer_norm_eps,
 )
 from .models.pretraining_checkpoint import PretrainingCheckpoint
-from .util.atomic import atomic_write, make_output_folder
+from .util.atomic import atomic_write
 from .util.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .util.cli import HelpFormatter, run_main
 from .util.errors import DataError, UsageError
-from .util.exported import CONFIG_FILE, write_config, write_weights
+from .util.exported import (
+    CARD_FILE,
+    CONFIG_FILE,
+    CONFIG_HASH_KEY,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    definition_sha256,
+    export_config,
+    refuse_folder,
+    write_config,
+    write_weights,
+)
+from .util.folder_swap import building, recover
 from .util.model_card import LAYOUT, card_facts, render_card
+from .util.run_state import unfinished_reason
 
 FORMATS = ("safetensors", "onnx", "monai")
 ONNX_TOLERANCE = 1e-4
@@ -58,31 +76,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("model")
     source.add_argument("--checkpoint", required=True,
                         help="best.pth of volmae-finetune, or encoder.pth / model.pth of volmae-pretrain")
+    source.add_argument("--allow_unfinished", action="store_true",
+                        help="export a checkpoint whose run is still going or stopped before it finished (an "
+                             "unfinished epoch); refused otherwise")
     source.add_argument("--check_csv", default=None,
                         help="ONNX and MONAI: cases (a path column) to compare the export with PyTorch on; default: "
                              "the run's test_scores.csv beside a best.pth, else synthetic CT phantoms")
     output = parser.add_argument_group("output")
     output.add_argument("--format", choices=FORMATS, default="safetensors", help="what to write (see above)")
     output.add_argument("--output_dir", required=True,
-                        help="the export folder (created; refused if it holds one unless --overwrite)")
-    output.add_argument("--overwrite", action="store_true", help="replace an existing export in OUTPUT_DIR")
+                        help="the export folder: new, empty, or holding an earlier export (then only with "
+                             "--overwrite); never the checkpoint's own folder or a folder holding other files")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in OUTPUT_DIR, once the new one is complete and checked")
     return parser
 
 
 def read_results(checkpoint_path: Path) -> dict | None:
-    """The fine-tuning run's results.json beside its best.pth, for the scores and floors of the card."""
+    """The fine-tuning run's results.json beside its best.pth or final_model folder (symlinks resolved), for the
+    card's scores and floors."""
     path = checkpoint_path.parent / "results.json"
-    return json.loads(path.read_text()) if checkpoint_path.is_file() and path.is_file() else None
+    own = checkpoint_path.is_file() or is_ensemble(checkpoint_path)
+    return json.loads(path.read_text()) if own and path.is_file() else None
 
 
-def check_inputs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[torch.Tensor, str]:
+def check_inputs(args: argparse.Namespace, loaded: LoadedModel, source: Path) -> tuple[torch.Tensor, str]:
     """Up to CHECK_CASES preprocessed volumes to compare an export with PyTorch on, and where they came from:
     --check_csv, else the run's own test cases, else synthetic CT phantoms written for the check."""
     spec = InputSpec.from_meta(loaded.meta)
-    csv = Path(args.check_csv) if args.check_csv else Path(args.checkpoint).parent / "test_scores.csv"
+    csv = Path(args.check_csv) if args.check_csv else source.parent / "test_scores.csv"
     with tempfile.TemporaryDirectory() as phantoms:
         if csv.is_file():
-            table = read_cases(csv, "path", "id")
+            try:
+                table = read_cases(csv, "path", "id", path_flag=None)
+            except CasesError as err:
+                raise UsageError(f"--check_csv: {err}") from None
             paths, base, where = list(table["path"][:CHECK_CASES]), csv.resolve().parent, str(csv)
         else:
             write_phantom_corpus(phantoms, count=CHECK_CASES, seed=0, progress=False)
@@ -94,23 +122,33 @@ def check_inputs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[torch.T
     return batch["input"], where
 
 
-def export_onnx(args: argparse.Namespace, loaded: LoadedModel, out: Path) -> dict:
-    """model.onnx, traced by torch.export and checked with onnxruntime; its record for config.json."""
+def tag_onnx(path: Path, config_hash: str) -> None:
+    """Write the config hash into the graph's metadata_props, so that the file names the config it belongs to."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = CONFIG_HASH_KEY, config_hash
+    atomic_write(path, lambda tmp: onnx.save(graph, str(tmp)))
+
+
+def export_onnx(args: argparse.Namespace, loaded: LoadedModel, source: Path, out: Path, config_hash: str) -> dict:
+    """model.onnx, traced by torch.export, tagged with the config hash and checked with onnxruntime; its record."""
     module = loaded.model if loaded.is_classifier else PooledEmbedding(loaded.model)
     module.eval()
-    volumes, where = check_inputs(args, loaded)
+    volumes, where = check_inputs(args, loaded, source)
     example = volumes[:2] if len(volumes) > 1 else volumes.repeat(2, *[1] * (volumes.dim() - 1))
     output = "logits" if loaded.is_classifier else "embedding"
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=[ONNX_INPUT], output_names=[output],
                                 dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-    path = out / "model.onnx"
+    path = out / ONNX_FILE
     program.save(str(path))
+    tag_onnx(path, config_hash)
     with torch.no_grad():
         expected = module(volumes).float().numpy()
     actual = OnnxModel(path, output)(volumes).numpy()
     difference = float(np.abs(actual - expected).max())
     if not difference <= ONNX_TOLERANCE:
-        path.unlink()
         raise DataError(f"the ONNX graph differs from PyTorch by {difference:.2e} (more than "
                         f"{ONNX_TOLERANCE:g}) on {len(volumes)} volumes from {where}; nothing was exported")
     print(f"onnx: {output} of {len(volumes)} volumes from {where} agree with PyTorch to {difference:.2e}")
@@ -119,14 +157,11 @@ def export_onnx(args: argparse.Namespace, loaded: LoadedModel, out: Path) -> dic
             "opset": int(program.model_proto.opset_import[0].version)}
 
 
-def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel, out: Path) -> dict:
+def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel, source: Path, out: Path) -> dict:
     """monai_vit.pt (a MONAI ViT state dict) and monai_vit.json (its kwargs), checked: the MONAI ViT's hidden
     states equal the VolMAE encoder's tokens on real (or phantom) volumes."""
     from monai.networks.nets import ViT
 
-    if loaded.is_classifier:
-        raise UsageError("--format monai takes a pretrained encoder (encoder.pth or model.pth of "
-                         "volmae-pretrain); export a classifier as safetensors or onnx")
     try:
         kwargs = monai_vit_kwargs(checkpoint["model_config"])
         mapped = monai_vit_weights(checkpoint["model"], checkpoint["model_config"])
@@ -135,7 +170,7 @@ def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel
     vit = ViT(**kwargs)
     state = {**vit.state_dict(), **mapped}
     vit.load_state_dict(state, strict=True)
-    volumes, where = check_inputs(args, loaded)
+    volumes, where = check_inputs(args, loaded, source)
     with torch.no_grad():
         expected = loaded.model.forward_features(volumes)
         default_eps = vit.eval().norm(vit(volumes)[1][-1])
@@ -160,41 +195,71 @@ def export_monai(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel
     return {"monai": {"file": "monai_vit.pt", "kwargs_file": "monai_vit.json", "max_abs_difference": difference}}
 
 
-def prepare_folder(out: Path, overwrite: bool) -> Path:
-    if (out / CONFIG_FILE).exists():
-        if not overwrite:
-            raise UsageError(f"{out} holds an export already; choose another --output_dir or add --overwrite")
-        shutil.rmtree(out)
-    return make_output_folder(out)
+def refuse_run_folder(out: Path, source: Path) -> None:
+    """An export never goes into the folder of the checkpoint it exports, or into a folder above it: those hold
+    the run it came from."""
+    if out == source.parent or out in source.parent.parents:
+        where = "the checkpoint's own folder" if out == source.parent else f"a folder that holds {source}"
+        raise UsageError(f"--output_dir {out} is {where}; export into a folder of its own (e.g. {source.parent / 'export'})")
+
+
+def exportable(checkpoint: dict | None, loaded: LoadedModel, source: Path) -> dict:
+    """What the export carries: the weights and the checkpoint's plain entries (the model, classes,
+    preprocessing, data), never a resume checkpoint's optimizer or random state. An MAE gives its encoder; an
+    ensemble of fold models all its members' weights (members.<i>.)."""
+    if loaded.is_classifier:
+        return {**loaded.meta, "model": loaded.model.state_dict()}
+    mae = PretrainingCheckpoint.from_dict(checkpoint, source)
+    encoder = {k: v for k, v in mae.weights.items() if not k.startswith(PRETRAINING_ONLY_PREFIXES)}
+    return {**mae.state(), "model": encoder, "input_size": loaded.meta["input_size"]}
+
+
+def write_export(args: argparse.Namespace, checkpoint: dict, loaded: LoadedModel, source: Path, out: Path) -> list[str]:
+    """Every file of the export into `out` (a fresh folder), config.json last; the names of the files."""
+    card = card_facts(checkpoint, read_results(source), source)
+    config = export_config(checkpoint, card, {"export_format": args.format})
+    config_hash = definition_sha256(config)
+    if args.format == "safetensors":
+        write_weights(out, checkpoint["model"], config_hash)
+        files = [WEIGHTS_FILE]
+    elif args.format == "onnx":
+        config["onnx"] = export_onnx(args, loaded, source, out, config_hash)
+        files = [ONNX_FILE]
+    else:
+        config.update(export_monai(args, checkpoint, loaded, source, out))
+        files = ["monai_vit.pt", "monai_vit.json"]
+    card_text = render_card(card, [*files, CONFIG_FILE])
+    atomic_write(out / CARD_FILE, lambda tmp: tmp.write_text(card_text))
+    write_config(out, config, [*files, CARD_FILE])
+    return [*files, CONFIG_FILE, CARD_FILE]
 
 
 def main(args: argparse.Namespace) -> int:
-    source = Path(args.checkpoint)
+    source = Path(args.checkpoint).resolve()  # a symlink's run records are beside its target
+    out = Path(args.output_dir).resolve()  # a symlinked folder: the export it points to is replaced
+    refuse_run_folder(out, source)
+    for note in recover(out):
+        print(f"note: {note}")
+    refuse_folder(out, args.overwrite)
+    if args.check_csv and not Path(args.check_csv).is_file():
+        raise UsageError(f"--check_csv {args.check_csv}: no such file")
     try:
-        checkpoint = load_checkpoint(source)
         loaded = load_for_inference(source, allow_encoder=True)
+        checkpoint = None if loaded.is_classifier else load_checkpoint(source)
     except (FileNotFoundError, CheckpointError, NotAVolMAECheckpoint) as err:
-        raise DataError(f"cannot export {source}: {err}") from None
-    if not loaded.is_classifier:  # an MAE: export its encoder, the part other tools take
-        weights = PretrainingCheckpoint.from_dict(checkpoint, source).weights
-        checkpoint = {**checkpoint, "model": {k: v for k, v in weights.items()
-                                              if not k.startswith(PRETRAINING_ONLY_PREFIXES)},
-                      "input_size": loaded.meta["input_size"]}
-    card = card_facts(checkpoint, read_results(source), source)
-    out = prepare_folder(Path(args.output_dir), args.overwrite)
-    extra = {}
-    if args.format == "safetensors":
-        write_weights(out, checkpoint["model"])
-        files = ["model.safetensors"]
-    elif args.format == "onnx":
-        extra["onnx"] = export_onnx(args, loaded, out)
-        files = ["model.onnx"]
-    else:
-        extra = export_monai(args, checkpoint, loaded, out)
-        files = ["monai_vit.pt", "monai_vit.json"]
-    write_config(out, checkpoint, card, extra)
-    (out / "MODEL_CARD.md").write_text(render_card(card, [*files, CONFIG_FILE]))
-    print(f"exported {source} as {args.format} to {out}: {', '.join(files)}, {CONFIG_FILE}, MODEL_CARD.md")
+        raise DataError(f"cannot export {args.checkpoint}: {err}") from None
+    if args.format == "monai" and loaded.is_classifier:
+        raise UsageError("--format monai takes a pretrained encoder (encoder.pth or model.pth of volmae-pretrain); "
+                         "export a classifier as safetensors or onnx")
+    reason = unfinished_reason(source, loaded.is_classifier)
+    if reason and not args.allow_unfinished:
+        raise UsageError(f"{args.checkpoint} is not a finished run's model: {reason}; wait for it, or add "
+                         f"--allow_unfinished to export it as it is")
+    if reason:
+        print(f"warning: exporting an unfinished run's checkpoint: {reason}")
+    with building(out) as staging:
+        files = write_export(args, exportable(checkpoint, loaded, source), loaded, source, staging)
+    print(f"exported {args.checkpoint} as {args.format} to {out}: {', '.join(files)}")
     return 0
 
 

@@ -23,7 +23,8 @@ import sys
 
 from .datasets.data_profile import profile_images
 from .finetuning.cli import parse_args
-from .finetuning.output_folder import claim_output_folder
+from .finetuning.folds_run import run_folds
+from .finetuning.output_folder import claim_output_folder, release_replaced, undo_claim
 from .finetuning.reporting import aggregate, describe_run, describe_seeds, write_results
 from .finetuning.run_config import resolve_run
 from .finetuning.seed_run import run_seed
@@ -32,6 +33,7 @@ from .util.atomic import make_output_folder
 from .util.checkpoint import plain_args
 from .util.cli import run_main
 from .util.dist import init_distributed, shutdown
+from .util.errors import UsageError
 from .util.metrics import REGRESSION
 from .util.run_lock import lock_output_folder
 from .util.train_backend import describe_precision
@@ -43,6 +45,28 @@ def main(args) -> None:
     if dist_info.is_main:
         lock_output_folder(output_dir)
         claim_output_folder(output_dir, args.overwrite)
+    try:
+        train_and_report(args, dist_info, output_dir)
+    except BaseException:
+        if dist_info.is_main:
+            undo_claim(output_dir)
+        raise
+    if dist_info.is_main:
+        release_replaced(output_dir)
+    shutdown()
+
+
+def check_folds(args) -> None:
+    """Cross-validation replaces seeds (k folds cost what k seeds cost) and needs patients to deal out."""
+    if args.folds < 2:
+        raise UsageError(f"--folds {args.folds}: cross-validation needs at least 2 folds (0: none)")
+    if args.setup != "volumes":
+        raise UsageError("--folds is for --setup volumes: the reference setups keep their published splits")
+    if len(args.seeds) > 1:
+        raise UsageError("--folds replaces --seeds: give one seed (the folds' deal and the initialisation)")
+
+
+def train_and_report(args, dist_info, output_dir) -> None:
     data = load_task_data(args, output_dir)
     profile = profile_images(*data.splits["train"])
     run = resolve_run(args, data, profile, dist_info.world_size)
@@ -51,6 +75,10 @@ def main(args) -> None:
     if dist_info.is_main:
         precision = None if args.deepspeed else describe_precision(args.precision, dist_info.device)
         print("\n".join(describe_run(run, data, profile, augment_report, precision, dist_info.cpu_threads)))
+    if args.folds:
+        check_folds(args)
+        run_folds(run, data, dist_info, output_dir, profile, report, plain_args(args), args.folds)
+        return
     seeds = list(run.seeds)
     results = [run_seed(run.for_seed(seed), data, dist_info, output_dir / f"seed_{seed}" if len(seeds) > 1
                         else output_dir, profile, report, plain_args(args)) for seed in seeds]
@@ -60,7 +88,6 @@ def main(args) -> None:
                    "recipe": run.recipe, "seeds": seeds, **report, **aggregate(results, regression)}
         write_results(output_dir, summary)
         print("\n".join(describe_seeds(summary, regression)))
-    shutdown()
 
 
 def cli() -> None:

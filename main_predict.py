@@ -28,6 +28,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
+from .models.ensemble import ProbabilityEnsemble
+from .models.exported_runtime import OnnxModel
 from .models.load_classifier import LoadedModel, load_for_inference
 from .util.atomic import atomic_write
 from .util.capped import print_capped
@@ -149,6 +151,26 @@ def explanation_names(table: pd.DataFrame, id_col: str) -> list[str]:
     return unique_names([str(value) or f"row{row}" for row, value in enumerate(table[id_col])])
 
 
+def refuse_onnx_limits(args: argparse.Namespace, loaded: LoadedModel) -> None:
+    """An ONNX graph computes one output: a classifier's logits (no features to embed, no gradients to explain),
+    or an encoder's mean-pooled embedding. An ensemble of fold models has no single feature vector or map."""
+    if isinstance(loaded.model, ProbabilityEnsemble) and (args.embeddings or args.explain):
+        raise UsageError(f"{args.checkpoint} is an ensemble of {loaded.meta['ensemble']['members']} fold models: it "
+                         f"predicts their mean probability; --embeddings and --explain need one model (a member, "
+                         f"e.g. fold_0.pth of a final_model folder)")
+    if not isinstance(loaded.model, OnnxModel):
+        return
+    if args.explain:
+        raise UsageError(f"--explain needs gradients through the model, which an ONNX export does not give; explain "
+                         f"with the run's best.pth or a safetensors export of it ({args.checkpoint})")
+    if args.embeddings and loaded.is_classifier:
+        raise UsageError(f"{args.checkpoint} is an ONNX classifier: it gives logits only; for --embeddings use the "
+                         f"best.pth or a safetensors export, or an ONNX export of the encoder")
+    if args.embeddings and args.embedding_type != "mean":
+        raise UsageError(f"an ONNX encoder export gives the mean of the patch tokens only; --embedding_type "
+                         f"{args.embedding_type} needs the encoder.pth or a safetensors export")
+
+
 def predict_rows(loaded: LoadedModel, dataset: CaseDataset, args, dist_info, names: list[str]) -> dict[int, dict]:
     """This rank's rows: {row: {"scores", "embedding", "error", "explanation"}}."""
     device = dist_info.device
@@ -258,6 +280,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--explain needs a fine-tuned classifier; this checkpoint is an encoder")
     if not args.output_csv and not args.embeddings:
         raise UsageError("nothing to write: give --output_csv and/or --embeddings")
+    refuse_onnx_limits(args, loaded)
     spec = InputSpec.from_meta(loaded.meta, args.allow_external_data)
     dataset = CaseDataset(list(table[args.path_col]), Path(args.input_csv).resolve().parent, spec)
     start = time.perf_counter()
@@ -271,10 +294,15 @@ def main(args: argparse.Namespace) -> int:
             if args.embeddings and Path(args.embeddings).suffix.lower() == ".h5":
                 output["embedding_key"] = embedding_keys(table, args.id_col)
             atomic_write(Path(args.output_csv), lambda tmp: output.to_csv(tmp, index=False), replace=args.overwrite)
+        written = [args.output_csv] if args.output_csv else []
         if args.embeddings and ok:
             write_embeddings(Path(args.embeddings), table, results, args.id_col, args.embedding_type, args.overwrite)
+            written.append(args.embeddings)
         print(f"{len(table)} rows: {ok} ok, {len(table) - ok} error; {ok / max(seconds, 1e-9):.2f} volumes/s "
-              f"on {dist_info.world_size} rank(s); wrote {', '.join(filter(None, (args.output_csv, args.embeddings)))}")
+              f"on {dist_info.world_size} rank(s); wrote {', '.join(written) or 'nothing'}")
+        if args.embeddings and not ok:
+            print(f"not written: {args.embeddings} (no row could be read, so there is no embedding to store)",
+                  file=sys.stderr)
         errors = [f"row {row + 2} ({table[args.path_col].iloc[row]}): {value['error']}"
                   for row, value in sorted(results.items()) if value["error"]]
         if errors:

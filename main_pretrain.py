@@ -26,7 +26,7 @@ from .util.checkpoint import plain_args
 from .util.cli import run_main
 from .util.dist import DistInfo, init_distributed, shutdown
 from .util.lr_sched import warmup_warning
-from .util.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, PreemptionWatch
+from .util.preemption import PREEMPTED_FILE, PreemptionWatch
 from .util.run_lock import lock_output_folder
 from .util.run_log import RunLog
 from .util.train_backend import describe_precision
@@ -75,7 +75,7 @@ def pretrain(args: argparse.Namespace, dist_info: DistInfo, say) -> int:
         trainer.train(run_log)
     except Preempted as stop:
         say(str(stop))
-        return EXIT_PREEMPTED
+        return preemption.exit_status()
     finally:
         run_log.close()
     failed = trainer.all_failed_sources()

@@ -303,6 +303,8 @@ def summarise(manifest: pd.DataFrame, output: Path, seconds: float) -> str:
     if len(skipped):
         lines.append(f"skipped {len(skipped)}:")
         lines += [f"  {row.source}: {row.reason}" for row in skipped.itertuples()]
+        if skipped["reason"].str.contains("non-finite voxels").any():
+            lines.append("  (--nonfinite fill caches such volumes with their NaN/Inf voxels set to the background value)")
     filled = manifest[pd.to_numeric(manifest["nonfinite_filled"], errors="coerce").fillna(0) > 0] \
         if "nonfinite_filled" in manifest.columns else manifest.iloc[:0]
     if len(filled):

@@ -64,8 +64,10 @@ class InputSpec:
         return cls(input_size, in_chans, data.get("raw_scale"), config, stack, data.get("stored_dtype"))
 
 
-def read_cases(csv_path: str | Path, path_col: str = "path", id_col: str = "id") -> pd.DataFrame:
-    """The CSV as strings (so every other column passes through unchanged), validated."""
+def read_cases(csv_path: str | Path, path_col: str = "path", id_col: str = "id",
+               path_flag: str | None = "--path_col") -> pd.DataFrame:
+    """The CSV as strings (so every other column passes through unchanged), validated; `path_flag` is the flag of
+    the calling command that names the path column, for the advice when it is missing (None: it has none)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise CasesError(f"{csv_path}: no such file")
@@ -76,8 +78,8 @@ def read_cases(csv_path: str | Path, path_col: str = "path", id_col: str = "id")
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise CasesError(f"{csv_path}: not a readable CSV ({err})") from None
     if path_col not in table.columns:
-        raise CasesError(f"{csv_path}: no '{path_col}' column (columns: {', '.join(table.columns) or 'none'}); "
-                         f"name the path column with --path_col")
+        advice = f"name the path column with {path_flag}" if path_flag else f"the column must be called '{path_col}'"
+        raise CasesError(f"{csv_path}: no '{path_col}' column (columns: {', '.join(table.columns) or 'none'}); {advice}")
     if table.empty:
         raise CasesError(f"{csv_path}: no rows to predict")
     if id_col in table.columns and not table[id_col].is_unique:
@@ -173,7 +175,7 @@ def _load_case(text: str, base: Path, spec: InputSpec) -> np.ndarray:
     if len(spec.input_size) != 3 or spec.preprocess is None:
         raise CaseError("a 2D model takes arrays (.npy/.npz), not volume files")
     try:
-        volume = load_volume(f"{path}{'::' + key if key else ''}", spec.preprocess)
+        volume = load_volume(f"{path}{'::' + key if key else ''}", spec.preprocess, frames="refuse")
     except VolumeReadError as err:
         raise CaseError(str(err)) from None
     if spec.stored_dtype:  # the same rounding the training volumes had in their cache

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .task_data import SPLITS, TaskDataError
+from .task_data import MISSING_VALUES, SPLITS, TaskDataError
 
 CSV_FIRST_ROW = 2  # the line of the first data row: the header is line 1
-MISSING = {"", "nan", "na", "n/a", "none", "null"}
 
 
 def missing_labels(table: pd.DataFrame, labels: list[str]) -> np.ndarray:
@@ -18,8 +17,76 @@ def missing_labels(table: pd.DataFrame, labels: list[str]) -> np.ndarray:
     present = [column for column in labels if column in table.columns]
     if not present:
         return np.zeros(len(table), dtype=bool)
-    return table[present].apply(lambda column: column.astype(str).str.strip().str.lower().isin(MISSING)).any(
+    return table[present].apply(lambda column: column.astype(str).str.strip().str.lower().isin(MISSING_VALUES)).any(
         axis=1).to_numpy()
+
+
+def lines(positions, limit: int = 6) -> str:
+    """CSV line numbers of table positions, the first `limit` of them and a count of the rest."""
+    shown = [str(int(i) + CSV_FIRST_ROW) for i in list(positions)[:limit]]
+    rest = len(positions) - limit
+    return ", ".join(shown) + (f" and {rest} more" if rest > 0 else "")
+
+
+def strip_labels(table: pd.DataFrame, columns: list[str]) -> None:
+    """Spaces around a label are never part of it: `yes ` and `yes` are one class."""
+    for column in columns:
+        if column in table.columns:
+            table[column] = table[column].astype(str).str.strip()
+
+
+def refuse_case_variants(table: pd.DataFrame, columns: list[str], csv: Path) -> None:
+    """Class names that differ only by case (Yes, yes, YES) are one class typed three ways far more often than
+    three classes: a binary task would silently become a multi-class one. Refused, naming them."""
+    for column in columns:
+        if column not in table.columns:
+            continue
+        values = table[column][~table[column].str.lower().isin(MISSING_VALUES)]
+        spellings = values.groupby(values.str.lower()).unique()
+        clash = spellings[spellings.map(len) > 1]
+        if len(clash):
+            names = "; ".join(", ".join(repr(v) for v in sorted(group)) for group in clash)
+            rows = lines(np.flatnonzero(table[column].str.lower().isin(clash.index).to_numpy()))
+            raise TaskDataError(f"{csv}, rows {rows}: labels in '{column}' that differ only by case ({names}); write "
+                                f"each one way, or add --label_case sensitive to keep them as separate classes")
+
+
+def duplicate_rows(table: pd.DataFrame, labels: list[str], group: str, csv: Path) -> list[dict]:
+    """Rows that repeat an earlier row's file, labels and patient: each would train twice and count twice in the
+    scores. Returned as excluded rows (the first copy is kept); the same file with other labels is refused."""
+    keys = [column for column in ["path", group, *labels] if column in table.columns]
+    listed = table[table["path"] != ""]
+    excluded = []
+    for _, rows in listed.groupby("path", sort=False):
+        if len(rows) < 2:
+            continue
+        labelled = rows[[c for c in labels if c in rows.columns]].drop_duplicates()
+        if len(labelled) > 1:
+            raise TaskDataError(f"{csv}, rows {lines(rows.index)}: the file {rows['path'].iloc[0]} is listed with "
+                                f"different labels; one scan has one label")
+        first = rows.drop_duplicates(keys).index
+        for i in rows.index.difference(first):
+            excluded.append({"row": int(i) + CSV_FIRST_ROW, "path": table["path"].loc[i],
+                             "reason": f"duplicate of line {int(first[0]) + CSV_FIRST_ROW} (same file and labels)"})
+    return excluded
+
+
+def refuse_missing_classes(splits: dict[str, tuple[np.ndarray, np.ndarray]], task: str, names: list[str],
+                           csv: Path) -> None:
+    """Validation and test must hold every class, or their AUC is undefined: the epoch would be chosen on an
+    undefined score, and the test score would be missing. Refused before training, with the counts."""
+    if task not in ("binary-class", "multi-class"):
+        return
+    counts = {split: np.bincount(splits[split][1][:, 0], minlength=len(names)) for split in SPLITS}
+    for split in ("val", "test"):
+        if not len(splits[split][1]):
+            continue
+        absent = [names[c] for c in range(len(names)) if counts[split][c] == 0]
+        if absent:
+            shown = "; ".join(f"{s} " + ", ".join(f"{names[c]}: {int(n)}" for c, n in enumerate(counts[s])) for s in SPLITS)
+            raise TaskDataError(f"{csv}: the {split} split would hold no row of class {', '.join(absent)} (usable "
+                                f"rows per class: {shown}), so its AUC is undefined. Add rows of that class, give "
+                                f"{split} a larger --split_ratio share, merge classes, or give a split column")
 
 
 def refuse_shared_files(table: pd.DataFrame, group: str, csv: Path) -> None:

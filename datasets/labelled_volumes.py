@@ -15,14 +15,19 @@ import pandas as pd
 
 from ..util.atomic import atomic_write
 from ..util.capped import print_capped
+from ..util.metrics import REGRESSION
 from .build_cache import CacheSettingsError, build_cache, built_with
 from .cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
 from .label_checks import (
     CSV_FIRST_ROW,
+    duplicate_rows,
     missing_labels,
+    refuse_case_variants,
+    refuse_missing_classes,
     refuse_one_class,
     refuse_patients_in_two_splits,
     refuse_shared_files,
+    strip_labels,
 )
 from .preprocess import PreprocessConfig
 from .preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
@@ -37,6 +42,8 @@ class VolumeTaskOptions:
     ratio: tuple[float, float, float] = (0.7, 0.15, 0.15)
     group: str = "pid"
     split_seed: int = 0
+    label_case: str = "refuse"  # class names that differ only by case: "refuse", or "sensitive" (separate classes)
+    folds: int = 0  # cross-validation pools train and val: a split column may then name no val rows
     preprocess: PreprocessConfig | None = None  # None: chosen from the headers (`--resample auto`)
     base: PreprocessConfig = field(default_factory=PreprocessConfig)  # windows and limits an automatic choice keeps
     input_size: tuple[int, int, int] | None = None  # the grid an automatic choice must use; None: chosen too
@@ -44,7 +51,8 @@ class VolumeTaskOptions:
 
 
 def read_labels(csv: Path, options: VolumeTaskOptions) -> pd.DataFrame:
-    """The labels CSV as strings, its paths absolute, with a `split` column (given or drawn by patient)."""
+    """The labels CSV as strings, labels stripped, its paths absolute, with a `split` column: given, or drawn by
+    patient and stratified by the first label (every class in every split, in about the ratio)."""
     try:
         table = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -55,9 +63,25 @@ def read_labels(csv: Path, options: VolumeTaskOptions) -> pd.DataFrame:
         raise TaskDataError(f"{csv}: needs a 'path' column and at least one row (columns: {', '.join(table.columns)})")
     if not options.labels:
         raise TaskDataError("--setup volumes needs --label (the label column or columns)")
-    table["split"] = assign_splits(table, options.ratio, options.split_seed, csv, options.group)
+    strip_labels(table, [*options.labels, options.group])
+    if options.label_case != "sensitive":
+        refuse_case_variants(table, options.labels, csv)
+    table["split"] = assign_splits(table, options.ratio, options.split_seed, csv, options.group,
+                                   label_strata(table, options.labels))
     table["path"] = [resolve_source(csv.parent, path) for path in table["path"]]
     return table
+
+
+def label_strata(table: pd.DataFrame, labels: list[str]) -> pd.Series | None:
+    """The first label of each row as the stratum of the split (rows without a label get their own), or None for
+    a regression target, which has no classes to keep in proportion."""
+    column = labels[0]
+    if column not in table.columns:
+        return None
+    present = ~missing_labels(table, [column])
+    if not present.any() or infer_task(table[present], [column], "auto") == REGRESSION:
+        return None
+    return table[column].where(present, "")
 
 
 def resolve_source(base: Path, text: str) -> str:
@@ -114,7 +138,10 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
     unlabelled = missing_labels(table, options.labels)
     excluded = [{"row": int(i) + CSV_FIRST_ROW, "path": table["path"].iloc[i],
                  "reason": f"no label in {', '.join(options.labels)}"} for i in np.flatnonzero(unlabelled)]
-    labelled = table[~unlabelled]
+    duplicates = duplicate_rows(table[~unlabelled], options.labels, options.group, csv)
+    excluded += duplicates
+    repeated = table.index.isin([item["row"] - CSV_FIRST_ROW for item in duplicates])
+    labelled = table[~unlabelled & ~repeated]
     if labelled.empty:
         raise TaskDataError(f"{csv}: no row has a label in {', '.join(options.labels)}")
     task = infer_task(labelled, options.labels, options.requested_task)
@@ -147,8 +174,8 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
         excluded.append({"row": int(i) + CSV_FIRST_ROW, "path": path, "reason": reason})
     excluded.sort(key=lambda item: item["row"])
     if excluded:
-        print_capped(f"warning: {len(excluded)} of {len(table)} rows of {csv} left out (no label, or a volume that "
-                     f"cannot be read):", [f"line {item['row']} ({item['path']}): {item['reason']}" for item in excluded],
+        print_capped(f"warning: {len(excluded)} of {len(table)} rows of {csv} left out (no label, a duplicate, or a "
+                     f"volume that cannot be read):", [f"line {item['row']} ({item['path']}): {item['reason']}" for item in excluded],
                      output_dir / "meta_split.csv")
     if not keep:
         raise TaskDataError(f"{csv}: none of the {len(table)} rows has a label and a readable volume")
@@ -164,17 +191,19 @@ def volume_task(csv: Path, options: VolumeTaskOptions, cache_dir: Path, output_d
         splits[split] = (volumes[chosen], targets[chosen])
         split_groups[split] = groups[chosen]
         sources[split] = kept["path"].to_numpy()[chosen]
-    empty = [s for s in ("train", "val") if not len(splits[s][0])]
+    empty = [s for s in ("train", "val") if not len(splits[s][0]) and not (s == "val" and options.folds)]
     if empty:
         raise TaskDataError(f"{csv}: the {' and '.join(empty)} split(s) would be empty; give more rows, another "
                             f"--split_ratio or a split column")
     refuse_patients_in_two_splits(split_groups, csv)
     refuse_one_class(splits["train"][1], task, names, csv, "row of the train split")
+    refuse_missing_classes(splits, task, names, csv)
     config = choice.config
     data = {"source": "volumes", "meta": str(csv), "labels": list(options.labels), "group": options.group,
             "input_size": list(config.size), "in_chans": 1, "stored_dtype": str(cache.stored_dtype),
             "cache": str(cache_dir)}
     report = {"rows": len(table), "excluded_rows": excluded, "excluded": len(excluded),
+              "duplicates_dropped": len(duplicates),
               "preprocess_choice": choice.to_dict(),
               "split_counts": {s: int(len(splits[s][0])) for s in SPLITS},
               "split_patients": {s: int(len(set(split_groups[s]))) for s in SPLITS}}

@@ -166,8 +166,7 @@ def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocesse
         if filled == raw.size:
             raise VolumeReadError(f"all {raw.size} voxels are non-finite (NaN/Inf)")
         if config.nonfinite != "fill":
-            raise VolumeReadError(f"{filled} non-finite voxels (NaN/Inf); --nonfinite fill replaces them with "
-                                  f"the background value")
+            raise VolumeReadError(f"{filled} non-finite voxels (NaN/Inf)")
         image = _fill_nonfinite(image, np.array(raw), nonfinite, config)
         raw = sitk.GetArrayViewFromImage(image)
     low_value, high_value = float(raw.min()), float(raw.max())
@@ -180,9 +179,10 @@ def preprocess_image(image: sitk.Image, config: PreprocessConfig) -> Preprocesse
     return Preprocessed(np.clip((array - low) / (high - low), 0.0, 1.0), modality, (low, high), filled)
 
 
-def load_volume(source: str, config: PreprocessConfig) -> np.ndarray:
-    """Read and preprocess one source (file or DICOM folder): (1, D, H, W) float32 in [0, 1]."""
-    return preprocess_image(read_image(source, config.max_voxels, config.external_data), config).array
+def load_volume(source: str, config: PreprocessConfig, frames: str = "first") -> np.ndarray:
+    """Read and preprocess one source (file or DICOM folder): (1, D, H, W) float32 in [0, 1]; `frames`:
+    reading.first_volume."""
+    return preprocess_image(read_image(source, config.max_voxels, config.external_data, frames), config).array
 
 
 AUTO = "auto"

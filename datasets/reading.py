@@ -272,8 +272,12 @@ def restore_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
     return image_like(array, image)
 
 
-def first_volume(image: sitk.Image, source: str) -> sitk.Image:
-    """A scalar 3D image: the first frame of a 4D series, the first component of a vector image."""
+def first_volume(image: sitk.Image, source: str, frames: str = "first") -> sitk.Image:
+    """A scalar 3D image: the first frame of a 4D series (with `frames="refuse"`, a 4D series is refused: a
+    prediction is made for one volume, and the row must say which), the first component of a vector image."""
+    if image.GetDimension() == 4 and frames == "refuse":
+        raise VolumeReadError(f"a 4-D image with {image.GetSize()[3]} frames; one row is one 3-D volume: extract "
+                              f"the frame to predict into a file of its own")
     if image.GetDimension() == 4:
         size = list(image.GetSize())
         log.warning("%s: 4-D image with %d frames; using the first", source, size[3])
@@ -289,9 +293,11 @@ def first_volume(image: sitk.Image, source: str) -> sitk.Image:
     return image
 
 
-def read_image(source: str, max_voxels: int = MAX_VOXELS, external_data: bool = False) -> sitk.Image:
+def read_image(source: str, max_voxels: int = MAX_VOXELS, external_data: bool = False,
+               frames: str = "first") -> sitk.Image:
     """Read a volume file or DICOM series folder as a scalar 3D SimpleITK image, its non-finite voxels kept;
-    `external_data` lets a detached header name a data file outside its folder."""
+    `external_data` lets a detached header name a data file outside its folder; `frames` (first_volume) says
+    what a 4-D series gives."""
     path, _ = split_series(source)
     if not path.exists():
         raise VolumeReadError("no such file or folder")
@@ -301,7 +307,7 @@ def read_image(source: str, max_voxels: int = MAX_VOXELS, external_data: bool = 
                 restore_nonfinite(_check_file(path, max_voxels, external_data).Execute(), path)
     except RuntimeError as err:
         raise VolumeReadError(itk_reason(err, path)) from None
-    return first_volume(image, source)
+    return first_volume(image, source, frames)
 
 
 @dataclass(frozen=True)

@@ -129,10 +129,19 @@ def label_arrays(table: pd.DataFrame, labels: list[str], task: str, csv: Path) -
     return values.to_numpy(np.int64), names
 
 
+MISSING_VALUES = {"", "nan", "na", "n/a", "none", "null"}  # what a spreadsheet or pandas writes for "no value"
+
+
+def missing_rows(values: pd.Series) -> np.ndarray:
+    """Positions of empty or NaN-like values (`NaN`, `None`, `n/a`, ...)."""
+    return np.flatnonzero(values.astype(str).str.strip().str.lower().isin(MISSING_VALUES).to_numpy())
+
+
 def assign_splits(table: pd.DataFrame, ratio: tuple[float, float, float], seed: int, csv: Path,
-                  group: str = "pid") -> pd.Series:
+                  group: str = "pid", strata: pd.Series | None = None) -> pd.Series:
     """The CSV's `split` column, or a split by patient (the `group` column: all rows of a patient land in one
-    split) in the given train/val/test ratio."""
+    split) in the given train/val/test ratio; with `strata` (a class per row) stratified by it, so that every
+    split holds each class in about the ratio (split_groups)."""
     if "split" in table.columns:
         bad = ~table["split"].isin(SPLITS)
         if bad.any():
@@ -142,17 +151,48 @@ def assign_splits(table: pd.DataFrame, ratio: tuple[float, float, float], seed: 
     if group not in table.columns:
         raise TaskDataError(f"{csv}: needs a '{group}' column to split by patient (name it with --group), or a "
                             f"'split' column")
-    empty = table[group].astype(str).str.strip() == ""
-    if empty.any():
-        raise TaskDataError(f"{csv}, row {int(np.flatnonzero(empty.to_numpy())[0]) + 2}: empty '{group}'")
+    missing = missing_rows(table[group])
+    if len(missing):
+        rows = ", ".join(str(i + 2) for i in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise TaskDataError(f"{csv}, rows {rows}: no patient in '{group}' (empty or {table[group].iloc[missing[0]]!r}); "
+                            f"each row needs its patient, or those rows would be taken for one patient")
     if len(ratio) != 3 or min(ratio) < 0 or sum(ratio) <= 0:
         raise TaskDataError(f"--split_ratio must be three non-negative shares (train,val,test), got {ratio}")
-    patients = np.random.default_rng(seed).permutation(table[group].astype(str).unique())
-    bounds = np.cumsum(np.array(ratio) / sum(ratio) * len(patients)).round().astype(int)
-    assignment = {}
-    for i, patient in enumerate(patients):
-        assignment[patient] = SPLITS[int(np.searchsorted(bounds, i, side="right"))] if i < bounds[-1] else "test"
-    return table[group].astype(str).map(assignment)
+    groups = table[group].astype(str).str.strip()
+    assignment = split_groups(groups.to_numpy(), None if strata is None else strata.to_numpy(), ratio, seed)
+    return pd.Series([SPLITS[i] for i in assignment], index=table.index)
+
+
+def group_strata(groups: np.ndarray, strata: np.ndarray) -> dict[str, str]:
+    """Each patient's stratum: the rarest class among its rows (a patient with a malignant and a benign nodule
+    counts as malignant, the rarer class, whose share in small splits is the one at risk)."""
+    counts = pd.Series(strata).value_counts()
+    table = pd.DataFrame({"group": groups, "rarity": [counts[s] for s in strata], "stratum": strata})
+    chosen = table.sort_values(["rarity", "stratum"], kind="stable").drop_duplicates("group")
+    return dict(zip(chosen["group"], chosen["stratum"]))
+
+
+def split_groups(groups: np.ndarray, strata: np.ndarray | None, shares: tuple[float, ...], seed: int) -> np.ndarray:
+    """For each row, the index of its part (train, val, test; or fold 0..k-1): all rows of a patient in one part,
+    the patients of each stratum dealt out in proportion to `shares`. Within a stratum the quotas are floored
+    and the remaining patients go where the running total is furthest below its share, so parts stay in
+    proportion overall as well as per stratum."""
+    rng = np.random.default_rng(seed)
+    unique = list(dict.fromkeys(groups))
+    stratum_of = group_strata(groups, strata) if strata is not None else dict.fromkeys(unique, "")
+    weights = np.array(shares, dtype=float) / sum(shares)
+    dealt, seen, part_of = np.zeros(len(weights)), 0, {}
+    for stratum in sorted(set(stratum_of.values()), key=str):
+        patients = rng.permutation(sorted(p for p in unique if stratum_of[p] == stratum))
+        seen += len(patients)
+        counts = np.floor(weights * len(patients)).astype(int)
+        for _ in range(len(patients) - counts.sum()):
+            deficit = np.where(weights > 0, weights * seen - dealt - counts, -np.inf)
+            counts[int(np.argmax(deficit))] += 1
+        dealt += counts
+        for part, members in enumerate(np.split(patients, np.cumsum(counts)[:-1])):
+            part_of.update(dict.fromkeys(members, part))
+    return np.array([part_of[g] for g in groups])
 
 
 def _resolve_paths(table: pd.DataFrame, column: str, csv: Path) -> None:

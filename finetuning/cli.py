@@ -47,6 +47,9 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     meta.add_argument("--split_ratio", default=None, help="train,val,test shares of the patients when there is no "
                       "split column (default: volumes 0.7,0.15,0.15; slivit 0.85,0.15,0)")
     meta.add_argument("--split_seed", type=int, default=0, help="seed of the patient split (default %(default)s)")
+    meta.add_argument("--label_case", choices=("refuse", "sensitive"), default="refuse",
+                      help="class names that differ only by case (Yes, yes): refused, naming them; or kept as "
+                           "separate classes (labels are stripped of spaces either way)")
     meta.add_argument("--train_fraction", type=share, default=None,
                       help="train on this fraction of the training patients (label-efficiency studies): a random "
                            "draw per seed, among patients with and without a positive label separately")
@@ -57,6 +60,11 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
                          help="HDF5 cache of the preprocessed volumes, shared by runs on the same CSV and settings "
                               "(default OUTPUT_DIR/volume_cache)")
     volumes.add_argument("--cache_workers", type=positive_int, default=1, help="processes that decode volumes into the cache")
+    volumes.add_argument("--folds", type=non_negative_int, default=0,
+                         help="K >= 2: cross-validation (finetuning.cross_validation): the train and val patients in K "
+                              "folds by patient, stratified by label; every choice on their pooled out-of-fold "
+                              "predictions; the final model (OUTPUT_DIR/final_model) the ensemble of the K fold "
+                              "models, scored once on test. 0: one train/val split (default)")
     add_preprocess_args(parser, default_resample=AUTO, allow_auto=True)
     slivit = parser.add_argument_group("SLIViT setups")
     slivit.add_argument("--split_file", default=None, help="MedMNIST split file (split,index,image_id) for a flag")

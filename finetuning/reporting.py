@@ -24,6 +24,7 @@ from ..util.metrics import (
     youden_threshold,
 )
 from ..util.plotting import confusion_figure, plt, roc_figure
+from ..util.strict_json import write_json
 from .run_config import FinetuneRun
 
 RESULTS_FILE = "results.json"  # written last: a folder that has it holds a finished run
@@ -70,7 +71,7 @@ def write_explanations(output_dir: Path, model: torch.nn.Module, data: TaskData,
 
 
 def write_results(output_dir: Path, result: dict) -> None:
-    atomic_write(output_dir / RESULTS_FILE, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    write_json(output_dir / RESULTS_FILE, result)
 
 
 def headline(values: dict, regression: bool) -> str:

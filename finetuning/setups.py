@@ -67,7 +67,8 @@ def volumes_data(args: argparse.Namespace, output_dir: Path) -> TaskData:
     size = None if args.input_size == AUTO else grid(args.input_size)
     config = preprocess_config_from_args(args, size or (1, 1, 1))
     options = VolumeTaskOptions(labels=_labels(args), requested_task=args.task, ratio=_ratio(args), group=args.group,
-                                split_seed=args.split_seed, preprocess=None if automatic else config, base=config,
+                                split_seed=args.split_seed, label_case=args.label_case, folds=args.folds,
+                                preprocess=None if automatic else config, base=config,
                                 input_size=size, workers=args.cache_workers)
     return volume_task(Path(args.meta), options, Path(args.volume_cache or output_dir / "volume_cache"), output_dir)
 

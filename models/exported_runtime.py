@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..util.exported import ExportError
+
 ONNX_INPUT = "volume"
 
 
@@ -33,8 +35,13 @@ class OnnxModel(nn.Module):
         super().__init__()
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for files it cannot load
+            raise ExportError(f"{path}: not a loadable ONNX graph ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
         self.output = output  # "logits" or "embedding"
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def forward_features(self, volume: torch.Tensor) -> torch.Tensor:
         return volume

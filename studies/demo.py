@@ -18,6 +18,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from ..util.cli import HelpFormatter, positive_int
+from ..util.strict_json import write_json
 from .steps import run
 
 # The small hybrid ViT of the recipes (a conv stem, 4 blocks of 96) with their small decoder
@@ -130,7 +131,7 @@ def run_study(args: argparse.Namespace) -> int:
         logs / "predict.log", done=logs / "predict.done")
 
     summary = summarise(out, time.perf_counter() - start)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print_summary(out, summary)
     return 0 if not summary["test_at_prior"] and np.isfinite(summary["test_auc"]) else 1
 

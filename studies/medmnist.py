@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..util.cli import HelpFormatter, non_negative_int, positive_int
+from ..util.strict_json import write_json
 from .steps import flags, probe_curve, run, seed_summary
 
 # The recipe (docs/finetuning.md, the MedMNIST recipe, says why each value is what it is).
@@ -85,7 +86,7 @@ def run_study(args: argparse.Namespace) -> None:
     first = json.loads((out / "mae" / (f"seed_{seeds[0]}" if len(seeds) > 1 else "") / "results.json").read_text())
     result.update({"data_profile": first["data_profile"], "augment": first["augment"],
                    "model": first["model"], "model_config": first["model_config"], "steps": steps})
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "results.json", result)
     lines = [f"{name}: test AUC {result[name]['test_auc_mean']:.4f} +- {result[name]['test_auc_std']:.4f}, "
              f"ACC {result[name]['test_acc_mean']:.4f} +- {result[name]['test_acc_std']:.4f}"
              f"{' (COLLAPSED seeds: ' + str(result[name]['collapsed_seeds']) + ')' if result[name]['collapsed_seeds'] else ''}"

@@ -1,6 +1,11 @@
 """What the studies share: running a step as the command a user would type, timing it in CPU seconds (every
 attempt's, a killed one's included), remembering finished steps so that a re-run goes on where a killed one
-stopped, and summarising a fine-tuning run over seeds."""
+stopped, and summarising a fine-tuning run over seeds.
+
+A finished step's record holds the command it ran and the hashes of the files it read (the lists and tables a
+study writes for it). A re-run skips it only when both are the same; otherwise it is refused in one line naming
+the change, never reported "already done" for other work."""
+import hashlib
 import json
 import os
 import re
@@ -12,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..util.atomic import atomic_write
-from ..util.errors import VolMAEError
+from ..util.errors import UsageError, VolMAEError
 
 REPO = Path(__file__).resolve().parents[1]  # where the mains are, in a checkout and in the installed package
 # A tqdm progress bar ("epoch 3:  40%|####      | 8/20 [...]"). Popen's text mode turns its carriage returns
@@ -38,16 +43,74 @@ class StepFailed(VolMAEError, RuntimeError):
     """A step's command exited with an error; the message names it and its log."""
 
 
+class StepChanged(UsageError):
+    """A finished step was asked again with other arguments or inputs; the message names the change."""
+
+
+def file_hashes(paths: list[Path]) -> dict[str, str]:
+    """sha256 of each file, keyed by its name: what a step read, for its record."""
+    hashes = {}
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        hashes[Path(path).name] = digest.hexdigest()
+    return hashes
+
+
+def flag_values(command: list[str]) -> dict[str, str]:
+    """`--flag value` pairs (and bare switches) of a command line, in order."""
+    values, i = {}, 0
+    while i < len(command):
+        item = command[i]
+        if item.startswith("--"):
+            following = command[i + 1] if i + 1 < len(command) else None
+            is_value = following is not None and not following.startswith("--")
+            values[item] = following if is_value else "(set)"
+            i += 2 if is_value else 1
+        else:
+            values[item] = item
+            i += 1
+    return values
+
+
+def describe_change(before: dict, now: dict) -> str:
+    """The differences between two records' commands and inputs, as `--flag A there, B here`."""
+    old, new = flag_values(before.get("command", [])), flag_values(now["command"])
+    changes = [f"{key} {old.get(key, '(absent)')} there, {new.get(key, '(absent)')} here"
+               for key in dict.fromkeys([*old, *new]) if old.get(key) != new.get(key)]
+    changes += [f"{name} changed" for name in dict.fromkeys([*before.get("inputs", {}), *now["inputs"]])
+                if before.get("inputs", {}).get(name) != now["inputs"].get(name)]
+    return "; ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
+
+
+def check_same_work(done: Path, command: list[str], inputs: dict[str, str]) -> dict:
+    """The finished step's record if it ran exactly this command on these inputs; StepChanged otherwise."""
+    record = json.loads(done.read_text())
+    asked = {"command": command[1:], "inputs": inputs}  # the interpreter may differ between machines
+    if "command" not in record:
+        raise StepChanged(f"{done} records no arguments (an older VolMAE wrote it), so this step cannot be known to "
+                          f"be the same work; give the study a new --output_dir")
+    if record["command"] != asked["command"] or record.get("inputs", {}) != inputs:
+        raise StepChanged(f"{done.parent.parent} holds a finished step {done.stem} done with other arguments "
+                          f"({describe_change(record, asked)}); give this study its own --output_dir, or delete "
+                          f"{done} to redo that step")
+    return record
+
+
 def run(command: list[str], log: Path, done: Path | None = None, threads: int | None = None,
-        echo: bool = True) -> dict:
+        echo: bool = True, inputs: list[Path] = ()) -> dict:
     """Run one step with its output in `log` (and, with `echo`, on our stdout); its CPU and wall-clock seconds,
     the CPU time being the step's own (its process and what it waited for), so steps may run side by side.
     `threads` sets OMP_NUM_THREADS for it. With `done`, a step that finished before (its record in `done`) is
     not run again and keeps its recorded times, and the CPU time counts every attempt: a failed one's, and a
     killed one's as last sampled (every CPU_SAMPLE_SECONDS, beside `done`), so a resumed pretraining is not
-    costed at its last part alone. The wall-clock time is the last attempt's."""
+    costed at its last part alone. The wall-clock time is the last attempt's. `inputs` are the files the step
+    reads that the command line does not describe (check_same_work)."""
+    hashes = file_hashes(list(inputs))
     if done is not None and done.exists():
-        record = json.loads(done.read_text())
+        record = check_same_work(done, command, hashes)
         print(f"already done: {' '.join(command[1:3])} ... ({done})", flush=True)
         return record
     partial = None if done is None else done.with_name(f"{done.stem}.partial.json")  # earlier attempts' CPU
@@ -75,9 +138,10 @@ def run(command: list[str], log: Path, done: Path | None = None, threads: int | 
         if partial is not None:
             _save_cpu(partial, cpu)
         raise StepFailed(f"{command[1]} exited with {code}; its log: {log}")
-    record = {"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1)}
+    record = {"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1),
+              "command": command[1:], "inputs": hashes}
     if done is not None:
-        done.write_text(json.dumps(record))
+        atomic_write(done, lambda tmp: tmp.write_text(json.dumps(record)))
         partial.unlink(missing_ok=True)
     if not echo:
         print(f"finished in {record['wall_seconds']:.0f} s: {' '.join(command[1:3])} ... (log: {log})", flush=True)

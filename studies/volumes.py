@@ -1,20 +1,24 @@
 """From a corpus of volumes and a labels CSV to a label-efficiency result: does MAE pretraining pay, and where?
 
     launch/recipes/volumes.sh --corpus DIR_OR_CSV [--corpus ...] --labels CSV --label COL --group COL \\
-        --output_dir OUT [--seeds 0,1,2] [--label_fractions 0.1,0.25,1.0] [--baseline] [--floor_col COL]
+        --output_dir OUT [--folds 5] [--label_fractions 0.1,0.25,1.0] [--baseline] [--floor_col COL]
 
 Steps, each the command a user would type, run with this interpreter (outputs under OUT):
-  1. the labels CSV split by patient once (OUT/labels_split.csv; a split column, if present, wins), and the
-     preprocessing chosen from its headers (`--resample auto`: a common spacing when physical extents differ);
+  1. the labels CSV split by patient once, stratified by label (OUT/labels_split.csv; a split column, if present,
+     wins): the test patients are held out; the others are the training patients. The preprocessing is chosen
+     from the headers (`--resample auto`: a common spacing when physical extents differ);
   2. the corpus cached with that preprocessing (OUT/cache): the --corpus folders or lists, plus the labelled
-     volumes as unlabelled ones, except the test split's;
-  3. MAE pretraining on the cache, one per seed (OUT/pretrain/seed_S);
-  4. fine-tuning from each seed's encoder on each fraction of the training patients
-     (OUT/finetune/mae/frac_F/seed_S/best.pth), and with --baseline the same model from scratch
-     (OUT/finetune/scratch/...);
-  5. OUT/results.json (per fraction: mae and scratch test AUC/ACC mean, std, per seed, CPU seconds; the
-     one-column floor; the pretraining curves; the preprocessing and the model) and OUT/report.png.
-A killed run started again with the same command goes on from the last finished step. Nothing is keyed on
+     volumes as unlabelled ones, never a test patient's (by path or content);
+  3. MAE pretraining on the cache (OUT/pretrain/seed_S; one seed unless --seeds names more);
+  4. for each fraction of the training patients, fine-tuning with --folds K cross-validation from the encoder
+     (OUT/finetune/mae/frac_F/seed_S) and, with --baseline, the same model from scratch on the same folds
+     (OUT/finetune/scratch/...): every choice on the pooled out-of-fold predictions, the final model the fold
+     ensemble (final_model), scored once on the test patients;
+  5. OUT/results.json (per fraction: each arm's final model, its out-of-fold and test AUC, the paired MAE - scratch
+     difference with a two-level interval that resamples folds and test patients, the floors and a ranking on the
+     out-of-fold AUC; below_floor; the pretraining curves; the cost) and OUT/report.png.
+A killed run started again with the same command goes on from the last finished step; one asked anything else
+is refused, naming the change (OUT/study.json, the steps' records). Nothing is keyed on
 a dataset's name: grid, spacing, patch size, standardisation and augmentation come from the data.
 """
 import argparse
@@ -32,10 +36,12 @@ from ..datasets.preprocess import PreprocessConfig
 from ..datasets.pretrain_data import held_out_count
 from ..datasets.sources import SourceListError, list_sources
 from ..datasets.task_data import TaskDataError, infer_task
+from ..util.atomic import atomic_write
 from ..util.cli import HelpFormatter, int_tuple_or_auto, positive_int, positive_int_or_auto
 from ..util.errors import DataError, UsageError
 from ..util.lr_sched import auto_epochs, optimizer_steps_per_epoch
-from .steps import flags, run
+from ..util.strict_json import write_json
+from .steps import file_hashes, flags, run
 from .volumes_report import fraction_entry, run_folder, study_result, summary_lines, write_report
 
 # The commands' own defaults, as the README's own-data commands give them: `--model auto` (the small hybrid ViT and
@@ -65,14 +71,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--split_ratio", default="0.7,0.15,0.15", help="train,val,test shares of the patients "
                       "when the CSV has no split column (default %(default)s)")
     data.add_argument("--split_seed", type=int, default=0, help="seed of the patient split (default %(default)s)")
+    data.add_argument("--label_case", choices=("refuse", "sensitive"), default="refuse",
+                      help="class names that differ only by case: refused, or separate classes (default %(default)s)")
     data.add_argument("--input_size", type=int_tuple_or_auto, default="auto",
                       help="grid N or D,H,W; auto: chosen with the spacing from the labelled headers (default)")
     data.add_argument("--floor_col", default=None, help="a numeric column of the labels CSV (e.g. a measured "
                       "diameter): a logistic regression on it alone, same patients, is the floor reported")
     study = parser.add_argument_group("study")
     study.add_argument("--output_dir", required=True, help="every step's outputs, results.json and report.png")
-    study.add_argument("--seeds", default="0,1,2,3,4", help="each seed pretrains once and fine-tunes both arms on the "
-                       "same patients, for a paired comparison")
+    study.add_argument("--folds", type=positive_int, default=5,
+                       help="cross-validation folds of the training patients: every choice on their pooled out-of-fold "
+                            "predictions, the final model the fold ensemble (k folds cost what k seeds did)")
+    study.add_argument("--seeds", default="0", help="pretraining seeds: each pretrains once and fine-tunes both arms "
+                       "on the same folds; the two-level interval resamples them with the folds")
     study.add_argument("--label_fractions", default="0.1,0.25,1.0", help="fractions of the training patients")
     study.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                        help="also fine-tune the same model from scratch, for the paired MAE - scratch difference")
@@ -100,21 +111,76 @@ def planned_pretrain_epochs(requested: int | str, cache: Path) -> int:
     return auto_epochs(optimizer_steps_per_epoch(trained, 1, int(PRETRAIN["--batch_size"]), 1))
 
 
+STUDY_FILE = "study.json"
+
+
+def study_key(args: argparse.Namespace) -> dict:
+    """What the study's split and data depend on: a re-run in the same folder must ask the same."""
+    labels = Path(args.labels)
+    return {"labels": str(labels.resolve()), "labels_sha256": file_hashes([labels])[labels.name] if labels.is_file() else None,
+            "label": args.label, "group": args.group, "split_ratio": args.split_ratio, "split_seed": args.split_seed,
+            "label_case": args.label_case, "input_size": args.input_size if args.input_size == "auto" else list(args.input_size),
+            "corpus": [str(Path(c).resolve()) for c in args.corpus]}
+
+
+def claim_study_folder(args: argparse.Namespace, out: Path) -> None:
+    """OUT/study.json records what this folder's study was asked; a re-run asking anything else is refused in one
+    line naming the change, before a file is rewritten (the split above all: every step depends on it)."""
+    path = out / STUDY_FILE
+    key = study_key(args)
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [f"{name} {before.get(name)!r} there, {key[name]!r} here" for name in key if before.get(name) != key[name]]
+        if changed:
+            raise UsageError(f"{out} holds a study asked with other data or split ({'; '.join(changed)}); give this "
+                             f"study its own --output_dir")
+        return
+    if (out / "labels_split.csv").exists():
+        raise UsageError(f"{out} holds a study that does not record what it was asked (no {STUDY_FILE}); give this "
+                         f"study its own --output_dir")
+    write_json(path, key)
+
+
 def split_labels(args: argparse.Namespace, labels: list[str], out: Path) -> tuple[pd.DataFrame, Path]:
     """The labels CSV with absolute paths and the split every later step uses: OUT/labels_split.csv."""
-    options = VolumeTaskOptions(labels=labels, group=args.group,
+    options = VolumeTaskOptions(labels=labels, group=args.group, label_case=args.label_case,
                                 ratio=tuple(float(v) for v in args.split_ratio.split(",")), split_seed=args.split_seed)
     try:
         table = read_labels(Path(args.labels).resolve(), options)
     except TaskDataError as err:
         raise DataError(str(err)) from None
     path = out / "labels_split.csv"
-    table.to_csv(path, index=False)
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
     return table, path
 
 
+def same_files(candidates: list[str], held_out: list[str]) -> set[str]:
+    """The candidates that are one of the held-out files: the same path, or the same bytes under another path
+    (a copy of a test scan in a corpus folder). Only files of a held-out file's size are hashed."""
+    held = {str(Path(p).resolve()) for p in held_out if p}
+    sizes = {}
+    for path in held:
+        if Path(path).is_file():
+            sizes.setdefault(Path(path).stat().st_size, []).append(Path(path))
+    found, digests = set(), {}
+    for candidate in candidates:
+        resolved = Path(candidate).resolve()
+        if str(resolved) in held:
+            found.add(candidate)
+            continue
+        if not resolved.is_file() or resolved.stat().st_size not in sizes:
+            continue
+        for other in sizes[resolved.stat().st_size]:
+            digests.setdefault(other, file_hashes([other])[other.name])
+            if file_hashes([resolved])[resolved.name] == digests[other]:
+                found.add(candidate)
+                break
+    return found
+
+
 def corpus_list(args: argparse.Namespace, table: pd.DataFrame, out: Path) -> tuple[Path, dict]:
-    """OUT/corpus.csv: every --corpus source, then the labelled volumes outside the test split."""
+    """OUT/corpus.csv: every --corpus source, then the labelled volumes outside the test split; a test patient's
+    volume is never pretrained on, wherever it sits in --corpus (by path, or by content under another path)."""
     sources, counts = [], {}
     for location in args.corpus:
         try:
@@ -123,11 +189,16 @@ def corpus_list(args: argparse.Namespace, table: pd.DataFrame, out: Path) -> tup
             raise DataError(f"--corpus {err}") from None
         sources += [resolve_source(Path.cwd(), source) for source in found]  # OUT/corpus.csv is read from OUT
         counts[location] = len(found)
+    test = [p for p, s in zip(table["path"], table["split"]) if p and s == "test"]
+    held_out = same_files(sources, test)
+    if held_out:
+        print(f"left out of pretraining: {len(held_out)} --corpus volume(s) that are test patients' scans")
+        counts["test volumes found in --corpus and left out"] = len(held_out)
     labelled = [p for p, s in zip(table["path"], table["split"]) if p and s != "test"]
     counts["labelled volumes (train and val splits)"] = len(labelled)
-    unique = list(dict.fromkeys(sources + labelled))
+    unique = list(dict.fromkeys([source for source in sources if source not in held_out] + labelled))
     path = out / "corpus.csv"
-    pd.DataFrame({"path": unique}).to_csv(path, index=False)
+    atomic_write(path, lambda tmp: pd.DataFrame({"path": unique}).to_csv(tmp, index=False))
     return path, counts
 
 
@@ -151,6 +222,7 @@ def run_study(args: argparse.Namespace) -> None:
     fractions = [float(f) for f in args.label_fractions.split(",")]
     python = sys.executable
     labels = [c.strip() for c in args.label.split(",")]
+    claim_study_folder(args, out)
     table, labels_csv = split_labels(args, labels, out)
     task = infer_task(table, labels, "auto")
     if args.floor_col and (task not in ("binary-class", "multi-class") or args.floor_col not in table.columns):
@@ -170,23 +242,23 @@ def run_study(args: argparse.Namespace) -> None:
     steps = out / "steps"
     cache = run([python, "main_cache.py", "--input", str(corpus_csv), "--output", str(out / "cache"),
                  "--workers", str(args.workers), "--size", grid_text, *resampling], out / "cache.log",
-                steps / "cache.json")
+                steps / "cache.json", inputs=[corpus_csv])
 
     pretrain_epochs = planned_pretrain_epochs(args.pretrain_epochs, out / "cache")
     probe_every = args.probe_every or max(1, pretrain_epochs // 5)
     probe_csv, labelled_csv = probe_and_labelled_lists(table, labels, task, out)
-    run([python, "main_cache.py", "--input", str(labelled_csv), "--output", str(out / "volume_cache"),
-         "--workers", str(args.workers), "--size", grid_text, *resampling], out / "volume_cache.log",
-        steps / "volume_cache.json")  # what fine-tuning reads: built once, before runs share it
+    volume_cache = run([python, "main_cache.py", "--input", str(labelled_csv), "--output", str(out / "volume_cache"),
+                       "--workers", str(args.workers), "--size", grid_text, *resampling], out / "volume_cache.log",
+                       steps / "volume_cache.json", inputs=[labelled_csv])  # fine-tuning's: built once, then shared
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     pool = ThreadPoolExecutor(max_workers=args.jobs)
 
-    def step(command: list[str], log: Path, done: Path, after: Future | None = None) -> Future:
+    def step(command: list[str], log: Path, done: Path, inputs: list[Path], after: Future | None = None) -> Future:
         def go() -> dict:
             if after is not None:
                 after.result()
-            return run(command, log, done, threads=threads, echo=args.jobs == 1)
+            return run(command, log, done, threads=threads, echo=args.jobs == 1, inputs=inputs)
         return pool.submit(go)
 
     pretrain = {}
@@ -199,30 +271,34 @@ def run_study(args: argparse.Namespace) -> None:
                                "--seed", str(seed), "--num_workers", str(args.num_workers), *probe,
                                "--val_fraction", str(HOLDOUT), "--val_every", str(probe_every), "--keep_every", "0",
                                "--vis_every", "0", "--output_dir", str(folder)],
-                              folder / "pretrain.log", steps / f"pretrain_{seed}.json")
+                              folder / "pretrain.log", steps / f"pretrain_{seed}.json",
+                              [probe_csv] if probe_csv.exists() else [])
 
     common = [python, "main_finetune.py", *flags(FINETUNE), "--meta", str(labels_csv), "--label", args.label,
-              "--group", args.group, "--input_size", grid_text, *resampling, "--volume_cache", str(out / "volume_cache"),
+              "--group", args.group, "--label_case", args.label_case, "--input_size", grid_text, *resampling,
+              "--volume_cache", str(out / "volume_cache"),
               "--cache_workers", str(args.workers), "--bootstrap", "0",
               "--overwrite"]  # the study's own folders: a step killed after its results but before its record reruns
     inits = ["mae", "scratch"] if args.baseline else ["mae"]
     runs: dict[tuple[str, float, int], Future] = {}
+    longest_first = sorted(fractions, reverse=True)  # the pool starts the next step when one ends: short ones last
     for init in reversed(inits):  # scratch runs first: they need no pretraining, so they fill the wait for it
-        for fraction in fractions:
+        for fraction in longest_first:
             for seed in seeds:
                 folder = run_folder(out, init, fraction, seed)
                 folder.mkdir(parents=True, exist_ok=True)
                 start = ["--finetune", str(out / "pretrain" / f"seed_{seed}" / "encoder.pth")] if init == "mae" else []
                 runs[init, fraction, seed] = step(
-                    [*common, *start, "--train_fraction", f"{fraction:g}", "--seeds", str(seed),
-                     "--epochs", str(epochs_for(fraction, args.epochs)), "--output_dir", str(folder)],
-                    folder / "finetune.log", steps / f"{init}_frac{fraction:g}_seed{seed}.json",
+                    [*common, *start, "--folds", str(args.folds), "--train_fraction", f"{fraction:g}", "--seeds",
+                     str(seed), "--epochs", str(epochs_for(fraction, args.epochs)), "--output_dir", str(folder)],
+                    folder / "finetune.log", steps / f"{init}_frac{fraction:g}_seed{seed}.json", [labels_csv],
                     after=pretrain[seed] if init == "mae" else None)
     try:
         pretrain = {seed: future.result() for seed, future in pretrain.items()}
         finetuned: dict[str, dict[float, list[dict]]] = {init: {f: [] for f in fractions} for init in inits}
+        step_cpu = 0.0
         for (init, fraction, seed), future in sorted(runs.items(), key=lambda item: item[0][2]):
-            future.result()
+            step_cpu += future.result()["cpu_seconds"]
             finetuned[init][fraction].append(json.loads((run_folder(out, init, fraction, seed) / "results.json").read_text()))
     finally:  # a failed step stops what has not started; a re-run goes on from the finished ones
         pool.shutdown(cancel_futures=True)
@@ -231,11 +307,11 @@ def run_study(args: argparse.Namespace) -> None:
                                                     epochs_for(fraction, args.epochs), seeds, table, args, task,
                                                     labels[0])
                     for fraction in fractions}
+    cpu = step_cpu + cache["cpu_seconds"] + volume_cache["cpu_seconds"] + sum(r["cpu_seconds"] for r in pretrain.values())
     result = study_result(args, out, table, task, labels, seeds, fractions, {
         "corpus_counts": corpus_counts, "choice": choice, "pretrain": pretrain, "pretrain_flags": PRETRAIN,
         "pretrain_epochs": pretrain_epochs, "cache": cache, "finetune_flags": FINETUNE, "per_fraction": per_fraction,
-        "first": finetuned["mae"][fractions[0]][0]})
+        "first": finetuned["mae"][fractions[0]][0], "cpu_seconds": cpu})
     write_report(out, result)
     print("\n".join(summary_lines(result, inits, args.floor_col)))
-    print(f"one seed costs {result['cpu_seconds_one_seed'] / 3600:.2f} CPU-hours; wrote {out / 'results.json'} and "
-          f"{out / 'report.png'}")
+    print(f"wrote {out / 'results.json'} and {out / 'report.png'}")

@@ -1,13 +1,17 @@
 """Shared test helpers: where the real data is, and running the entry points as users do."""
+import importlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from volmae.util.cli import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo in the suite: a few pretraining epochs and fewer fine-tuning epochs than `make demo`; enough to leave the prior
@@ -65,6 +69,21 @@ def run_cli(args: list[str], timeout: float = 600, check: bool = True, env: dict
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
                              f"\n--- stderr\n{result.stderr[-4000:]}")
     return result
+
+
+def run_entry(capsys, module: str, args: list[str], cwd: Path | None = None) -> SimpleNamespace:
+    """`python MODULE.py ARGS` inside this process, as its console script runs it (util.cli.run_main): the same
+    exit status and output, without the seconds an interpreter takes to import torch, timm and MONAI. For the
+    mains with `get_args_parser()` (predict, export); `cwd` is where relative paths are read from."""
+    entry = importlib.import_module(f"volmae.{module}")
+    previous = Path.cwd()
+    os.chdir(cwd or previous)
+    try:
+        status = run_main(entry.main, entry.get_args_parser().parse_args([str(a) for a in args]))
+    finally:
+        os.chdir(previous)
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=status, stdout=captured.out, stderr=captured.err)
 
 
 @pytest.fixture(autouse=True)

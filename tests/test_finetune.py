@@ -202,3 +202,30 @@ def test_two_rank_evaluation_equals_single_process(tmp_path):
         two = pd.read_csv(evaluator_csv(tmp_path / "two", split), header=None, index_col=0)
         assert len(one) == len(two) and one.index.is_unique and two.index.is_unique
         np.testing.assert_allclose(one.values, two.values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.fast
+def test_an_undefined_validation_auc_is_said_to_be_the_split_s_fault_not_a_collapse(tmp_path, capsys):
+    """L7, L8: validation holding one class gave AUC NaN in every epoch, and the run said the model COLLAPSED and
+    should train longer."""
+    from volmae.datasets.array_dataset import ArrayDataset
+    from volmae.engine_finetune import Finetuner, TrainingConfig
+    from volmae.util.dist import DistInfo
+    from volmae.util.run_log import RunLog
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(24, 1, 8, 8, 8), dtype=np.uint8)
+    labels = np.array([[i % 2] for i in range(24)])
+    splits = {"train": ArrayDataset(images[:16], labels[:16]), "val": ArrayDataset(images[16:20], np.zeros((4, 1), int)),
+              "test": ArrayDataset(images[20:], labels[20:])}
+    model = models.create_model("vit3d_tiny_patch4", img_size=(8, 8, 8), num_classes=2)
+    config = TrainingConfig(seed=0, epochs=2, batch_size=8, lr=1e-3, min_lr=0.0, warmup_epochs=0, weight_decay=0.05,
+                            layer_decay=1.0, optimizer="adamw", schedule="cosine", smoothing=0.0, clip_grad=None,
+                            class_weights="none", patience=None, precision="fp32", deepspeed=None, num_workers=0,
+                            mae_loss_weight=0.0)
+    trainer = Finetuner(config, model, splits, "binary-class", 2, DistInfo(0, 1, 0, torch.device("cpu")))
+    checkpoint = ClassifierCheckpoint("vit3d_tiny_patch4", model.config, ["0", "1"], "binary-class", [8, 8, 8])
+    selection = trainer.fit(RunLog(tmp_path, tmp_path / "tb", enabled=True), tmp_path / "best.pth", checkpoint)
+    said = capsys.readouterr()
+    assert selection["val_score_undefined"] and not selection["collapsed"]
+    assert "undefined in every epoch" in said.out + said.err and "never left the class prior" not in said.out + said.err

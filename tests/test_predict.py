@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, shared_path
+from tests.conftest import REPO, run_cli, run_entry, shared_path
 from volmae import models
 from volmae.models.load_classifier import load_for_inference
 from volmae.util.atomic import OutputAppearedError, atomic_write
@@ -223,3 +223,29 @@ def test_ids_that_clash_after_sanitising_keep_their_own_files(tmp_path, finetune
     with h5py.File(tmp_path / "emb.h5") as f:
         assert {key: f[key].attrs["id"] for key in f} == {"a_b": "a/b", "a_b-2": "a_b"}
         assert not np.allclose(f["a_b"][()], f["a_b-2"][()])
+
+
+def test_a_4d_volume_non_finite_voxels_and_an_unwritten_output_are_told_truthfully(tmp_path, finetuned, capsys):
+    """P6: a 4-D series was predicted from its first frame with status ok; P7: error rows advised flags this
+    command does not have; P8: an embeddings file that was never written was announced."""
+    import SimpleITK as sitk
+
+    checkpoint, _ = finetuned
+    frame = sitk.ReadImage(str(shared_path("volumes", "example_ct_sm.nii.gz")), sitk.sitkFloat32)
+    sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(tmp_path / "series.nii.gz"))
+    array = sitk.GetArrayFromImage(frame)
+    array[0, 0, :3] = np.nan
+    nan_image = sitk.GetImageFromArray(array)
+    nan_image.CopyInformation(frame)
+    sitk.WriteImage(nan_image, str(tmp_path / "nan.nii.gz"))
+    cases = write_cases(tmp_path, [{"id": "series", "path": "series.nii.gz"}, {"id": "nan", "path": "nan.nii.gz"}])
+    result = run_entry(capsys, "main_predict", ["--checkpoint", checkpoint, "--input_csv", cases, "--output_csv",
+                                                tmp_path / "pred.csv", "--embeddings", tmp_path / "emb.npy"])
+    out = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False).set_index("id")
+    assert list(out["status"]) == ["error", "error"]
+    assert "4-D image with 2 frames" in out.loc["series", "error"] and "4-D image" in result.stderr
+    assert "non-finite voxels" in out.loc["nan", "error"]
+    for advice in ("--nonfinite", "--path_col"):
+        assert advice not in out.loc["nan", "error"] and advice not in result.stderr
+    assert not (tmp_path / "emb.npy").exists()
+    assert "emb.npy" not in result.stdout and "not written: " in result.stderr

@@ -148,3 +148,20 @@ def test_held_out_loss_and_contrastive_term(tmp_path, phantom_dir):
     assert [r["step"] for r in held] == [0, 3, 6] and all(math.isfinite(r["val_loss"]) for r in held)
     assert not any(k.startswith("contrast_head") for k in load_checkpoint(out / "encoder.pth")["model"])
     assert any(k.startswith("contrast_head") for k in load_checkpoint(out / "model.pth")["model"])
+
+
+def test_resuming_on_a_cache_rebuilt_with_other_preprocessing_is_refused_naming_both(tmp_path, phantom_dir):
+    """R4: a cache rebuilt at another grid was resumed on without a word, and encoder.pth then recorded a
+    preprocessing that only part of its training saw."""
+    cache = tmp_path / "cache"
+    run_cli(["main_cache.py", "--input", str(phantom_dir), "--output", str(cache), "--size", "32"])
+    common = ["main_pretrain.py", "--data_path", str(cache), *TINY, "--batch_size", "4", "--output_dir",
+              str(tmp_path / "run")]
+    run_cli([*common, "--epochs", "1"])
+    shutil.rmtree(cache)
+    run_cli(["main_cache.py", "--input", str(phantom_dir), "--output", str(cache), "--size", "32", "--ct_window",
+             "lung"])
+    result = run_cli([*common, "--epochs", "2"], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "preprocessed otherwise" in line and "ct_window [-1000.0, 1000.0] there, [-1350.0, 150.0] here" in line

@@ -61,3 +61,74 @@ def test_cpu_so_far_reads_a_live_process_s_own_time():
     own = os.times()
     assert cpu_so_far(os.getpid()) == pytest.approx(own.user + own.system + own.children_user + own.children_system,
                                                     abs=0.1)
+
+
+def test_a_finished_step_is_skipped_only_for_the_same_command_and_inputs(tmp_path):
+    """S3: a step record ignored its arguments, so a changed command or table was reported 'already done'."""
+    from volmae.studies.steps import StepChanged
+
+    table = tmp_path / "labels_split.csv"
+    table.write_text("path,split\na,train\n")
+    done = tmp_path / "steps" / "step.json"
+    command = [sys.executable, "-c", "pass", "--split_seed", "0"]
+    first = run(command, tmp_path / "log", done, echo=False, inputs=[table])
+    assert run(command, tmp_path / "log", done, echo=False, inputs=[table]) == first
+    with pytest.raises(StepChanged, match=r"--split_seed 0 there, 1 here"):
+        run([*command[:-1], "1"], tmp_path / "log", done, echo=False, inputs=[table])
+    table.write_text("path,split\na,test\n")
+    with pytest.raises(StepChanged, match=r"labels_split.csv changed"):
+        run(command, tmp_path / "log", done, echo=False, inputs=[table])
+
+
+def study_args(labels, out, *extra):
+    from volmae.studies.volumes import get_args_parser
+
+    return get_args_parser().parse_args(["--labels", str(labels), "--label", "malignant", "--group", "patient_id",
+                                         "--output_dir", str(out), *extra])
+
+
+def test_a_study_rerun_with_another_split_is_refused_before_anything_is_rewritten(tmp_path):
+    """S3: `--split_seed 1` rewrote labels_split.csv, moving rows to other splits, while every step said 'already
+    done'."""
+    from volmae.studies.volumes import claim_study_folder, run_study
+    from volmae.util.errors import UsageError
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,malignant,patient_id\na.nii.gz,1,p1\n")
+    out = tmp_path / "study"
+    out.mkdir()
+    claim_study_folder(study_args(labels, out), out)
+    (out / "labels_split.csv").write_text("the first study's split\n")
+    for extra, change in ((["--split_seed", "1"], "split_seed 0 there, 1 here"),
+                          (["--input_size", "32"], r"input_size .auto. there, \[32\] here"),
+                          (["--label_case", "sensitive"], "label_case")):
+        with pytest.raises(UsageError, match=change):
+            run_study(study_args(labels, out, *extra))
+    labels.write_text("path,malignant,patient_id\na.nii.gz,0,p1\n")
+    with pytest.raises(UsageError, match="labels_sha256"):
+        run_study(study_args(labels, out))
+    assert (out / "labels_split.csv").read_text() == "the first study's split\n"
+
+
+def test_a_test_patient_s_volume_in_the_corpus_is_never_pretrained_on(tmp_path):
+    """S2: a --corpus folder holding the labelled volumes (or a copy of one under another name) put the test
+    patients' scans into pretraining."""
+    import pandas as pd
+
+    from tests.conftest import shared_path
+    from volmae.studies.volumes import corpus_list
+
+    images = shared_path("lidc_nodules", "images")
+    files = sorted(images.glob("*.nii.gz"))[:6]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for file in files[:4]:
+        (corpus / file.name).symlink_to(file)
+    (corpus / "renamed_copy.nii.gz").write_bytes(files[5].read_bytes())
+    table = pd.DataFrame({"path": [str(f) for f in files], "split": ["train", "train", "val", "test", "val", "test"]})
+    args = study_args(tmp_path / "labels.csv", tmp_path, "--corpus", str(corpus))
+    path, counts = corpus_list(args, table, tmp_path)
+    listed = {os.path.realpath(p) for p in pd.read_csv(path)["path"]}
+    assert str(files[3]) not in listed and not any(p.endswith("renamed_copy.nii.gz") for p in listed)
+    assert {str(f) for f in files[:3]} | {str(files[4])} <= listed
+    assert counts["test volumes found in --corpus and left out"] == 2

@@ -159,8 +159,9 @@ def test_volumes_setup_end_to_end_reports_bad_rows_and_predicts_its_own_test_sco
 
 
 def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path):
-    """Corpus plus labels to results.json and report.png: pretraining excludes the test split, both inits and the
-    floor at each fraction, the models where docs/results.md says."""
+    """Corpus plus labels to results.json and report.png: pretraining excludes the test split; at each fraction
+    both arms cross-validated on the same folds, each with its final model (the fold ensemble) where results.json
+    names it, the floors through the same folds, the two-level interval and the ranking."""
     images = sorted(shared_path("hippocampus_mri", "images").glob("*.nii.gz"))[:6]
     corpus = tmp_path / "mri.txt"
     corpus.write_text("\n".join(map(str, images)))
@@ -168,7 +169,7 @@ def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path
     result = subprocess.run(
         ["bash", str(REPO / "launch" / "recipes" / "volumes.sh"), "--corpus", str(corpus), "--labels", str(lidc_rows),
          "--label", "malignant", "--group", "patient_id", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16,24,24",
-         "--output_dir", str(out), "--seeds", "0", "--label_fractions", "0.5,1", "--baseline",
+         "--output_dir", str(out), "--folds", "2", "--label_fractions", "0.5,1", "--baseline",
          "--floor_col", "diameter_mm", "--pretrain_epochs", "2", "--epochs", "1", "--probe_every", "1", "--jobs", "2"],
         env={**os.environ, "VOLMAE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=1800)
@@ -180,33 +181,48 @@ def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path
     assert set(split.loc[split["split"] != "test", "path"]) <= corpus_sources
     assert {str(p) for p in images} <= corpus_sources
     assert summary["preprocess"]["resample"] == "spacing" and summary["preprocess"]["size"] == [16, 24, 24]
+    assert summary["folds"] == 2 and isinstance(summary["below_floor"], list)
     for fraction in ("0.5", "1"):
         entry = summary["fractions"][fraction]
         for init in ("mae", "scratch"):
             block = entry[init]
-            assert {"test_auc_mean", "test_auc_std", "test_acc_mean", "test_acc_std", "per_seed", "cpu_seconds"} <= set(block)
-            assert (out / "finetune" / init / f"frac_{fraction}" / "seed_0" / "best.pth").is_file()
-        assert 0 <= entry["floor"]["test_auc_mean"] <= 1 and entry["floor"]["column"] == "diameter_mm"
-        assert "mae_minus_scratch_test_auc" in entry
-        paired = entry["paired"]  # both arms on the same test samples, resampled by patient
-        assert paired["seeds"] == 1 and paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
-        assert 0 <= entry["pca_floor"]["test_auc_mean"] <= 1
+            assert {"test_auc_mean", "oof_auc", "per_fold_test_auc", "below_floor", "cpu_seconds"} <= set(block)
+            assert len(block["per_fold_test_auc"]) == 2
+            final = Path(block["final_model"][0])
+            assert final == out / "finetune" / init / f"frac_{fraction}" / "seed_0" / "final_model"
+            assert (final / "ensemble.json").is_file() and len(list(final.glob("fold_*.pth"))) == 2
+        floor = entry["floor"]
+        assert floor["column"] == "diameter_mm" and 0 <= floor["val_auc"] <= 1 and 0 <= floor["test_auc_mean"] <= 1
+        paired = entry["paired"]  # both arms on the same test samples; folds and patients resampled
+        assert paired["units"] == 2 and len(paired["per_unit_difference"]) == 2
+        assert paired["ci95"][0] <= paired["ci95"][1]
+        assert 0 <= entry["pca_floor"]["val_auc"] <= 1 and 0 <= entry["pca_floor"]["test_auc_mean"] <= 1
+        assert {row["name"] for row in entry["ranking"]} == {"mae (fold ensemble)", "scratch (fold ensemble)",
+                                                              "PCA + LR floor", "diameter_mm alone"}
     assert summary["fractions"]["0.5"]["train_patients"] < summary["fractions"]["1"]["train_patients"]
     curve = summary["pretrain"]["per_seed"]["0"]
     assert any("val_loss" in point for point in curve["curve"]) and len(curve["probe"]) >= 2
-    assert summary["cpu_seconds_one_seed"] > summary["pretrain"]["cpu_seconds_per_seed"] > 0
+    assert summary["cpu_seconds"] > summary["cpu_seconds_mae_arm"] > summary["pretrain"]["cpu_seconds_per_seed"] > 0
     assert (out / "report.png").stat().st_size > 10_000
-    assert "fraction 1: test AUC mae" in result.stdout and "fraction 1: MAE - scratch" in result.stdout
+    assert "fraction 1 (" in result.stdout and "fraction 1: MAE - scratch" in result.stdout
+    assert "CPU-hours" in result.stdout.strip().splitlines()[-2]
+    final = summary["fractions"]["1"]["mae"]["final_model"][0]
+    test_scores = pd.read_csv(Path(final).parent / "test_scores.csv")
+    test_scores[["path"]].to_csv(tmp_path / "cases.csv", index=False)
+    run_cli(["main_predict.py", "--checkpoint", final, "--input_csv", str(tmp_path / "cases.csv"), "--output_csv",
+             str(tmp_path / "predicted.csv")])
+    predicted = pd.read_csv(tmp_path / "predicted.csv")
+    np.testing.assert_allclose(predicted["prob_malignant=1"], test_scores["score_malignant=1"], atol=1e-5)
     # A screen's comparison of arms reads the same folders and pairs them as the study does.
-    folder = str(out / "finetune" / "{arm}" / "frac_1" / "seed_{seed}")
+    folder = str(out / "finetune" / "{arm}" / "frac_1" / "seed_0")
     compared = json.loads(run_cli(
         ["benchmarks/compare_runs.py", "--labels", str(out / "labels_split.csv"), "--group", "patient_id",
-         "--seeds", "0", "--baseline", "scratch=" + folder.replace("{arm}", "scratch"),
-         "--arm", "mae=" + folder.replace("{arm}", "mae")]).stdout)
+         "--baseline", "scratch=" + folder.replace("{arm}", "scratch"), "--arm", "mae=" + folder.replace("{arm}", "mae")]
+    ).stdout)
     mae = next(arm for arm in compared["arms"] if arm["arm"] == "mae")
     assert mae["test_minus_scratch"]["difference"] == pytest.approx(summary["fractions"]["1"]["paired"]["difference"])
-    assert mae["per_seed"][0]["test_auc"] == pytest.approx(summary["fractions"]["1"]["mae"]["per_seed"][0]["test_auc"])
-    assert "val_minus_scratch" in mae and compared["chosen_on_validation"] in ("mae", "scratch")
+    assert mae["test_auc"] == pytest.approx(summary["fractions"]["1"]["mae"]["test_auc_mean"])
+    assert "oof_minus_scratch" in mae and compared["chosen_out_of_fold"] in ("mae", "scratch")
 
 
 def test_build_cache_chooses_the_preprocessing_from_the_headers(sphere_crops, tmp_path):
@@ -236,17 +252,19 @@ def write_sphere_table(folder: Path) -> Path:
     return folder / "labels.csv"
 
 
-def finetune_on_spheres(labels_csv: Path, out: Path, labels: str, *model: str) -> dict:
+def finetune_on_spheres(labels_csv: Path, out: Path, labels: str, *model: str, ratio: str = "0.5,0.25,0.25") -> dict:
     run_cli(["main_finetune.py", "--setup", "volumes", "--meta", str(labels_csv), "--label", labels,
-             "--group", "patient", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16", *model,
+             "--group", "patient", "--split_ratio", ratio, "--input_size", "16", *model,
              "--epochs", "1", "--batch_size", "4", "--bootstrap", "0", "--output_dir", str(out)])
     return json.loads((out / "results.json").read_text())
 
 
 @pytest.mark.parametrize("labels,task", [("size_class", "multi-class"), ("large,bright", "multi-label, binary-class")])
 def test_volumes_setup_takes_multi_class_and_multi_label_columns(tmp_path, labels, task):
-    """The task follows the label columns."""
-    result = finetune_on_spheres(write_sphere_table(tmp_path), tmp_path / "ft", labels, "--model", "auto")
+    """The task follows the label columns. Each of the 9 patients has two of the three size classes: validation and
+    test get 3 patients each, so that they can hold every class (a split that cannot is refused)."""
+    result = finetune_on_spheres(write_sphere_table(tmp_path), tmp_path / "ft", labels, "--model", "auto",
+                                 ratio="0.34,0.33,0.33")
     checkpoint = load_checkpoint(tmp_path / "ft" / "best.pth")
     assert checkpoint["task"] == task and "auc" in result["test"]
     expected = ["large", "medium", "small"] if task == "multi-class" else ["large", "bright"]

@@ -16,6 +16,16 @@ from pathlib import Path
 from .errors import VolMAEError
 
 TEMPORARY_GLOB = ".tmp-*"
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
 DISK_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                errno.EPERM: "operation not permitted"}
@@ -96,6 +106,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], replace
     tmp = temporary_for(path)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # some writers (safetensors) create 0600: every output gets one mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if replace:

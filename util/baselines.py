@@ -42,6 +42,21 @@ def image_floor(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.
     """PCA + L2 logistic regression on block-averaged voxels, its components and C chosen by validation AUC
     (a candidate whose validation predictions sit at the class prior is never chosen). None for tasks it does not
     cover (multi-label, regression) or when train or val hold one class only."""
+    found = image_floor_scores(train, val, test, task, num_classes, seed)
+    if found is None:
+        return None
+    result, _, test_scores = found
+    if test_scores is not None:
+        result["test_auc"], result["test_acc"] = auc_and_acc(test[1], test_scores, task)
+        result["test_at_prior"] = stays_at_prior(test_scores, task)
+    return result
+
+
+def image_floor_scores(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+                       test: tuple[np.ndarray, np.ndarray] | None, task: str, num_classes: int,
+                       seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray | None] | None:
+    """image_floor's choice, with its probabilities on val and test (None without a test split): what a
+    cross-validated floor pools and averages (finetuning.cross_validation)."""
     if task not in FLOOR_TASKS:
         return None
     x_train, y_train = block_features(train[0]), np.asarray(train[1]).reshape(-1)
@@ -62,16 +77,13 @@ def image_floor(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.
             candidates.append({"components": components, "C": c, "val_auc": auc, "val_acc": acc, "val_at_prior": at_prior})
             key = (not at_prior, auc if np.isfinite(auc) else -math.inf, -c)
             if best is None or key > best[0]:
-                best = (key, model, candidates[-1])
-    _, model, chosen = best
+                best = (key, model, candidates[-1], scores)
+    _, model, chosen, val_scores = best
     result = {"method": f"PCA + logistic regression on voxels averaged to <= {FLOOR_CELLS} per axis",
               "chosen": {"components": chosen["components"], "C": chosen["C"]}, "val_auc": chosen["val_auc"],
               "val_acc": chosen["val_acc"], "candidates": candidates}
-    if test is not None and len(test[0]):
-        scores = _scores(model, block_features(test[0]), num_classes)
-        result["test_auc"], result["test_acc"] = auc_and_acc(test[1], scores, task)
-        result["test_at_prior"] = stays_at_prior(scores, task)
-    return result
+    test_scores = _scores(model, block_features(test[0]), num_classes) if test is not None and len(test[0]) else None
+    return result, val_scores, test_scores
 
 
 def _scores(model, features: np.ndarray, num_classes: int) -> np.ndarray:

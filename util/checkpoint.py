@@ -67,7 +67,7 @@ def readable_version(stored: dict, newest: int, what: str, path: str | os.PathLi
     return version
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return re.sub(r"\s+", " ", text[0]) if text else type(err).__name__
 
@@ -82,15 +82,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             return read_exported(folder)
         except ExportError as err:
             raise CheckpointError(str(err)) from None
+    if Path(path).suffix.lower() == ".json" and Path(path).is_file():
+        raise CheckpointError(f"{path}: a JSON file without a VolMAE export beside it, not a checkpoint; give an "
+                              f"export's folder, a best.pth or an encoder.pth")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused: weights_only loading found more than tensors and plain values "
-                              f"(a crafted or foreign file: {_first_line(err)})") from None
+                              f"(a crafted or foreign file: {first_line(err)})") from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {_first_line(err)})") from None
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {first_line(err)})") from None
 
 
 def resume_candidates(folder: str | os.PathLike) -> list[Path]:

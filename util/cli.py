@@ -1,9 +1,14 @@
 """Parsers for command-line values shared by the entry points, and how a main ends on an error the user can act on."""
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
 from .errors import UsageError, VolMAEError
+from .signals import Stopped, exit_status, restore_handler, stop_on_signals
+
+STOPPED_LINE = ("stopped by {}: what was complete is kept, nothing half-written is left; run the same command "
+                "again to go on")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -113,10 +118,20 @@ def run_main(entry: Callable[..., int | None], *args) -> int:
     """A main's exit status: an error the user can act on (a `VolMAEError`: bad data, flags that cannot work,
     a disk that refuses a write, an output another run wrote meanwhile) becomes one line on stderr naming the
     file, row or flag, and status 1, instead of a traceback. Library code raises these errors and never ends
-    the process itself; the mains' entry code passes this status to `sys.exit`."""
+    the process itself; the mains' entry code passes this status to `sys.exit`. Ctrl-C and SIGTERM end in one
+    line and status 130 or 143 (util.signals), after every `finally` on the way has run."""
+    previous = stop_on_signals()
     try:
         status = entry(*args)
     except VolMAEError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\n{STOPPED_LINE.format('Ctrl-C')}", file=sys.stderr)
+        return exit_status(signal.SIGINT)
+    except Stopped as stop:
+        print(STOPPED_LINE.format(stop), file=sys.stderr)
+        return exit_status(stop.signum)
+    finally:
+        restore_handler(previous)
     return 0 if status is None else status

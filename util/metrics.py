@@ -129,22 +129,43 @@ def regression_metrics(y_true: np.ndarray, predicted: np.ndarray, names: list[st
             "n": int(len(y_true))}
 
 
+def one_feature_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                       classes: np.ndarray) -> np.ndarray:
+    """Probabilities, a column per class of `classes`, of a logistic regression on one number per sample (e.g. a
+    measured diameter); multinomial with more than two classes; a class absent from training gets 0."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression().fit(np.asarray(train_x, dtype=np.float64).reshape(-1, 1), np.asarray(train_y).reshape(-1))
+    found = model.predict_proba(np.asarray(test_x, dtype=np.float64).reshape(-1, 1))
+    scores = np.zeros((len(found), len(classes)))
+    for k, name in enumerate(model.classes_):
+        scores[:, list(classes).index(name)] = found[:, k]
+    return scores
+
+
+def one_vs_rest_auc(y: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> float:
+    """AUC as the image models are scored: for two classes the second's; with more, the mean one-vs-rest AUC over
+    the classes present (the medmnist Evaluator's)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y).reshape(-1)
+    if len(np.unique(y)) < 2:
+        return math.nan
+    if len(classes) == 2:
+        return float(roc_auc_score(y == classes[1], scores[:, 1]))
+    scored = [k for k, name in enumerate(classes) if 0 < np.sum(y == name) < len(y)]
+    return float(np.mean([roc_auc_score(y == classes[k], scores[:, k]) for k in scored]))
+
+
 def one_feature_auc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
     """Test AUC of a logistic regression on one number per sample (e.g. a measured diameter): the floor an image
     model must beat on the same split. With more than two classes, a multinomial regression scored as the image
     models are (the medmnist Evaluator's AUC: the mean one-vs-rest AUC over the classes)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    train_y, test_y = np.asarray(train_y).reshape(-1), np.asarray(test_y).reshape(-1)
-    if len(np.unique(train_y)) < 2 or len(np.unique(test_y)) < 2:
+    train_y = np.asarray(train_y).reshape(-1)
+    if len(np.unique(train_y)) < 2:
         return math.nan
-    model = LogisticRegression().fit(np.asarray(train_x, dtype=np.float64).reshape(-1, 1), train_y)
-    scores = model.predict_proba(np.asarray(test_x, dtype=np.float64).reshape(-1, 1))
-    if len(model.classes_) == 2:
-        return float(roc_auc_score(test_y == model.classes_[1], scores[:, 1]))
-    scored = [k for k, name in enumerate(model.classes_) if 0 < np.sum(test_y == name) < len(test_y)]
-    return float(np.mean([roc_auc_score(test_y == model.classes_[k], scores[:, k]) for k in scored]))
+    classes = np.unique(np.concatenate([train_y, np.asarray(test_y).reshape(-1)]))
+    return one_vs_rest_auc(test_y, one_feature_scores(train_x, train_y, test_x, classes), classes)
 
 
 def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float | None:
@@ -175,9 +196,10 @@ def _auc(y_true: np.ndarray, scores: np.ndarray, task: str) -> float:
 def paired_auc_difference(y_true: np.ndarray, arm_a: list[np.ndarray], arm_b: list[np.ndarray], groups: np.ndarray,
                           task: str = "binary-class", rounds: int = 2000, seed: int = 0) -> dict:
     """AUC(a) - AUC(b) on the same test samples, averaged over seeds (arm_a[i] and arm_b[i] are seed i's scores
-    of the two arms), with a 95% percentile interval from resampling test patients (`groups`): a patient's samples
-    are drawn together, and each resample is scored for every seed, so the interval holds both the test set's
-    and the seeds' variation. `share_above_zero` is the share of resamples in which a beats b."""
+    of the two arms), with a 95% percentile interval from resampling test patients (`groups`: a patient's samples
+    are drawn together). The trained models are held fixed, so the interval holds the test set's variation only,
+    not the seeds': two_level_auc_difference resamples both. `share_above_zero` is the share of resamples in which
+    a beats b."""
     y_true, groups = np.asarray(y_true), np.asarray(groups)
     if len(arm_a) != len(arm_b) or not arm_a:
         raise ValueError(f"paired arms need the same number of seeds, got {len(arm_a)} and {len(arm_b)}")
@@ -196,3 +218,55 @@ def paired_auc_difference(y_true: np.ndarray, arm_a: list[np.ndarray], arm_b: li
     return {"difference": diff, "ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))],
             "share_above_zero": float(np.mean(values > 0)), "seeds": len(arm_a), "patients": int(len(patients)),
             "samples": int(len(y_true)), "rounds": int(len(values))}
+
+
+def _patient_rows(groups: np.ndarray) -> list[np.ndarray]:
+    patients, members = np.unique(np.asarray(groups), return_inverse=True)
+    return [np.flatnonzero(members == i) for i in range(len(patients))]
+
+
+def _arm_auc(y_true: np.ndarray, units: list[np.ndarray], drawn: np.ndarray, rows: np.ndarray, task: str,
+             ensemble: bool) -> float | np.ndarray:
+    if ensemble:
+        return _auc(y_true[rows], np.mean([units[i][rows] for i in drawn], axis=0), task)
+    return np.array([_auc(y_true[rows], units[i][rows], task) for i in drawn])
+
+
+def two_level_auc_difference(y_true: np.ndarray, arm_a: list[np.ndarray], arm_b: list[np.ndarray], groups: np.ndarray,
+                             task: str = "binary-class", ensemble: bool = True, rounds: int = 2000,
+                             seed: int = 0) -> dict:
+    """AUC(a) - AUC(b) with a 95% interval that counts both sources of variation: which models were trained and
+    which patients were tested. arm_a[i] and arm_b[i] are unit i's test scores in each arm (a fold's model, or a
+    seed's), trained on the same patients. Each round draws the units with replacement and, within them, the test
+    patients with replacement (a patient's samples together). With `ensemble` (a cross-validated study's final
+    model is the mean probability of its fold models), each arm is the ensemble of the units drawn; otherwise (one
+    model per seed) the units' AUC differences are averaged. Where the units disagree the interval widens, as it
+    must; the per-unit differences on all test patients come with it."""
+    y_true = np.asarray(y_true)
+    if len(arm_a) != len(arm_b) or not arm_a:
+        raise ValueError(f"paired arms need the same number of units, got {len(arm_a)} and {len(arm_b)}")
+    everyone, units = np.arange(len(y_true)), np.arange(len(arm_a))
+    per_unit = [_auc(y_true, a, task) - _auc(y_true, b, task) for a, b in zip(arm_a, arm_b)]
+    if ensemble:
+        difference = _arm_auc(y_true, arm_a, units, everyone, task, True) - _arm_auc(y_true, arm_b, units, everyone,
+                                                                                      task, True)
+    else:
+        difference = float(np.mean(per_unit))
+    rows_of = _patient_rows(groups)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(rounds):
+        drawn = rng.integers(0, len(units), len(units))
+        rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+        first = y_true[rows].reshape(len(rows), -1)[:, 0]
+        if len(np.unique(first)) < 2:
+            continue
+        a = _arm_auc(y_true, arm_a, drawn, rows, task, ensemble)
+        b = _arm_auc(y_true, arm_b, drawn, rows, task, ensemble)
+        values.append(float(np.mean(a - b)))
+    values = np.asarray(values)
+    return {"difference": float(difference), "ci95": [float(np.percentile(values, 2.5)),
+                                                       float(np.percentile(values, 97.5))],
+            "share_above_zero": float(np.mean(values > 0)), "per_unit_difference": [float(d) for d in per_unit],
+            "units": len(arm_a), "ensemble": ensemble, "patients": len(rows_of), "samples": int(len(y_true)),
+            "rounds": int(len(values)), "resampled": "units (folds or seeds) and test patients"}

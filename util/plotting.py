@@ -87,9 +87,10 @@ def roc_figure(y_true: np.ndarray, scores: np.ndarray, task: str, class_names: l
 
 
 def label_efficiency_figure(result: dict) -> plt.Figure:
-    """The volumes recipe's report: test AUC against the fraction of labelled training patients (MAE and scratch,
-    mean and std over seeds, the one-column floor), then the pretraining curves (training and held-out
-    reconstruction loss, frozen-feature probe AUCs) of every seed."""
+    """The volumes recipe's report: test AUC of each arm's final model (the fold ensemble; bars: the spread of its
+    fold models' own test AUCs) and of the floors against the fraction of labelled training patients, then the
+    pretraining curves (training and held-out reconstruction loss, frozen-feature probe AUCs) of every seed, then
+    the paired MAE - scratch difference with its two-level interval."""
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     fractions = sorted(result["fractions"], key=float)
     x = [float(f) for f in fractions]
@@ -114,7 +115,7 @@ def label_efficiency_figure(result: dict) -> plt.Figure:
     ax.minorticks_off()
     ax.axhline(0.5, color="black", linewidth=0.5, linestyle=":")
     ax.set_xlabel("fraction of the training patients labelled")
-    ax.set_ylabel("test AUC (mean +- std over seeds)")
+    ax.set_ylabel("test AUC (final model; bars: fold models)")
     ax.set_title("label efficiency")
     ax.legend(fontsize="small", loc="lower right")
     for seed, run in result["pretrain"]["per_seed"].items():
@@ -151,7 +152,8 @@ def label_efficiency_figure(result: dict) -> plt.Figure:
         ax.minorticks_off()
         ax.set_xlabel("fraction of the training patients labelled")
         ax.set_ylabel("test AUC, MAE - scratch")
-        ax.set_title(f"paired difference, 95% CI ({paired[0][1]['seeds']} seeds, test patients resampled)", fontsize="small")
+        ax.set_title(f"paired difference, two-level 95% CI ({paired[0][1]['units']} folds and the test patients "
+                     f"resampled)", fontsize="small")
     else:
         axes[3].axis("off")
     fig.tight_layout()

@@ -71,6 +71,23 @@ def _acquire(folder: str | os.PathLike) -> int:
     return fd
 
 
+def live_holder(folder: str | os.PathLike) -> dict | None:
+    """The record of the live run holding FOLDER's lock, or None when no live run holds it (a reader's check:
+    nothing is written, the lock is not taken)."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read(fd)
+    finally:
+        os.close(fd)  # closing drops a shared lock taken above
+    return None
+
+
 def lock_output_folder(folder: str | os.PathLike) -> None:
     """Hold FOLDER's run lock until this process ends; stop in one line naming the holder when a live run has
     it. Call it before anything in the folder is read or cleaned."""

@@ -136,10 +136,10 @@ class TorchBackend:
         return resume_candidates(output_dir)
 
     def resume(self, path: Path, check: Callable[[dict, Path], None] | None = None) -> dict:
-        """`check(saved args, path)` runs before any state is loaded (a changed model would not fit)."""
+        """`check(saved checkpoint, path)` runs before any state is loaded (a changed model would not fit)."""
         checkpoint = load_checkpoint(path)
         if check is not None:
-            check(checkpoint.get("args") or {}, path)
+            check(checkpoint, path)
         self.module.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler") is not None:
@@ -230,10 +230,10 @@ class DeepSpeedBackend:
 
     def resume(self, path: Path, check: Callable[[dict, Path], None] | None = None) -> dict:
         """Every file of the checkpoint passes weights_only loading before DeepSpeed reads any, and
-        `check(saved args, path)` runs before DeepSpeed loads its state."""
+        `check(saved client state, path)` runs before DeepSpeed loads its state."""
         saved = validate_deepspeed_checkpoint(path)
         if check is not None:
-            check(saved.get("args") or {}, path)
+            check(saved, path)
         _, client_state = self.engine.load_checkpoint(str(path))
         set_rng_state(client_state["rng"])
         return client_state

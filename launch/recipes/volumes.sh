@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Your own volumes from corpus to label-efficiency result: cache, MAE pretraining per seed, fine-tuning from its
-# encoder on fractions of the labelled patients (and from scratch with --baseline); OUTPUT_DIR/results.json and
-# OUTPUT_DIR/report.png.
+# Your own volumes from corpus to label-efficiency result: cache, MAE pretraining, fine-tuning from its encoder
+# on fractions of the labelled patients with 5-fold cross-validation (and from scratch, on the same folds);
+# each arm's final model is its fold ensemble, scored once on test. OUTPUT_DIR/results.json and report.png.
 #   launch/recipes/volumes.sh --corpus DIR_OR_CSV [--corpus ...] --labels labels.csv --label malignant \
-#       --group patient_id --output_dir runs/nodules --seeds 0,1,2 --label_fractions 0.1,0.25,1.0 --baseline
+#       --group patient_id --output_dir runs/nodules --folds 5 --label_fractions 0.1,0.25,1.0
 # Runs $VOLMAE_PYTHON (default: this checkout's .venv/bin/python); --help lists every option.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
