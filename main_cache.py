@@ -17,13 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from .datasets.build_cache import INTERRUPTED, CacheSettingsError, build_cache, summarise
-from .datasets.cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
-from .datasets.preprocess import AUTO, add_preprocess_args, preprocess_config_from_args
-from .datasets.preprocess_choice import choose_preprocess, survey_headers
-from .datasets.sources import list_sources
 from .util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, run_main
 from .util.errors import UsageError
+from .volumes.build_cache import INTERRUPTED, CacheSettingsError, build_cache, summarise
+from .volumes.cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
+from .volumes.preprocess import AUTO, add_preprocess_args, preprocess_config_from_args
+from .volumes.preprocess_choice import choose_preprocess, survey_headers
+from .volumes.sources import list_sources
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ dict of monai.networks.nets.ViT, and monai_vit.json, the arguments that build it
 checked to equal the encoder's tokens within 1e-5. A hybrid stem or MedViT-3D is refused: they do not map.
 
 config.json records the hash of every file and the weights carry the hash of config.json's model definition
-(util.exported), so an edited or swapped file is refused when read. The export is built beside OUTPUT_DIR and
+(inference.exported), so an edited or swapped file is refused when read. The export is built beside OUTPUT_DIR and
 swapped in once complete (util.folder_swap): a refused or killed export leaves the old one as it was, and a
 folder holding anything an export did not write (a run folder, a user's files) is never written.
 """
@@ -32,24 +32,9 @@ import numpy as np
 import torch
 
 from .datasets.cases import CaseDataset, CasesError, InputSpec, collate_cases, read_cases
-from .datasets.phantoms import write_phantom_corpus
-from .models.ensemble import is_ensemble
-from .models.exported_runtime import ONNX_INPUT, OnnxModel, PooledEmbedding
-from .models.load_classifier import LoadedModel, NotAVolMAECheckpoint, load_for_inference
-from .models.mae3d import PRETRAINING_ONLY_PREFIXES
-from .models.monai_vit import (
-    VOLMAE_LAYER_NORM_EPS,
-    UnmappableEncoder,
-    monai_vit_kwargs,
-    monai_vit_weights,
-    set_layer_norm_eps,
-)
-from .models.pretraining_checkpoint import PretrainingCheckpoint
-from .util.atomic import atomic_write
-from .util.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from .util.cli import HelpFormatter, run_main
-from .util.errors import DataError, UsageError
-from .util.exported import (
+from .inference.checkpoints import PretrainingCheckpoint, load_checkpoint
+from .inference.ensemble_folder import is_ensemble
+from .inference.exported import (
     CARD_FILE,
     CONFIG_FILE,
     CONFIG_HASH_KEY,
@@ -61,9 +46,24 @@ from .util.exported import (
     write_config,
     write_weights,
 )
+from .inference.load_model import LoadedModel, NotAVolMAECheckpoint, load_for_inference
+from .inference.model_card import LAYOUT, card_facts, render_card
+from .inference.monai_vit import (
+    VOLMAE_LAYER_NORM_EPS,
+    UnmappableEncoder,
+    monai_vit_kwargs,
+    monai_vit_weights,
+    set_layer_norm_eps,
+)
+from .inference.onnx_runtime import ONNX_INPUT, OnnxModel, PooledEmbedding
+from .models.mae3d import PRETRAINING_ONLY_PREFIXES
+from .util.atomic import atomic_write
+from .util.checkpoint import CheckpointError, atomic_save
+from .util.cli import HelpFormatter, run_main
+from .util.errors import DataError, UsageError
 from .util.folder_swap import building, recover
-from .util.model_card import LAYOUT, card_facts, render_card
 from .util.run_state import unfinished_reason
+from .volumes.phantoms import write_phantom_corpus
 
 FORMATS = ("safetensors", "onnx", "monai")
 ONNX_TOLERANCE = 1e-4
@@ -115,7 +115,7 @@ def check_inputs(args: argparse.Namespace, loaded: LoadedModel, source: Path) ->
         else:
             write_phantom_corpus(phantoms, count=CHECK_CASES, seed=0, progress=False)
             paths = [str(p) for p in sorted(Path(phantoms).glob("*.nii.gz"))[:CHECK_CASES]]
-            base, where = Path(phantoms), "synthetic CT phantoms (datasets.phantoms)"
+            base, where = Path(phantoms), "synthetic CT phantoms (volumes.phantoms)"
         batch = collate_cases([CaseDataset(paths, base, spec)[i] for i in range(len(paths))])
     if batch["input"] is None:
         raise DataError(f"none of the check cases from {where} could be read ({batch['failed'][:1]})")

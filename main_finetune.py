@@ -22,11 +22,11 @@ if not __package__:  # run as a file (python, torchrun, a spawned worker): the r
 import sys
 
 from .datasets.data_profile import profile_images
-from .finetuning.cli import parse_args
+from .finetuning.finetune_config import resolve_run
+from .finetuning.flags import parse_args
 from .finetuning.folds_run import run_folds
 from .finetuning.output_folder import claim_output_folder, release_replaced, undo_claim
 from .finetuning.reporting import aggregate, describe_run, describe_seeds, write_results
-from .finetuning.run_config import resolve_run
 from .finetuning.seed_run import run_seed
 from .finetuning.setups import load_task_data
 from .util.atomic import make_output_folder

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .datasets.cases import CaseDataset, InputSpec, collate_cases, read_cases
+from .inference.load_model import LoadedModel, load_for_inference
+from .inference.onnx_runtime import OnnxModel
 from .models.ensemble import ProbabilityEnsemble
-from .models.exported_runtime import OnnxModel
-from .models.load_classifier import LoadedModel, load_for_inference
 from .util.atomic import atomic_write
 from .util.capped import print_capped
 from .util.cli import HelpFormatter, non_negative_int, positive_int, run_main

@@ -14,13 +14,13 @@ import sys
 
 import torch
 
-from .engine_pretrain import Preempted, Pretrainer
+from .inference.checkpoints import PretrainingCheckpoint
 from .models.mae3d import PRETRAINING_ONLY_PREFIXES
-from .models.pretraining_checkpoint import PretrainingCheckpoint
-from .pretraining.cli import get_args_parser
 from .pretraining.data import PretrainData, load_pretrain_data
-from .pretraining.probe import build_probe
-from .pretraining.run_config import PretrainConfig, build_model, check_flags, resolve_flags
+from .pretraining.encoder_probe import build_probe
+from .pretraining.engine import Preempted, Pretrainer
+from .pretraining.flags import get_args_parser
+from .pretraining.pretrain_config import PretrainConfig, build_model, check_flags, resolve_flags
 from .util.atomic import make_output_folder
 from .util.checkpoint import plain_args
 from .util.cli import run_main

@@ -20,10 +20,10 @@ import time
 import torch
 
 from .. import models
-from ..engine_pretrain import build_optimizer
 from ..models.mae3d import AUTO_DECODER
 from ..models.patch_embed import auto_patch_size
 from ..models.vit import AUTO_ARCHITECTURE
+from ..pretraining.engine import build_optimizer
 from ..util.cli import grid, int_tuple
 from ..util.dist import DistInfo
 from ..util.train_backend import TorchBackend, native_cpu_bf16

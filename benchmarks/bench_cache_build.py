@@ -17,9 +17,9 @@ import shutil
 import time
 from pathlib import Path
 
-from ..benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from ..datasets.build_cache import build_cache
-from ..datasets.preprocess import PreprocessConfig
+from ..volumes.build_cache import build_cache
+from ..volumes.preprocess import PreprocessConfig
+from .ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from ..datasets.cache import chunk_shape, compression
+from ..volumes.cache import chunk_shape, compression
 
 
 def write(path: Path, volumes: list[np.ndarray], checksum: bool) -> None:

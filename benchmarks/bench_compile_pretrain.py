@@ -17,9 +17,9 @@ import time
 import torch
 
 from .. import models
-from ..engine_pretrain import build_optimizer
 from ..models.patch_embed import auto_patch_size
 from ..models.vit import AUTO_ARCHITECTURE
+from ..pretraining.engine import build_optimizer
 from ..util.cli import grid, int_tuple
 
 DECODER = {"decoder_embed_dim": 96, "decoder_depth": 2, "decoder_num_heads": 3}

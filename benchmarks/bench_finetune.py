@@ -1,4 +1,4 @@
-"""Fine-tuning throughput: our loop (engine_finetune.Finetuner) against a bare PyTorch loop of the same
+"""Fine-tuning throughput: our loop (finetuning.engine.Finetuner) against a bare PyTorch loop of the same
 model, batch and optimizer (no augmentation, logging or evaluation), and evaluation speed.
 
     python benchmarks/bench_finetune.py --input_sizes 28,64
@@ -23,7 +23,8 @@ import torch
 from .. import models
 from ..datasets.array_dataset import ArrayDataset
 from ..datasets.finetune_augment import NO_AUGMENT
-from ..engine_finetune import Finetuner, TrainingConfig
+from ..finetuning.engine import Finetuner
+from ..finetuning.finetune_config import TrainingConfig
 from ..models.patch_embed import auto_patch_size
 from ..models.vit import AUTO_ARCHITECTURE
 from ..util.dist import init_distributed

@@ -22,12 +22,12 @@ from pathlib import Path
 import h5py
 from torch.utils.data import DataLoader
 
-from ..benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from ..datasets.build_cache import build_cache
-from ..datasets.cache import VolumeCache
-from ..datasets.preprocess import PreprocessConfig
-from ..datasets.sources import list_sources
 from ..datasets.volume_dataset import CacheDataset, VolumeFileDataset, collate_volumes, single_threaded_worker
+from ..volumes.build_cache import build_cache
+from ..volumes.cache import VolumeCache
+from ..volumes.preprocess import PreprocessConfig
+from ..volumes.sources import list_sources
+from .ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
 
 
 def make_loader(dataset, workers: int, batch_size: int) -> DataLoader:

@@ -51,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from .. import models
-    from ..engine_pretrain import build_optimizer
+    from ..pretraining.engine import build_optimizer
     from ..util.dist import init_distributed, shutdown
     from ..util.train_backend import make_backend
 

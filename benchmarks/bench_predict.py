@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 
 from .. import models
-from ..benchmarks.ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
-from ..datasets.preprocess import PreprocessConfig
-from ..datasets.sources import list_sources
-from ..models.classifier_checkpoint import ClassifierCheckpoint
+from ..inference.checkpoints import ClassifierCheckpoint
+from ..volumes.preprocess import PreprocessConfig
+from ..volumes.sources import list_sources
+from .ct_sources import FULL_SOURCE, QUICK_SOURCE, ct_sources
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ machine hits all of them alike:
 
   reference   the reference MAE (decoder 512x8x16): forward, backward, AdamW step
   equal       ours with the reference's architecture and decoder, through the real engine step
-              (engine_pretrain.Pretrainer.optimizer_step: keyed masks, guards, clipping, AdamW)
+              (pretraining.engine.Pretrainer.optimizer_step: keyed masks, guards, clipping, AdamW)
   default     ours with the default decoder 384x4x6, same engine step
 
 for every --mask_ratios value. Prints JSON: volumes/s per run, the median per configuration, and the
@@ -73,10 +73,10 @@ def our_step(args: argparse.Namespace, decoder: dict):
 
     from .. import models
     from ..datasets.volume_dataset import ArrayPretrainDataset, collate_volumes
-    from ..engine_pretrain import Pretrainer
-    from ..models.pretraining_checkpoint import PretrainingCheckpoint
-    from ..pretraining.cli import get_args_parser
-    from ..pretraining.run_config import PretrainConfig
+    from ..inference.checkpoints import PretrainingCheckpoint
+    from ..pretraining.engine import Pretrainer
+    from ..pretraining.flags import get_args_parser
+    from ..pretraining.pretrain_config import PretrainConfig
     from ..util.dist import init_distributed
     from ..util.preemption import PreemptionWatch
 

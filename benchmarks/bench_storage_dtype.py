@@ -21,10 +21,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..datasets.cache import STORAGE_DTYPES, write_volume
-from ..datasets.phantoms import make_phantom
-from ..datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
-from ..datasets.stored import to_unit_float
+from ..volumes.cache import STORAGE_DTYPES, write_volume
+from ..volumes.phantoms import make_phantom
+from ..volumes.preprocess import PreprocessConfig, load_volume, preprocess_image
+from ..volumes.stored import to_unit_float
 
 SHARED = Path(os.environ.get("VOLMAE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SOURCES = ("example_ct.nii.gz", "example_mr_sm.nii.gz", "ch2.nii.gz")

@@ -20,9 +20,9 @@ import time
 import torch
 
 from .. import models
-from ..engine_pretrain import build_optimizer
 from ..models.patch_embed import auto_patch_size
 from ..models.vit import AUTO_ARCHITECTURE
+from ..pretraining.engine import build_optimizer
 from ..util.cli import grid, int_tuple
 from ..util.threads import available_cores, choose_threads
 

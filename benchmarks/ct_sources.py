@@ -1,7 +1,7 @@
 """CT-sized synthetic sources for the data-pipeline benchmarks, kept between runs in a work folder."""
 from pathlib import Path
 
-from ..datasets.phantoms import write_phantom_corpus
+from ..volumes.phantoms import write_phantom_corpus
 
 FULL_SOURCE = (512, 512, 300)  # x, y, z: a typical chest CT
 QUICK_SOURCE = (256, 256, 160)

@@ -1,5 +1,5 @@
 """Labelled arrays in memory as a torch Dataset: what every fine-tuning setup trains on, MedMNIST's arrays and
-the user's cached volumes alike (stored integers; datasets.stored turns them into [0, 1] on the device)."""
+the user's cached volumes alike (stored integers; volumes.stored turns them into [0, 1] on the device)."""
 import numpy as np
 import torch
 from torch.utils.data import Dataset

@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import Dataset
 
 from ..util.errors import DataError
-from .cache import CacheError, CacheReadError, VolumeCache, encode, is_cache
+from ..volumes.cache import CacheError, CacheReadError, VolumeCache, encode, is_cache
+from ..volumes.preprocess import PreprocessConfig, load_volume
+from ..volumes.reading import VolumeReadError, listed_path
+from ..volumes.stored import to_unit_float
 from .medmnist_data import to_channels_first
-from .preprocess import PreprocessConfig, load_volume
 from .pretrain_augment import crop_box
-from .reading import VolumeReadError, listed_path
 from .slices import load_stack, stack_input
-from .stored import to_unit_float
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 

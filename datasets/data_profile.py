@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .stored import to_unit_float
+from ..volumes.stored import to_unit_float
 
 # At most this many distinct values: a mask or a label map, not an intensity image.
 MAX_LABEL_VALUES = 16
@@ -50,7 +50,7 @@ class DataProfile:
 def profile_images(images: np.ndarray, labels: np.ndarray | None = None,
                    samples: int = PROFILE_SAMPLES) -> DataProfile:
     """Profile (N, C, *grid) stored images (any dtype) from an evenly spread sample of at most `samples` images;
-    mean and std are in the model's [0, 1] units (datasets.stored)."""
+    mean and std are in the model's [0, 1] units (volumes.stored)."""
     if len(images) == 0:
         raise ValueError("cannot profile an empty training set")
     pick = np.linspace(0, len(images) - 1, min(samples, len(images))).round().astype(int)

@@ -2,7 +2,7 @@
 
 Each row names a volume (`path`: NIfTI, MHA/NRRD, a DICOM series folder, relative to the CSV) and its
 label column(s). Every volume goes through the same reading and `PreprocessConfig` as `build_cache` and
-`main_predict.py`, and is cached once in a VolMAE HDF5 cache (`datasets.build_cache`), so epochs, seeds
+`main_predict.py`, and is cached once in a VolMAE HDF5 cache (`volumes.build_cache`), so epochs, seeds
 and later runs on the same CSV never decode it again. Splits come from a `split` column, or are drawn by
 patient (`--group`): no patient is in two splits. A row whose volume cannot be read is reported by its
 CSV line and reason, left out and counted; it never stops the run and never shrinks the data silently.
@@ -16,8 +16,19 @@ import pandas as pd
 from ..util.atomic import atomic_write
 from ..util.capped import print_capped
 from ..util.metrics import REGRESSION
-from .build_cache import CacheSettingsError, build_cache, built_with
-from .cache import DEFAULT_STORAGE_DTYPE, MANIFEST_FILE, META_FILE, CacheError, CacheReadError, VolumeCache, read_meta
+from ..volumes.build_cache import CacheSettingsError, build_cache, built_with
+from ..volumes.cache import (
+    DEFAULT_STORAGE_DTYPE,
+    MANIFEST_FILE,
+    META_FILE,
+    CacheError,
+    CacheReadError,
+    VolumeCache,
+    read_meta,
+)
+from ..volumes.preprocess import PreprocessConfig
+from ..volumes.preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
+from ..volumes.reading import VolumeReadError, listed_source, source_stamp
 from .label_checks import (
     CSV_FIRST_ROW,
     duplicate_rows,
@@ -29,9 +40,6 @@ from .label_checks import (
     refuse_shared_files,
     strip_labels,
 )
-from .preprocess import PreprocessConfig
-from .preprocess_choice import PreprocessChoice, choose_preprocess, survey_headers
-from .reading import VolumeReadError, listed_source, source_stamp
 from .task_data import SPLITS, TaskData, TaskDataError, assign_splits, infer_task, label_arrays
 
 

@@ -9,7 +9,7 @@ one. Loader workers only read (cached volumes stay in their compact stored dtype
 import numpy as np
 import torch
 
-from .stored import to_unit_float
+from ..volumes.stored import to_unit_float
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -9,13 +9,13 @@ from torch.utils.data import Dataset
 from ..util.capped import SHOWN, print_capped, write_list
 from ..util.dist import barrier
 from ..util.errors import DataError
-from .cache import CacheError, VolumeCache, is_cache
+from ..volumes.cache import CacheError, VolumeCache, is_cache
+from ..volumes.phantoms import write_phantom_corpus
+from ..volumes.preprocess import PreprocessConfig
+from ..volumes.reading import unreadable_reason
+from ..volumes.sources import SourceListError, list_sources
 from .data_profile import DataProfile, profile_images
 from .medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split, subset_indices
-from .phantoms import write_phantom_corpus
-from .preprocess import PreprocessConfig
-from .reading import unreadable_reason
-from .sources import SourceListError, list_sources
 from .volume_dataset import ArrayPretrainDataset, CacheDataset, VolumeFileDataset
 
 

@@ -12,11 +12,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..util.errors import DataError
+from ..volumes.preprocess import PreprocessConfig, load_volume
+from ..volumes.reading import VolumeReadError, listed_source
+from ..volumes.stored import to_unit_float
 from .medmnist_data import MedMNISTNotFound, MedMNISTSpec, load_split
-from .preprocess import PreprocessConfig, load_volume
 from .pretrain_augment import crop_box
-from .reading import VolumeReadError, listed_source
-from .stored import to_unit_float
 
 PROBE_SPLITS = ("train", "val")
 

@@ -14,9 +14,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .orientation import image_to_array, to_canonical
-from .preprocess import PreprocessConfig, detect_modality, intensity_range
-from .reading import VolumeReadError, dicom_series_ids, read_image
+from ..volumes.orientation import image_to_array, to_canonical
+from ..volumes.preprocess import PreprocessConfig, detect_modality, intensity_range
+from ..volumes.reading import VolumeReadError, dicom_series_ids, read_image
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 SPARSING = ("eq", "mid")

@@ -20,11 +20,11 @@ from tqdm import tqdm
 from ..util.atomic import atomic_write
 from ..util.errors import DataError
 from ..util.metrics import MULTI_LABEL, REGRESSION
+from ..volumes.preprocess import PreprocessConfig
+from ..volumes.reading import VolumeReadError, listed_source
+from ..volumes.stored import to_unit_float
 from .medmnist_data import MedMNISTSpec, load_split
-from .preprocess import PreprocessConfig
-from .reading import VolumeReadError, listed_source
 from .slices import load_stack, stack_input, to_uint8
-from .stored import to_unit_float
 
 TASKS = {"binary": "binary-class", "multiclass": "multi-class", "multilabel": MULTI_LABEL, "reg": REGRESSION}
 SPLITS = ("train", "val", "test")

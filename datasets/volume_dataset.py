@@ -10,10 +10,10 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .cache import CacheReadError, VolumeCache
-from .preprocess import PreprocessConfig, load_volume
+from ..volumes.cache import CacheReadError, VolumeCache
+from ..volumes.preprocess import PreprocessConfig, load_volume
+from ..volumes.reading import VolumeReadError
 from .pretrain_augment import crop_box, draw_params, sample_rng
-from .reading import VolumeReadError
 
 
 class _EpochSeeded(Dataset):

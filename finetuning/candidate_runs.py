@@ -16,12 +16,12 @@ import torch
 from ..datasets.array_dataset import ArrayDataset
 from ..datasets.data_profile import DataProfile
 from ..datasets.task_data import TaskData
-from ..engine_finetune import Finetuner
-from ..models.classifier_checkpoint import ClassifierCheckpoint
+from ..inference.checkpoints import ClassifierCheckpoint
 from ..util.dist import DistInfo, barrier
 from ..util.run_log import RunLog
+from .engine import Finetuner
+from .finetune_config import FinetuneRun
 from .model_choice import build_model, with_reconstruction
-from .run_config import FinetuneRun
 from .search import candidate_record, candidates, clears_validation, rank_key
 
 MOVED_OUTPUTS = ("best.pth", "log.txt", "tensorboard")

@@ -21,13 +21,13 @@ import numpy as np
 from ..datasets.data_profile import DataProfile
 from ..datasets.labelled_volumes import fraction_of_patients
 from ..datasets.task_data import TaskData, split_groups
-from ..models.ensemble import write_ensemble
+from ..inference.ensemble_folder import write_ensemble
 from ..util.baselines import image_floor_scores, majority_share
 from ..util.dist import DistInfo
 from ..util.errors import UsageError
 from ..util.metrics import REGRESSION, auc_and_acc, selection_score, stays_at_prior
 from .candidate_runs import train_candidate
-from .run_config import FinetuneRun
+from .finetune_config import FinetuneRun
 from .search import candidates, clears_validation, rank_key
 
 FINAL_MODEL = "final_model"

@@ -18,8 +18,8 @@ from ..util.dist import DistInfo
 from ..util.metrics import REGRESSION, auc_and_acc
 from ..util.run_log import cpu_seconds
 from .cross_validation import FINAL_MODEL, CandidateFolds, Pool, below_floor, cross_validate, write_final_model
+from .finetune_config import FinetuneRun
 from .reporting import floor_line, headline, threshold_report, verdict, write_results, write_split_outputs
-from .run_config import FinetuneRun
 
 STACK_INPUTS = ("the image model's probability", "the PCA floor's probability")
 

@@ -11,13 +11,12 @@ import torch
 
 from ..datasets.data_profile import DataProfile
 from ..datasets.task_data import TaskData
+from ..inference.checkpoints import PretrainingCheckpoint, PretrainingCheckpointError, load_checkpoint
+from ..inference.load_pretrained import CheckpointMismatchError, load_encoder
 from ..models import create_model, model_arguments
 from ..models.joint_mae import ClassifierWithReconstruction
-from ..models.load_pretrained import CheckpointMismatchError, load_encoder
 from ..models.patch_embed import auto_patch_size
-from ..models.pretraining_checkpoint import PretrainingCheckpoint, PretrainingCheckpointError
 from ..models.vit import AUTO_ARCHITECTURE
-from ..util.checkpoint import load_checkpoint
 from ..util.errors import DataError, UsageError
 
 EXPLICIT_MODEL_FLAGS = ("patch_size", "backbone", "fe_path", "pretrained_file")
@@ -25,7 +24,7 @@ EXPLICIT_MODEL_FLAGS = ("patch_size", "backbone", "fe_path", "pretrained_file")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The classifier a run builds and the weights it starts from (finetuning.run_config resolves it)."""
+    """The classifier a run builds and the weights it starts from (finetuning.finetune_config resolves it)."""
     name: str
     architecture: dict  # --model auto's choice; empty for a named model
     normalization: dict  # input_mean / input_std the model applies inside; empty where it takes [0, 1] as it is

@@ -9,7 +9,6 @@ import torch
 from medmnist import Evaluator
 
 from ..datasets.data_profile import DataProfile
-from ..datasets.stored import to_unit_float
 from ..datasets.task_data import TaskData
 from ..util.atomic import atomic_write
 from ..util.baselines import image_floor, majority_share
@@ -25,7 +24,8 @@ from ..util.metrics import (
 )
 from ..util.plotting import confusion_figure, plt, roc_figure
 from ..util.strict_json import write_json
-from .run_config import FinetuneRun
+from ..volumes.stored import to_unit_float
+from .finetune_config import FinetuneRun
 
 RESULTS_FILE = "results.json"  # written last: a folder that has it holds a finished run
 HEADLINE = {False: ("auc", "acc"), True: ("r2", "pearson")}

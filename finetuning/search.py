@@ -12,7 +12,7 @@ The test split is read once, by the chosen model; results.json lists every candi
 import math
 from dataclasses import asdict, dataclass
 
-from .run_config import FinetuneRun
+from .finetune_config import FinetuneRun
 
 SEARCH_MODES = ("none", "fallback", "full")
 LR_FACTORS = (1.0, 4.0)  # the recipe's lr, and one high enough to leave the prior where the recipe's is too low
@@ -64,7 +64,7 @@ def rank_key(record: dict) -> tuple:
 
 def candidate_record(candidate: Candidate, selection: dict, val_floor_auc: float | None) -> dict:
     """What a trained candidate is judged by: its best epoch's validation score (AUC, R2 for regression) and
-    whether that epoch sat at the class prior, as engine_finetune.Finetuner.fit chose it."""
+    whether that epoch sat at the class prior, as finetuning.engine.Finetuner.fit chose it."""
     score = next(value for key, value in selection.items() if key in ("best_val_auc", "best_val_r2"))
     return {"name": candidate.name, **asdict(candidate), "best_epoch": selection["best_epoch"],
             "epochs_run": selection["epochs_run"],

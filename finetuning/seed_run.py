@@ -15,6 +15,7 @@ from ..util.errors import DivergedError, UsageError
 from ..util.metrics import REGRESSION
 from ..util.run_log import cpu_seconds
 from .candidate_runs import train_chosen
+from .finetune_config import FinetuneRun
 from .reporting import (
     floor_line,
     floors,
@@ -25,7 +26,6 @@ from .reporting import (
     write_results,
     write_split_outputs,
 )
-from .run_config import FinetuneRun
 from .setups import SETUPS
 
 

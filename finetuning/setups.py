@@ -11,11 +11,11 @@ from ..datasets.data_profile import DataProfile, choose_augment
 from ..datasets.finetune_augment import VITMEDNET_AUGMENT, AugmentConfig, describe, preset
 from ..datasets.labelled_volumes import VolumeTaskOptions, volume_task
 from ..datasets.medmnist_data import MedMNISTSpec, subset_indices
-from ..datasets.preprocess import AUTO, preprocess_config_from_args
 from ..datasets.task_data import TaskData, medmnist_task, meta_image_task, meta_volume_task, slivit_medmnist_task
 from ..util.checkpoint import atomic_save
 from ..util.cli import grid
 from ..util.errors import DataError
+from ..volumes.preprocess import AUTO, preprocess_config_from_args
 
 
 def _labels(args: argparse.Namespace) -> list[str]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-from ..util.checkpoint import load_checkpoint
+from ..util.checkpoint import load_torch_file
 from .contract import ClassifierBase
 from .registry import register_model
 
@@ -48,7 +48,7 @@ class SLIViT(ClassifierBase):
         self.in_chans = in_chans
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, in_chans=3)
         if fe_path:
-            self.backbone.load_state_dict(load_checkpoint(fe_path)["backbone"])
+            self.backbone.load_state_dict(load_torch_file(fe_path)["backbone"])
         self.to_token = nn.Linear(self.backbone.num_features, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_slices + 1, dim) * 0.02)

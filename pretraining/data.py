@@ -6,11 +6,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..datasets.preprocess import PreprocessConfig, preprocess_config_from_args
 from ..datasets.pretrain_data import build_pretrain_dataset, hold_out, medmnist_pretrain_dataset, phantom_corpus
 from ..util.dist import DistInfo
 from ..util.errors import UsageError
-from .run_config import resolve_input_size
+from ..volumes.preprocess import PreprocessConfig, preprocess_config_from_args
+from .pretrain_config import resolve_input_size
 
 
 @dataclass(frozen=True)

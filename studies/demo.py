@@ -108,10 +108,10 @@ def run_study(args: argparse.Namespace) -> int:
     python = sys.executable
     start = time.perf_counter()
 
-    run([python, "-m", "volmae.datasets.phantoms", "--output", str(out / "phantoms"), "--count", str(args.count),
+    run([python, "main_phantoms.py", "--output", str(out / "phantoms"), "--count", str(args.count),
          "--lesions"], logs / "phantoms.log", done=logs / "phantoms.done")
     held_back = out / "held_back"
-    run([python, "-m", "volmae.datasets.phantoms", "--output", str(held_back), "--count", str(args.held_back),
+    run([python, "main_phantoms.py", "--output", str(held_back), "--count", str(args.held_back),
          "--seed", "1", "--lesions"], logs / "held_back.log", done=logs / "held_back.done")
     cases = write_cases(out, held_back / "labels.csv")
     run([python, "main_cache.py", "--input", str(out / "phantoms"), "--output", str(out / "cache"),

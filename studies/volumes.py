@@ -32,15 +32,15 @@ from pathlib import Path
 import pandas as pd
 
 from ..datasets.labelled_volumes import VolumeTaskOptions, choose_for, read_labels, resolve_source
-from ..datasets.preprocess import PreprocessConfig
 from ..datasets.pretrain_data import held_out_count
-from ..datasets.sources import SourceListError, list_sources
 from ..datasets.task_data import TaskDataError, infer_task
 from ..util.atomic import atomic_write
 from ..util.cli import HelpFormatter, int_tuple_or_auto, positive_int, positive_int_or_auto
 from ..util.errors import DataError, UsageError
 from ..util.lr_sched import auto_epochs, optimizer_steps_per_epoch
 from ..util.strict_json import write_json
+from ..volumes.preprocess import PreprocessConfig
+from ..volumes.sources import SourceListError, list_sources
 from .steps import file_hashes, flags, run
 from .volumes_report import fraction_entry, run_folder, study_result, summary_lines, write_report
 

@@ -22,7 +22,7 @@ CORES_PER_TEST = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIS
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(CORES_PER_TEST)
 SHARED_DATA = Path(os.environ.get("VOLMAE_SHARED_DATA", REPO.parent / "shared" / "data"))
-LIBRARY = ["datasets", "models", "util", "finetuning", "pretraining", "studies", "engine_pretrain.py", "engine_finetune.py"]
+LIBRARY = ["util", "volumes", "datasets", "models", "inference", "pretraining", "finetuning", "studies"]
 
 
 def copy_of_source(destination: Path) -> Path:
@@ -99,7 +99,7 @@ def fast_tests_start_no_process(request, monkeypatch) -> None:
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Eight small synthetic CT phantoms as NIfTI files."""
-    from volmae.datasets.phantoms import write_phantom_corpus
+    from volmae.volumes.phantoms import write_phantom_corpus
 
     folder = tmp_path_factory.mktemp("phantoms")
     write_phantom_corpus(folder, count=8, seed=0, size_range=(24, 40), progress=False)

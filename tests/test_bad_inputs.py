@@ -28,11 +28,12 @@ import torch
 
 from tests.conftest import run_cli, shared_path
 from tests.volumes import write_bad_inputs
-from volmae.datasets.cache import VolumeCache
+from volmae.inference.checkpoints import load_checkpoint
 from volmae.util.atomic import DiskWriteError, atomic_write, temporary_for
-from volmae.util.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from volmae.util.checkpoint import CheckpointError, atomic_save
 from volmae.util.deepspeed_checkpoint import consolidated_fp32_weights
 from volmae.util.run_lock import LOCK_FILE, output_folder_lock
+from volmae.volumes.cache import VolumeCache
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "28", "--patch_size", "14", "--decoder_embed_dim", "64",
         "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--log_every", "1",
@@ -302,8 +303,8 @@ def test_deepspeed_resume_and_consolidation_refuse_a_crafted_file(tmp_path, phan
 
 def _parser(name: str):
     from volmae import main_cache, main_predict, main_pretrain
-    from volmae.finetuning import cli
-    return {"pretrain": main_pretrain.get_args_parser, "finetune": cli.get_args_parser,
+    from volmae.finetuning import flags
+    return {"pretrain": main_pretrain.get_args_parser, "finetune": flags.get_args_parser,
             "predict": main_predict.get_args_parser, "cache": main_cache.get_args_parser}[name]()
 
 

@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader
 
 from tests.conftest import REPO, run_cli, shared_path
 from tests.volumes import reoriented_copy, write_bad_inputs
-from volmae.datasets.build_cache import CacheSettingsError, build_cache
-from volmae.datasets.cache import VolumeCache, encode
-from volmae.datasets.phantoms import write_phantom_corpus
-from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image
-from volmae.datasets.reading import read_image, unreadable_reason
 from volmae.datasets.volume_dataset import CacheDataset, collate_volumes
 from volmae.util.atomic import TEMPORARY_GLOB
+from volmae.volumes.build_cache import CacheSettingsError, build_cache
+from volmae.volumes.cache import VolumeCache, encode
+from volmae.volumes.phantoms import write_phantom_corpus
+from volmae.volumes.preprocess import PreprocessConfig, load_volume, preprocess_image
+from volmae.volumes.reading import read_image, unreadable_reason
 
 HALF_STEP = 0.5 / 65535 + 1e-7  # uint16 storage rounds to the nearest of 65536 levels
 
@@ -292,7 +292,7 @@ def test_cache_workers_are_born_ignoring_ctrl_c_so_one_still_importing_prints_no
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from volmae.datasets.build_cache import _submit_deaf_to_ctrl_c
+    from volmae.volumes.build_cache import _submit_deaf_to_ctrl_c
 
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         futures = _submit_deaf_to_ctrl_c(pool, [(abs, -1), (abs, -2)])

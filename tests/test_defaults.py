@@ -11,22 +11,22 @@ import torch
 
 from tests.conftest import lidc_patients, run_cli, shared_path
 from volmae import models
-from volmae.datasets.build_cache import build_cache
 from volmae.datasets.data_profile import profile_images
-from volmae.datasets.preprocess import PreprocessConfig
-from volmae.datasets.preprocess_choice import AUTO_VOXEL_BUDGET, HeaderSurvey, choose_preprocess
-from volmae.engine_pretrain import build_optimizer
-from volmae.finetuning.cli import parse_args
-from volmae.finetuning.run_config import FinetuneRun, resolve_run
+from volmae.finetuning.finetune_config import FinetuneRun, resolve_run
+from volmae.finetuning.flags import parse_args
 from volmae.finetuning.search import candidates, clears_validation, rank_key
 from volmae.models.mae3d import AUTO_DECODER
 from volmae.models.vit import AUTO_ARCHITECTURE
+from volmae.pretraining.engine import build_optimizer
 from volmae.util.baselines import image_floor
 from volmae.util.dist import DistInfo
 from volmae.util.lr_sched import auto_epochs, auto_warmup_epochs, optimizer_steps_per_epoch, warmup_warning
 from volmae.util.metrics import accuracy_at, one_feature_auc, paired_auc_difference, youden_threshold
 from volmae.util.threads import choose_threads
 from volmae.util.train_backend import TorchBackend, resolve_precision
+from volmae.volumes.build_cache import build_cache
+from volmae.volumes.preprocess import PreprocessConfig
+from volmae.volumes.preprocess_choice import AUTO_VOXEL_BUDGET, HeaderSurvey, choose_preprocess
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from volmae.datasets.phantoms import make_phantom, write_labelled_corpus
+from volmae.volumes.phantoms import make_phantom, write_labelled_corpus
 
 
 def test_demo_writes_every_output_and_its_classifier_leaves_the_prior(demo_run):

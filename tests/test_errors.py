@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, library_files
-from volmae.datasets.cache import CacheError
-from volmae.datasets.preprocess import PreprocessConfig
 from volmae.datasets.pretrain_data import build_pretrain_dataset
 from volmae.util.cli import grid, run_main
 from volmae.util.errors import DataError, UsageError, VolMAEError
+from volmae.volumes.cache import CacheError
+from volmae.volumes.preprocess import PreprocessConfig
 
 pytestmark = pytest.mark.fast  # in-process: `make test-fast`
 

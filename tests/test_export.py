@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import lidc_patients, run_cli
 from volmae.datasets.cases import InputSpec, load_case
-from volmae.models.load_classifier import load_for_inference
+from volmae.inference.load_model import load_for_inference
 from volmae.models.registry import create_model
 
 TINY_PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--decoder_embed_dim",

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO, lidc_patients, run_cli, run_entry
-from volmae.models.load_classifier import NotAVolMAECheckpoint, load_for_inference
-from volmae.util.checkpoint import CheckpointError, load_checkpoint
+from volmae.inference.checkpoints import load_checkpoint
+from volmae.inference.load_model import NotAVolMAECheckpoint, load_for_inference
+from volmae.util.checkpoint import CheckpointError
 from volmae.util.folder_swap import recover
 from volmae.util.run_lock import output_folder_lock
 

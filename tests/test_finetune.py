@@ -9,11 +9,10 @@ from medmnist import Evaluator
 
 from tests.conftest import run_cli, shared_path
 from volmae import models
-from volmae.engine_finetune import Patience, is_head_parameter
-from volmae.models.classifier_checkpoint import ClassifierCheckpoint
-from volmae.models.load_pretrained import CheckpointMismatchError, adapt_pos_embed, load_encoder
+from volmae.finetuning.engine import Patience, is_head_parameter
+from volmae.inference.checkpoints import ClassifierCheckpoint, load_checkpoint
+from volmae.inference.load_pretrained import CheckpointMismatchError, adapt_pos_embed, load_encoder
 from volmae.models.pos_embed import sincos_pos_embed
-from volmae.util.checkpoint import load_checkpoint
 
 
 def finetune(tmp_path, name, *extra, check=True):
@@ -209,7 +208,8 @@ def test_an_undefined_validation_auc_is_said_to_be_the_split_s_fault_not_a_colla
     """L7, L8: validation holding one class gave AUC NaN in every epoch, and the run said the model COLLAPSED and
     should train longer."""
     from volmae.datasets.array_dataset import ArrayDataset
-    from volmae.engine_finetune import Finetuner, TrainingConfig
+    from volmae.finetuning.engine import Finetuner
+    from volmae.finetuning.finetune_config import TrainingConfig
     from volmae.util.dist import DistInfo
     from volmae.util.run_log import RunLog
 

@@ -4,11 +4,11 @@ import argparse
 
 import pytest
 
-from volmae.finetuning.cli import get_args_parser as finetune_parser
+from volmae.finetuning.flags import get_args_parser as finetune_parser
 from volmae.main_cache import get_args_parser as cache_parser
 from volmae.main_export import get_args_parser as export_parser
 from volmae.main_predict import get_args_parser as predict_parser
-from volmae.pretraining.cli import get_args_parser as pretrain_parser
+from volmae.pretraining.flags import get_args_parser as pretrain_parser
 from volmae.studies import demo, medmnist, volumes
 
 pytestmark = pytest.mark.fast  # in-process: `make test-fast`

@@ -66,7 +66,7 @@ def test_every_main_run_as_a_file_resolves_its_imports_in_the_package():
                                          ("from ..util.missing import Thing", False),
                                          ("from ...beyond import x", False)])
 def test_the_resolver_tells_a_real_file_from_a_missing_one(source, ok):
-    path = REPO / "datasets" / "sources.py"
+    path = REPO / "volumes" / "sources.py"
     (_, level, module, names), = imports(source)
     assert resolves(path, level, module, names) is ok
 

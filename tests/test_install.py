@@ -44,8 +44,8 @@ def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
 
-    both = run([sys.executable, "-c", "import datasets, models, util, volmae.datasets.cache, volmae.models, volmae.util.cli; "
-                "assert datasets.FOREIGN and models.FOREIGN and util.FOREIGN; print(volmae.datasets.cache.__file__)"],
+    both = run([sys.executable, "-c", "import datasets, models, util, volmae.volumes.cache, volmae.models, volmae.util.cli; "
+                "assert datasets.FOREIGN and models.FOREIGN and util.FOREIGN; print(volmae.volumes.cache.__file__)"],
                elsewhere, env)
     assert Path(both.stdout.strip()) == REPO / "datasets" / "cache.py"
 

@@ -17,9 +17,9 @@ from volmae import models
 from volmae.datasets.data_profile import choose_augment, profile_images
 from volmae.datasets.finetune_augment import NO_AUGMENT, PRESETS, VITMEDNET_AUGMENT, augment_batch, preset
 from volmae.datasets.medmnist_data import RAW_SCALE, MedMNISTSpec, load_split
-from volmae.util.checkpoint import load_checkpoint
+from volmae.inference.checkpoints import load_checkpoint
 from volmae.util.metrics import bootstrap_auc_ci, stays_at_prior
-from volmae.util.probe import probe_aucs
+from volmae.util.probe_scores import probe_aucs
 from volmae.util.run_log import read_log
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from volmae import models
-from volmae.models.load_pretrained import load_encoder
+from volmae.inference.load_pretrained import load_encoder
 from volmae.models.mae3d import REFERENCE_DECODER
 from volmae.models.patch_embed import auto_patch_size, stem_patch_size
 from volmae.models.pos_embed import sincos_1d, split_embed_dim

@@ -11,9 +11,9 @@ import torch
 
 from tests.conftest import REPO, run_cli, run_entry, shared_path
 from volmae import models
-from volmae.models.load_classifier import load_for_inference
+from volmae.inference.checkpoints import load_checkpoint
+from volmae.inference.load_model import load_for_inference
 from volmae.util.atomic import OutputAppearedError, atomic_write
-from volmae.util.checkpoint import load_checkpoint
 
 VOLUMES = ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "ch2.nii.gz", "example_ct_dicom")
 
@@ -113,7 +113,7 @@ def test_a_checkpoint_that_is_not_a_classifier_stops_at_once(tmp_path, phantom_d
              "--embeddings", str(tmp_path / "emb.h5"), "--embedding_type", "concat"])
     mae = models.create_model("mae_vit_tiny_patch16", **load_checkpoint(pre / "checkpoint-last.pth")["model_config"])
     mae.load_state_dict(load_checkpoint(pre / "checkpoint-last.pth")["model"])
-    from volmae.datasets.preprocess import PreprocessConfig, load_volume
+    from volmae.volumes.preprocess import PreprocessConfig, load_volume
 
     with h5py.File(tmp_path / "emb.h5") as f, torch.no_grad():
         assert sorted(f) == ["a", "b"] and f.attrs["embedding_type"] == "concat"

@@ -9,10 +9,10 @@ import SimpleITK as sitk
 
 from tests.conftest import shared_path
 from tests.volumes import image_from_xyz, reoriented_copy, write_bad_inputs
-from volmae.datasets.orientation import CANONICAL_ORIENTATION, orientation_code, to_canonical
-from volmae.datasets.preprocess import PreprocessConfig, load_volume, preprocess_image, resample_to_grid
-from volmae.datasets.reading import VolumeReadError, listed_path, listed_source, read_image, unreadable_reason
-from volmae.datasets.sources import list_sources
+from volmae.volumes.orientation import CANONICAL_ORIENTATION, orientation_code, to_canonical
+from volmae.volumes.preprocess import PreprocessConfig, load_volume, preprocess_image, resample_to_grid
+from volmae.volumes.reading import VolumeReadError, listed_path, listed_source, read_image, unreadable_reason
+from volmae.volumes.sources import list_sources
 
 pytestmark = pytest.mark.fast  # in-process: `make test-fast`
 

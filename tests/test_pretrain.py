@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, shared_path
-from volmae.util.checkpoint import load_checkpoint
+from volmae.inference.checkpoints import load_checkpoint
 from volmae.util.lr_sched import lr_at_step
 from volmae.util.run_log import read_log
 
@@ -120,7 +120,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_half_cosine():
 @pytest.mark.parametrize("mask_type", ["random", "tube"])
 def test_masks_are_keyed_on_seed_epoch_and_sample_whatever_the_batch(mask_type):
     from volmae import models
-    from volmae.engine_pretrain import keyed_masking_noise
+    from volmae.pretraining.engine import keyed_masking_noise
 
     core = models.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, decoder_depth=1)
     cpu = torch.device("cpu")

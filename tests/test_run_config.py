@@ -11,13 +11,17 @@ import torch
 from tests.conftest import REPO, library_files
 from volmae import models
 from volmae.datasets.data_profile import profile_images
-from volmae.engine_finetune import TrainingConfig
-from volmae.finetuning.cli import parse_args
+from volmae.finetuning.finetune_config import FinetuneRun, TrainingConfig, resolve_run
+from volmae.finetuning.flags import parse_args
 from volmae.finetuning.model_choice import ModelConfig
-from volmae.finetuning.run_config import FinetuneRun, resolve_run
-from volmae.models.classifier_checkpoint import CHECKPOINT_VERSION, ClassifierCheckpoint, ClassifierCheckpointError
-from volmae.models.load_classifier import load_for_inference
-from volmae.models.pretraining_checkpoint import PretrainingCheckpoint, PretrainingCheckpointError
+from volmae.inference.checkpoints import (
+    CHECKPOINT_VERSION,
+    ClassifierCheckpoint,
+    ClassifierCheckpointError,
+    PretrainingCheckpoint,
+    PretrainingCheckpointError,
+)
+from volmae.inference.load_model import load_for_inference
 from volmae.util.checkpoint import atomic_save
 
 pytestmark = pytest.mark.fast
@@ -146,10 +150,10 @@ def test_a_pretraining_saved_from_a_ddp_wrapper_loads_for_inference_and_export(t
 def test_the_loops_and_the_model_choice_read_typed_configurations_only():
     import inspect
 
-    from volmae.engine_finetune import Finetuner, build_optimizer
-    from volmae.engine_pretrain import Pretrainer
+    from volmae.finetuning.engine import Finetuner, build_optimizer
     from volmae.finetuning.model_choice import build_model, with_reconstruction
-    from volmae.pretraining.run_config import PretrainConfig
+    from volmae.pretraining.engine import Pretrainer
+    from volmae.pretraining.pretrain_config import PretrainConfig
 
     assert inspect.signature(Pretrainer).parameters["config"].annotation is PretrainConfig
     assert dataclasses.fields(PretrainConfig) and PretrainConfig.__dataclass_params__.frozen
@@ -160,8 +164,15 @@ def test_the_loops_and_the_model_choice_read_typed_configurations_only():
 
 
 def test_pretraining_resolves_every_auto_into_a_new_namespace_and_refuses_in_typed_errors():
-    from volmae.pretraining.cli import get_args_parser
-    from volmae.pretraining.run_config import AUTO_BLR, AUTO_MAE, PretrainConfig, build_model, check_flags, resolve_flags
+    from volmae.pretraining.flags import get_args_parser
+    from volmae.pretraining.pretrain_config import (
+        AUTO_BLR,
+        AUTO_MAE,
+        PretrainConfig,
+        build_model,
+        check_flags,
+        resolve_flags,
+    )
     from volmae.util.errors import UsageError
 
     args = get_args_parser().parse_args(["--model", "auto", "--batch_size", "4", "--output_dir", "out"])

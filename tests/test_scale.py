@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import REPO, run_cli, shared_path
 from tests.slurm_cluster import local_slurm
+from volmae.inference.checkpoints import load_checkpoint
 from volmae.util.atomic import TEMPORARY_GLOB
-from volmae.util.checkpoint import load_checkpoint
 from volmae.util.dist import rank_environment
 from volmae.util.preemption import EXIT_PREEMPTED
 from volmae.util.run_log import read_log
@@ -60,7 +60,7 @@ def assert_same_losses(run: dict[int, float], reference: dict[int, float], rel: 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from volmae.datasets.phantoms import write_phantom_corpus
+    from volmae.volumes.phantoms import write_phantom_corpus
 
     folder = tmp_path_factory.mktemp("corpus")
     write_phantom_corpus(folder, count=8, seed=1, size_range=(24, 36), progress=False)

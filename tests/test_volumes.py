@@ -14,10 +14,10 @@ import SimpleITK as sitk
 from tests.conftest import REPO, lidc_patients, run_cli, shared_path
 from tests.volumes import image_from_xyz
 from volmae.datasets.labelled_volumes import fraction_of_patients
-from volmae.datasets.preprocess import PreprocessConfig, load_volume
-from volmae.datasets.preprocess_choice import choose_preprocess, survey_headers
 from volmae.datasets.task_data import TaskDataError, assign_splits
-from volmae.util.checkpoint import load_checkpoint
+from volmae.inference.checkpoints import load_checkpoint
+from volmae.volumes.preprocess import PreprocessConfig, load_volume
+from volmae.volumes.preprocess_choice import choose_preprocess, survey_headers
 
 SPHERE_DIAMETER_MM = 12.0
 # (voxels per axis x, y, z; spacing mm; direction): crops of one sphere cut at different pixel sizes, so their

@@ -1,4 +1,4 @@
-"""Checkpoints as plain dicts of tensors and Python values, written atomically.
+"""Torch files as plain dicts of tensors and Python values, written atomically, read with weights_only.
 
 A checkpoint is written atomically (util.atomic): a crash at any moment leaves either the old file or
 the new one, never half of one. Loading always uses `weights_only=True`: a checkpoint is untrusted input.
@@ -16,7 +16,6 @@ import torch
 
 from .atomic import atomic_write
 from .errors import DataError
-from .exported import ExportError, export_folder, read_exported
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -72,19 +71,10 @@ def first_line(err: BaseException) -> str:
     return re.sub(r"\s+", " ", text[0]) if text else type(err).__name__
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_torch_file(path: str | os.PathLike) -> dict:
     """torch.load with weights_only=True; a missing file stays FileNotFoundError, anything else that stops the
-    load (truncation, corruption, a pickle that asks for code) becomes a one-line CheckpointError. A folder
-    written by volmae-export (or its model.safetensors) gives the same dict, with no pickle at all."""
-    folder = export_folder(path)
-    if folder is not None:
-        try:
-            return read_exported(folder)
-        except ExportError as err:
-            raise CheckpointError(str(err)) from None
-    if Path(path).suffix.lower() == ".json" and Path(path).is_file():
-        raise CheckpointError(f"{path}: a JSON file without a VolMAE export beside it, not a checkpoint; give an "
-                              f"export's folder, a best.pth or an encoder.pth")
+    load (truncation, corruption, a pickle that asks for code) becomes a one-line CheckpointError. VolMAE's own
+    checkpoint types and exported folders are read by inference.checkpoints.load_checkpoint."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_torch_file
 
 
 def deepspeed_safe_globals() -> list:
@@ -46,7 +46,7 @@ def validate_deepspeed_checkpoint(folder: Path, tag: str | None = None) -> dict:
     client = {}
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         for file in files:
-            state = load_checkpoint(file)
+            state = load_torch_file(file)
             if file.name.endswith("model_states.pt"):
                 client = state
     return client

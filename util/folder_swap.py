@@ -6,7 +6,7 @@ takes the old one's place by two renames: the old folder becomes `.NAME.replaced
 then the old one is removed. A process killed at any moment (`kill -9` included) leaves the old folder or the
 new one; the one moment between the two renames leaves the old one under its hidden name, which the next
 command that writes there (`recover`) puts back. The caller decides, before anything is built, whether the
-folder may be replaced at all (only a folder of files VolMAE wrote may; `util.exported.refuse_folder`).
+folder may be replaced at all (only a folder of files VolMAE wrote may; `inference.exported.refuse_folder`).
 """
 import os
 import re

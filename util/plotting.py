@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-# Volumes are (D, H, W) in the canonical LPS orientation (see datasets/orientation.py): D runs
+# Volumes are (D, H, W) in the canonical LPS orientation (see volumes/orientation.py): D runs
 # inferior->superior, H anterior->posterior, W right->left. Axial slices are shown as stored
 # (radiological view); coronal and sagittal ones are flipped so that superior is up.
 VIEWS = ("axial", "coronal", "sagittal")

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .atomic import remove_stale_temporaries
-from .checkpoint import atomic_save, load_checkpoint, resume_candidates, rng_state, set_rng_state
+from .checkpoint import atomic_save, load_torch_file, resume_candidates, rng_state, set_rng_state
 from .deepspeed_checkpoint import consolidated_fp32_weights, use_weights_only_loading, validate_deepspeed_checkpoint
 from .dist import DistInfo, barrier
 
@@ -137,7 +137,7 @@ class TorchBackend:
 
     def resume(self, path: Path, check: Callable[[dict, Path], None] | None = None) -> dict:
         """`check(saved checkpoint, path)` runs before any state is loaded (a changed model would not fit)."""
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_torch_file(path)
         if check is not None:
             check(checkpoint, path)
         self.module.load_state_dict(checkpoint["model"])
@@ -234,7 +234,7 @@ class DeepSpeedBackend:
         saved = validate_deepspeed_checkpoint(path)
         if check is not None:
             check(saved, path)
-        _, client_state = self.engine.load_checkpoint(str(path))
+        _, client_state = self.engine.load_torch_file(str(path))
         set_rng_state(client_state["rng"])
         return client_state
 

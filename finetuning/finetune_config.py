@@ -9,11 +9,34 @@ from dataclasses import asdict, dataclass, replace
 from ..datasets.data_profile import DataProfile
 from ..datasets.finetune_augment import AugmentConfig
 from ..datasets.task_data import TaskData
-from ..engine_finetune import TrainingConfig
 from ..util.lr_sched import effective_lr
 from .model_choice import EXPLICIT_MODEL_FLAGS, ModelConfig, auto_architecture, input_normalization, pretrained_config
 from .recipes import PRETRAINED_LAYER_DECAY
 from .setups import SETUPS, resolve_augment
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What the loop reads: the optimisation of one candidate (finetuning.finetune_config resolves it)."""
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    layer_decay: float
+    optimizer: str
+    schedule: str
+    smoothing: float
+    clip_grad: float | None
+    class_weights: str
+    patience: int | None
+    precision: str
+    deepspeed: str | None
+    num_workers: int
+    mae_loss_weight: float
+    probe_epochs: int = 0  # LP-FT: epochs in which only the head trains
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,19 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..datasets.cache import is_cache, read_meta
 from ..models.mae3d import AUTO_DECODER
 from ..models.patch_embed import REFERENCE_PATCH, auto_patch_size
 from ..models.vit import AUTO_ARCHITECTURE
 from ..util.cli import grid
 from ..util.errors import DataError, UsageError
-from ..util.lr_sched import AUTO_PRETRAIN_STEPS, auto_epochs, auto_warmup_epochs, effective_lr, optimizer_steps_per_epoch
+from ..util.lr_sched import (
+    AUTO_PRETRAIN_STEPS,
+    auto_epochs,
+    auto_warmup_epochs,
+    effective_lr,
+    optimizer_steps_per_epoch,
+)
+from ..volumes.cache import is_cache, read_meta
 
 MAE_BLR = 1.5e-4  # MAE's base lr, for its ViTs at large batches
 AUTO_BLR = 6e-3  # the recipes' base lr for the small --model auto (docs/results.md)

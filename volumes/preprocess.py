@@ -190,7 +190,7 @@ AUTO = "auto"
 
 def add_preprocess_args(parser, default_resample: str = "fit", allow_auto: bool = False) -> None:
     """The volume preprocessing flags, shared by the cache builder, the on-the-fly loader and the volumes setup.
-    With `allow_auto`, `--resample auto` lets the headers of the set choose (datasets.preprocess_choice)."""
+    With `allow_auto`, `--resample auto` lets the headers of the set choose (volumes.preprocess_choice)."""
     group = parser.add_argument_group("volume preprocessing")
     modes = RESAMPLE_MODES + ((AUTO,) if allow_auto else ())
     group.add_argument("--resample", choices=modes, default=default_resample,

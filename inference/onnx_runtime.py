@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..util.exported import ExportError
+from .exported import ExportError
 
 ONNX_INPUT = "volume"
 

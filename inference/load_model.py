@@ -8,15 +8,22 @@ from pathlib import Path
 
 import torch
 
-from ..util.checkpoint import CheckpointError, first_line, load_checkpoint
+from ..models.ensemble import ProbabilityEnsemble
+from ..models.mae3d import PRETRAINING_ONLY_PREFIXES
+from ..models.registry import create_model
+from ..util.checkpoint import CheckpointError, first_line
 from ..util.errors import DataError
-from ..util.exported import CONFIG_HASH_KEY, ONNX_FILE, ExportError, check_file, export_folder, read_config
-from .classifier_checkpoint import CLASSIFIER_KIND, ClassifierCheckpoint, ClassifierCheckpointError
-from .ensemble import EnsembleError, ProbabilityEnsemble, ensemble_members, is_ensemble
-from .exported_runtime import OnnxModel
-from .mae3d import PRETRAINING_ONLY_PREFIXES
-from .pretraining_checkpoint import PretrainingCheckpoint, PretrainingCheckpointError
-from .registry import create_model
+from .checkpoints import (
+    CLASSIFIER_KIND,
+    ClassifierCheckpoint,
+    ClassifierCheckpointError,
+    PretrainingCheckpoint,
+    PretrainingCheckpointError,
+    load_checkpoint,
+)
+from .ensemble_folder import EnsembleError, ensemble_members, is_ensemble
+from .exported import CONFIG_HASH_KEY, ONNX_FILE, ExportError, check_file, export_folder, read_config
+from .onnx_runtime import OnnxModel
 
 
 class NotAVolMAECheckpoint(DataError):

@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_write
-from .errors import DataError
-from .strict_json import finite
+from ..util.atomic import atomic_write
+from ..util.errors import DataError
+from ..util.strict_json import finite
 
 EXPORT_FORMAT = "volmae-export"
 EXPORT_VERSION = 2

@@ -16,23 +16,23 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .datasets.pretrain_augment import finish_batch
-from .datasets.volume_dataset import collate_volumes, single_threaded_worker
-from .models.mae3d import encoder_weights
-from .models.pretraining_checkpoint import PretrainingCheckpoint
-from .pretraining.probe import FeatureProbe
-from .pretraining.run_config import PretrainConfig
-from .util.atomic import atomic_write
-from .util.checkpoint import CheckpointError
-from .util.dist import DistInfo, all_reduce_sum, barrier
-from .util.errors import DataError, DivergedError, UsageError
-from .util.keyed_random import keyed_uniform
-from .util.lr_sched import lr_at_step, set_lr
-from .util.plotting import slice_grid
-from .util.preemption import PREEMPTED_FILE, PreemptionWatch
-from .util.run_log import RunLog
-from .util.sampler import ResumableDistributedSampler, ShardSampler
-from .util.train_backend import make_backend
+from ..datasets.pretrain_augment import finish_batch
+from ..datasets.volume_dataset import collate_volumes, single_threaded_worker
+from ..inference.checkpoints import PretrainingCheckpoint
+from ..models.mae3d import encoder_weights
+from ..util.atomic import atomic_write
+from ..util.checkpoint import CheckpointError
+from ..util.dist import DistInfo, all_reduce_sum, barrier
+from ..util.errors import DataError, DivergedError, UsageError
+from ..util.keyed_random import keyed_uniform
+from ..util.lr_sched import lr_at_step, set_lr
+from ..util.plotting import slice_grid
+from ..util.preemption import PREEMPTED_FILE, PreemptionWatch
+from ..util.run_log import RunLog
+from ..util.sampler import ResumableDistributedSampler, ShardSampler
+from ..util.train_backend import make_backend
+from .encoder_probe import FeatureProbe
+from .pretrain_config import PretrainConfig
 
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 HOLDOUT_MASK_EPOCH = -1  # the held-out volumes' masks are keyed on this instead of an epoch: the same every time

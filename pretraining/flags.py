@@ -6,7 +6,6 @@ from pathlib import Path
 from medmnist.info import DEFAULT_ROOT
 
 from .. import models
-from ..datasets.preprocess import add_preprocess_args
 from ..models.mae3d import MASK_TYPES, MAX_MASK_RATIO
 from ..util.cli import (
     HelpFormatter,
@@ -19,6 +18,7 @@ from ..util.cli import (
     positive_int,
     positive_int_or_auto,
 )
+from ..volumes.preprocess import add_preprocess_args
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "deepspeed"  # in the package: in a wheel too
 

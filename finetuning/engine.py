@@ -10,7 +10,6 @@ so every sample is scored exactly once whatever the number of ranks.
 """
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,41 +18,17 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .datasets.finetune_augment import NO_AUGMENT, AugmentConfig, augment_batch
-from .datasets.stored import to_unit_float
-from .models.classifier_checkpoint import ClassifierCheckpoint
-from .util.dist import DistInfo, all_reduce_sum
-from .util.errors import UsageError
-from .util.lr_sched import lr_at_step, multistep_lr, set_lr
-from .util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
-from .util.run_log import RunLog
-from .util.sampler import ShardSampler
-from .util.train_backend import make_backend
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """What the loop reads: the optimisation of one candidate (finetuning.run_config resolves it)."""
-    seed: int
-    epochs: int
-    batch_size: int
-    lr: float
-    min_lr: float
-    warmup_epochs: float
-    weight_decay: float
-    layer_decay: float
-    optimizer: str
-    schedule: str
-    smoothing: float
-    clip_grad: float | None
-    class_weights: str
-    patience: int | None
-    precision: str
-    deepspeed: str | None
-    num_workers: int
-    mae_loss_weight: float
-    probe_epochs: int = 0  # LP-FT: epochs in which only the head trains
-
+from ..datasets.finetune_augment import NO_AUGMENT, AugmentConfig, augment_batch
+from ..inference.checkpoints import ClassifierCheckpoint
+from ..util.dist import DistInfo, all_reduce_sum
+from ..util.errors import UsageError
+from ..util.lr_sched import lr_at_step, multistep_lr, set_lr
+from ..util.metrics import MULTI_LABEL, REGRESSION, scores_from_logits, selection_score, stays_at_prior
+from ..util.run_log import RunLog
+from ..util.sampler import ShardSampler
+from ..util.train_backend import make_backend
+from ..volumes.stored import to_unit_float
+from .finetune_config import TrainingConfig
 
 HEAD_MODULES = frozenset({"head", "fc_norm", "head_norm"})  # the ViTs' classification head, after the encoder
 
@@ -74,7 +49,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opt
         groups = param_groups_weight_decay(model, config.weight_decay, no_decay)
     if config.probe_epochs:
         groups = split_head_groups(model, groups)
-    fused = not config.deepspeed  # one kernel for all parameters (engine_pretrain.build_optimizer)
+    fused = not config.deepspeed  # one kernel for all parameters (pretraining.engine.build_optimizer)
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr, fused=fused)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..util.checkpoint import load_checkpoint
+from ..models.mae3d import PRETRAINING_ONLY_PREFIXES
+from ..models.patch_embed import to_tuple
+from ..models.pos_embed import sincos_pos_embed
 from ..util.errors import DataError
-from .mae3d import PRETRAINING_ONLY_PREFIXES
-from .patch_embed import to_tuple
-from .pos_embed import sincos_pos_embed
+from .checkpoints import load_checkpoint
 
 DROPPED_PREFIXES = PRETRAINING_ONLY_PREFIXES
 NEW_PREFIXES = ("head.", "fc_norm.", "head_norm.")

@@ -16,13 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..util.errors import DataError
-from .nifti_check import (
-    is_nifti2,
-    nifti_bad_spacing,
-    nifti_empty_axis,
-    nifti_nonfinite_mask,
-    nifti_truncation,
-)
+from .nifti_check import is_nifti2, nifti_bad_spacing, nifti_empty_axis, nifti_nonfinite_mask, nifti_truncation
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ lungs, a heart, a liver, two kidneys, a spine and an aorta, with jittered sizes,
 values plus noise. Each file gets its own grid size, spacing and axis order/flips, so the
 corpus exercises reading, reorientation and resampling the way a real one does.
 
-`--lesions` writes a labelled corpus for the demo's classifier: half of the phantoms carry a solid
+`write_labelled_corpus` writes a labelled corpus for the demo's classifier: half of the phantoms carry a solid
 soft-tissue mass in one lung, and `labels.csv` says which (`lesion` 0/1, one patient per phantom).
+`python main_phantoms.py` writes either from the command line.
 """
-import argparse
 import csv
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,6 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from ..util.atomic import atomic_write
-from ..util.cli import int_tuple, positive_int
 
 AIR_HU = -1000.0
 
@@ -153,27 +152,3 @@ def write_labelled_corpus(output_dir: str | Path, count: int = 64, seed: int = 0
     atomic_write(labels, write_csv)
     return labels
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m volmae.datasets.phantoms", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="folder of the NIfTI files (made if missing)")
-    parser.add_argument("--count", type=positive_int, default=24, help="number of phantoms")
-    parser.add_argument("--seed", type=int, default=0, help="phantom i is drawn from the seed (SEED, i)")
-    parser.add_argument("--size_range", type=int_tuple, default=(40, 80), help="MIN,MAX voxels per axis")
-    parser.add_argument("--size", type=int_tuple, default=None, help="fixed X,Y,Z grid instead (e.g. 512,512,300)")
-    parser.add_argument("--lesions", action="store_true",
-                        help="every other phantom gets a lung mass; also write labels.csv (path, patient_id, lesion)")
-    args = parser.parse_args()
-    if args.lesions:
-        if args.size is not None:
-            parser.error("--size is not used with --lesions")
-        labels = write_labelled_corpus(args.output, args.count, args.seed, tuple(args.size_range))
-        print(f"{args.count} phantoms and their labels in {labels}")
-        return
-    paths = write_phantom_corpus(args.output, args.count, args.seed, tuple(args.size_range), size=args.size)
-    print(f"{len(paths)} phantoms in {args.output}")
-
-
-if __name__ == "__main__":
-    main()

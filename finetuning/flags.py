@@ -5,7 +5,6 @@ import math
 from medmnist.info import DEFAULT_ROOT
 
 from ..datasets.finetune_augment import PRESETS
-from ..datasets.preprocess import AUTO, add_preprocess_args
 from ..util.cli import (
     HelpFormatter,
     int_tuple_or_auto,
@@ -17,6 +16,7 @@ from ..util.cli import (
     seed_list,
     share,
 )
+from ..volumes.preprocess import AUTO, add_preprocess_args
 from .recipes import PRETRAINED_LAYER_DECAY, RECIPES
 from .search import SEARCH_MODES
 from .setups import SETUPS

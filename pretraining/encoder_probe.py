@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..datasets.preprocess import PreprocessConfig
 from ..datasets.probe_data import ProbeDataError, ProbeSet, csv_probe_set, medmnist_probe_set
 from ..util.errors import DataError, UsageError
-from ..util.probe import probe_aucs
+from ..util.probe_scores import probe_aucs
+from ..volumes.preprocess import PreprocessConfig
 
 
 class FeatureProbe:
-    """Scores the encoder's frozen features on a labelled set (kNN and linear probe AUCs, util.probe)."""
+    """Scores the encoder's frozen features on a labelled set (kNN and linear probe AUCs, util.probe_scores)."""
 
     def __init__(self, probe_set: ProbeSet, every: int, batch_size: int = 64):
         self.probe_set = probe_set
