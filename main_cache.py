@@ -21,7 +21,8 @@ from .util.cli import HelpFormatter, grid, int_tuple_or_auto, positive_int, run_
 from .util.errors import UsageError
 from .volumes.build_cache import INTERRUPTED, CacheSettingsError, build_cache, summarise
 from .volumes.cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
-from .volumes.preprocess import AUTO, add_preprocess_args, preprocess_config_from_args
+from .volumes.flags import add_preprocess_args, preprocess_config_from_args
+from .volumes.preprocess import AUTO
 from .volumes.preprocess_choice import choose_preprocess, survey_headers
 from .volumes.sources import list_sources
 

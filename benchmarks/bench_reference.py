@@ -1,4 +1,4 @@
-"""Our pretraining step against the TANGERINE reference implementation (seed 004's models_mae.py).
+"""Our pretraining step against the TANGERINE reference implementation (its models_mae.py).
 
     python benchmarks/bench_reference.py --reference_dir ~/src/3D-MAE-MedImaging --input_size 128
     python benchmarks/bench_reference.py --profile step_trace.json --input_size 128 --mask_ratio 0.9

@@ -16,8 +16,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-INTERPOLATIONS = ("bilinear", "nearest")
-
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -44,7 +42,7 @@ class AugmentConfig:
 NO_AUGMENT = AugmentConfig(flip=False, rot90=False, max_rotation_deg=0.0, scale=(1.0, 1.0), max_translation=0.0,
                            noise_std=0.0, gamma=(1.0, 1.0))
 
-# 3DViTMedNet's torchio pipeline (seed 000): flips, affine +-10 deg, scale 0.95-1.05, small shifts,
+# 3DViTMedNet's torchio pipeline: flips, affine +-10 deg, scale 0.95-1.05, small shifts,
 # noise and gamma, elastic on request.
 VITMEDNET_AUGMENT = AugmentConfig(flip=True, rot90=False, max_rotation_deg=10.0, scale=(0.95, 1.05),
                                   max_translation=0.05, noise_std=0.02, gamma=(0.9, 1.1))

@@ -22,9 +22,9 @@ from ..datasets.data_profile import DataProfile
 from ..datasets.labelled_volumes import fraction_of_patients
 from ..datasets.task_data import TaskData, split_groups
 from ..inference.ensemble_folder import write_ensemble
-from ..util.baselines import image_floor_scores, majority_share
 from ..util.dist import DistInfo
 from ..util.errors import UsageError
+from ..util.floors import image_floor_scores, majority_share
 from ..util.metrics import REGRESSION, auc_and_acc, selection_score, stays_at_prior
 from .candidate_runs import train_candidate
 from .finetune_config import FinetuneRun

@@ -8,6 +8,7 @@ from ..datasets.finetune_augment import PRESETS
 from ..util.cli import (
     HelpFormatter,
     int_tuple_or_auto,
+    label_columns,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -16,7 +17,8 @@ from ..util.cli import (
     seed_list,
     share,
 )
-from ..volumes.preprocess import AUTO, add_preprocess_args
+from ..volumes.flags import add_preprocess_args
+from ..volumes.preprocess import AUTO
 from .recipes import PRETRAINED_LAYER_DECAY, RECIPES
 from .search import SEARCH_MODES
 from .setups import SETUPS
@@ -37,7 +39,7 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     meta.add_argument("--meta", default=None, help="labels CSV: path (volume file or DICOM folder; SLIViT also slice "
                       "folders, 2D images for slivit_backbone), label columns, the patient column, optional split "
                       "(train/val/test)")
-    meta.add_argument("--label", default=None, help="comma-separated label column(s): one 0/1 column is binary, "
+    meta.add_argument("--label", type=label_columns, default=None, help="comma-separated label column(s): one 0/1 column is binary, "
                       "integers or names multi-class, several 0/1 columns multi-label")
     meta.add_argument("--group", default="pid", help="the patient column: no patient is in two splits "
                       "(default %(default)s); a split column, if present, wins")
@@ -126,7 +128,9 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
     optim.add_argument("--normalize", choices=("auto", "none"), default="auto",
                        help="ViTs from scratch: auto standardises the input with the training images' mean and std "
                             "(inside the model); with --finetune the encoder's own statistics always apply")
-    optim.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="--augment none")
+    optim.add_argument("--no_augment", dest="augment", action="store_const", const="none", help="--augment none")
+    optim.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                       help=argparse.SUPPRESS)  # the spelling before --no_augment, kept working, not shown
     optim.add_argument("--clip_grad", type=positive_float, default=None, help="max gradient norm (default: no clipping)")
     optim.add_argument("--search", choices=("auto", *SEARCH_MODES), default="auto",
                        help="settings left unset (lr, augmentation) chosen on validation among a few candidates "

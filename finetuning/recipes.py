@@ -13,11 +13,11 @@ RECIPES = {
     "medmnist": {"optimizer": "adam", "schedule": "multistep", "blr": None, "lr": 1e-3, "layer_decay": 1.0,
                  "weight_decay": 0.0, "warmup_epochs": 0, "smoothing": 0.0, "drop_path": 0.0, "augment": "none",
                  "batch_size": 32, "epochs": 100},
-    # 3DViTMedNet (seed 000): Adam 1e-5, batch 6, 100 epochs, its augmentation pipeline
+    # 3DViTMedNet: Adam 1e-5, batch 6, 100 epochs, its augmentation pipeline
     "vitmednet": {"optimizer": "adam", "schedule": "constant", "blr": None, "lr": 1e-5, "layer_decay": 1.0,
                   "weight_decay": 0.0, "warmup_epochs": 0, "smoothing": 0.0, "drop_path": 0.0, "augment": "auto",
                   "batch_size": 6, "epochs": 100},
-    # SLIViT (seed 003): Adam 5e-5, batch 4, early stopping on validation loss with patience 5
+    # SLIViT: Adam 5e-5, batch 4, early stopping on validation loss with patience 5
     "slivit": {"optimizer": "adam", "schedule": "constant", "blr": None, "lr": 5e-5, "layer_decay": 1.0,
                "weight_decay": 0.0, "warmup_epochs": 0, "smoothing": 0.0, "drop_path": 0.0, "augment": "none",
                "batch_size": 4, "epochs": 100, "patience": 5},

@@ -11,8 +11,8 @@ from medmnist import Evaluator
 from ..datasets.data_profile import DataProfile
 from ..datasets.task_data import TaskData
 from ..util.atomic import atomic_write
-from ..util.baselines import image_floor, majority_share
 from ..util.explain import explain_predictions
+from ..util.floors import image_floor, majority_share
 from ..util.metrics import (
     REGRESSION,
     accuracy_at,
@@ -106,7 +106,7 @@ def aggregate(results: list[dict], regression: bool) -> dict:
 
 def floors(data: TaskData, train: tuple[np.ndarray, np.ndarray], seed: int) -> dict:
     """What an image model must beat, on the same training samples: each split's majority share and the PCA +
-    logistic regression floor (util.baselines), chosen on validation."""
+    logistic regression floor (util.floors), chosen on validation."""
     if data.task == REGRESSION:
         return {}
     result = {f"{split}_majority_share": majority_share(data.splits[split][1])

@@ -1,8 +1,8 @@
-"""Settings the data decides, chosen on validation: a few candidate (lr, augmentation) pairs per seed.
+"""Settings the data decides, chosen without the test split: a few candidate (lr, augmentation) pairs.
 
-One default cannot serve every dataset: on an FDG-PET set nobody here tuned for, the recipe's lr and full
-augmentation sat at the class prior, where 4x the lr with flips reached test AUC 0.83 (issue 25). So the flags a user
-leaves unset become candidates, tried on the training split and judged on validation only:
+One default cannot serve every dataset: on a set whose images sit at the class prior under the recipe's lr and full
+augmentation, a higher lr with flips may learn. So the flags a user leaves unset become candidates, trained on the
+training patients and judged on validation only (with --folds, on the pooled out-of-fold predictions):
   - fallback (the default for users' volumes): the recipe's values first; the next candidate only when a model
     collapses, sits at the class prior, or scores below the PCA + logistic regression floor on validation, so a
     dataset the recipe serves pays for one run;

@@ -13,13 +13,14 @@ from ..datasets.labelled_volumes import VolumeTaskOptions, volume_task
 from ..datasets.medmnist_data import MedMNISTSpec, subset_indices
 from ..datasets.task_data import TaskData, medmnist_task, meta_image_task, meta_volume_task, slivit_medmnist_task
 from ..util.checkpoint import atomic_save
-from ..util.cli import grid
+from ..util.cli import grid_or_auto
 from ..util.errors import DataError
-from ..volumes.preprocess import AUTO, preprocess_config_from_args
+from ..volumes.flags import preprocess_config_from_args
+from ..volumes.preprocess import AUTO
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
-    return [c.strip() for c in (args.label or "").split(",") if c.strip()]
+    return args.label or []
 
 
 def _ratio(args: argparse.Namespace) -> tuple[float, ...]:
@@ -64,7 +65,7 @@ def volumes_data(args: argparse.Namespace, output_dir: Path) -> TaskData:
     if args.input_size == AUTO and not automatic:
         raise ValueError(f"--input_size auto is chosen together with the resampling: give --resample auto, or a grid "
                          f"with --resample {args.resample}")
-    size = None if args.input_size == AUTO else grid(args.input_size)
+    size = grid_or_auto(args.input_size)
     config = preprocess_config_from_args(args, size or (1, 1, 1))
     options = VolumeTaskOptions(labels=_labels(args), requested_task=args.task, ratio=_ratio(args), group=args.group,
                                 split_seed=args.split_seed, label_case=args.label_case, folds=args.folds,

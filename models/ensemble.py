@@ -23,6 +23,11 @@ class ProbabilityEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.task = task
 
+    @property
+    def explain_method(self) -> str:
+        """How its members are explained (util.explain averages their maps)."""
+        return self.members[0].explain_method
+
     def probabilities(self, volume: torch.Tensor) -> torch.Tensor:
         """The mean over members of each member's probabilities (of each output, for regression)."""
         if self.task == REGRESSION:

@@ -1,7 +1,9 @@
 """Masked Autoencoder ViT for 3D volumes and 2D images, one code path for both.
 
 State-dict keys follow the TANGERINE 3D-MAE reference (`decoder_pred.0.*` included), so its
-checkpoints load strictly when the decoder is built as theirs (512 wide, 8 deep, 16 heads).
+checkpoints load strictly when the decoder is built as theirs (512 wide, 8 deep, 16 heads). TANGERINE (Thoracic
+Autoencoder Network Generating Embeddings for Radiological Interpretation for Numerous End-tasks) is the 3D MAE
+framework of ../shared/seeds/004 and its ViT-Large pretrained on 98,000 chest CTs; REFERENCE.md, section 1.
 The prediction head has no output activation: targets may be normalised (`norm_pix_loss`).
 """
 import math

@@ -1,4 +1,4 @@
-"""MedViT-3D (seed 001): MedViT's hybrid of convolution and transformer blocks, in 3D.
+"""MedViT-3D: MedViT's hybrid of convolution and transformer blocks, in 3D.
 
 Stages of Efficient Convolution Blocks (ECB: multi-head convolutional attention, a grouped 3x3x3
 convolution per head, then a locally-enhanced MLP) end in Local Transformer Blocks (LTB: efficient

@@ -1,4 +1,4 @@
-"""SLIViT (seed 003): a 2D ConvNeXt applied to each slice, then a ViT integrating one token per slice.
+"""SLIViT: a 2D ConvNeXt applied to each slice, then a ViT integrating one token per slice.
 
 The reference tiled the slices into one tall image and reshaped the ConvNeXt feature map without a
 permute, so each of its "tokens" mixed channels across slices. Here each slice's feature map is

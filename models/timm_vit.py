@@ -1,4 +1,5 @@
-"""The 2D ViT of seed 002 (ViT-B/16 at 224, ImageNet-pretrained, fine-tuned on MedMNIST2D) via timm.
+"""The 2D ViT of the MedMNIST2D ViT reference ("Implementing vision transformer for classifying 2D biomedical
+images": ViT-B/16 at 224, ImageNet-pretrained, fine-tuned on MedMNIST2D) via timm.
 
 Inputs of another size (MedMNIST's 28, 64, 128) are resized to the model's 224 with bilinear
 interpolation inside the model. `pretrained=True` takes timm's weights from the local Hugging

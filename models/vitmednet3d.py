@@ -1,4 +1,4 @@
-"""3DViTMedNet (seed 000): shifted copies -> 3D CNN -> every slice along D, H and W through a 2D
+"""3DViTMedNet: shifted copies -> 3D CNN -> every slice along D, H and W through a 2D
 ResNet-50 (first convolution widened to the CNN's channels) -> one token per slice, with plane
 embeddings and separators -> ViT -> class-token head.
 

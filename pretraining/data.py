@@ -9,7 +9,8 @@ from torch.utils.data import Dataset
 from ..datasets.pretrain_data import build_pretrain_dataset, hold_out, medmnist_pretrain_dataset, phantom_corpus
 from ..util.dist import DistInfo
 from ..util.errors import UsageError
-from ..volumes.preprocess import PreprocessConfig, preprocess_config_from_args
+from ..volumes.flags import preprocess_config_from_args
+from ..volumes.preprocess import PreprocessConfig
 from .pretrain_config import resolve_input_size
 
 

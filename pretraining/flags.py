@@ -18,7 +18,7 @@ from ..util.cli import (
     positive_int,
     positive_int_or_auto,
 )
-from ..volumes.preprocess import add_preprocess_args
+from ..volumes.flags import add_preprocess_args
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "deepspeed"  # in the package: in a wheel too
 

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from ..util.cli import HelpFormatter, positive_int
 from ..util.strict_json import write_json
+from .own_data import own_data_lines
 from .steps import run
 
 # The small hybrid ViT of the recipes (a conv stem, 4 blocks of 96) with their small decoder
@@ -73,6 +74,7 @@ def summarise(out: Path, seconds: float) -> dict:
 
 
 def print_summary(out: Path, summary: dict) -> None:
+    own_data = "\n".join(own_data_lines("  "))
     explained = sorted((out / "explanations").glob("*_overlay.png"))
     held_back_auc = "undefined (one class)" if summary["held_back_auc"] is None else f"{summary['held_back_auc']:.3f}"
     print(f"""
@@ -91,13 +93,9 @@ Where everything is
   tensorboard          tensorboard --logdir {out}
   step logs            {out}/logs/
 
-The same on your own folder of scans and labels CSV (path, label, patient columns):
-  volmae-cache --input /data/scans --output /data/cache --size 128 --resample auto
-  volmae-pretrain --data_path /data/cache --model mae_vit_small_patch16 --input_size 128 --output_dir runs/mae
-  volmae-finetune --setup volumes --meta labels.csv --label LABEL --group PATIENT \\
-      --finetune runs/mae/encoder.pth --model auto --output_dir runs/classifier
-then predict new cases with
-  volmae-predict --checkpoint runs/classifier/best.pth --input_csv cases.csv --output_csv predictions.csv --explain maps/
+The same on your own folder of scans and a labels CSV (path, label and patient columns; here malignant and
+patient_id), predicting new cases with the final model (the ensemble of the 5 fold models):
+{own_data}
 """)
 
 

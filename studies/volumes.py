@@ -35,7 +35,7 @@ from ..datasets.labelled_volumes import VolumeTaskOptions, choose_for, read_labe
 from ..datasets.pretrain_data import held_out_count
 from ..datasets.task_data import TaskDataError, infer_task
 from ..util.atomic import atomic_write
-from ..util.cli import HelpFormatter, int_tuple_or_auto, positive_int, positive_int_or_auto
+from ..util.cli import HelpFormatter, grid_or_auto, int_tuple_or_auto, label_columns, positive_int, positive_int_or_auto
 from ..util.errors import DataError, UsageError
 from ..util.lr_sched import auto_epochs, optimizer_steps_per_epoch
 from ..util.strict_json import write_json
@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="unlabelled volumes to pretrain on: a folder, a .txt of paths or a .csv with a path "
                            "column; repeat for several (the labelled non-test volumes always join)")
     data.add_argument("--labels", required=True, help="labels CSV: path, the label column(s), the patient column")
-    data.add_argument("--label", required=True, help="label column(s), comma-separated")
+    data.add_argument("--label", type=label_columns, required=True, help="label column(s), comma-separated")
     data.add_argument("--group", default="pid", help="patient column: no patient in two splits (default %(default)s)")
     data.add_argument("--split_ratio", default="0.7,0.15,0.15", help="train,val,test shares of the patients "
                       "when the CSV has no split column (default %(default)s)")
@@ -118,7 +118,7 @@ def study_key(args: argparse.Namespace) -> dict:
     """What the study's split and data depend on: a re-run in the same folder must ask the same."""
     labels = Path(args.labels)
     return {"labels": str(labels.resolve()), "labels_sha256": file_hashes([labels])[labels.name] if labels.is_file() else None,
-            "label": args.label, "group": args.group, "split_ratio": args.split_ratio, "split_seed": args.split_seed,
+            "label": ",".join(args.label), "group": args.group, "split_ratio": args.split_ratio, "split_seed": args.split_seed,
             "label_case": args.label_case, "input_size": args.input_size if args.input_size == "auto" else list(args.input_size),
             "corpus": [str(Path(c).resolve()) for c in args.corpus]}
 
@@ -221,7 +221,7 @@ def run_study(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     fractions = [float(f) for f in args.label_fractions.split(",")]
     python = sys.executable
-    labels = [c.strip() for c in args.label.split(",")]
+    labels = args.label
     claim_study_folder(args, out)
     table, labels_csv = split_labels(args, labels, out)
     task = infer_task(table, labels, "auto")
@@ -229,7 +229,7 @@ def run_study(args: argparse.Namespace) -> None:
         raise UsageError(f"--floor_col needs a binary or multi-class label and a column of {args.labels}; "
                          f"got {args.floor_col!r} for a {task} task")
 
-    size = None if args.input_size == "auto" else tuple(args.input_size) * (3 if len(args.input_size) == 1 else 1)
+    size = grid_or_auto(args.input_size)
     choice = choose_for([p for p in table["path"] if p], VolumeTaskOptions(labels=labels, input_size=size,
                                                                             base=PreprocessConfig()))
     config = choice.config
@@ -274,7 +274,7 @@ def run_study(args: argparse.Namespace) -> None:
                               folder / "pretrain.log", steps / f"pretrain_{seed}.json",
                               [probe_csv] if probe_csv.exists() else [])
 
-    common = [python, "main_finetune.py", *flags(FINETUNE), "--meta", str(labels_csv), "--label", args.label,
+    common = [python, "main_finetune.py", *flags(FINETUNE), "--meta", str(labels_csv), "--label", ",".join(labels),
               "--group", args.group, "--label_case", args.label_case, "--input_size", grid_text, *resampling,
               "--volume_cache", str(out / "volume_cache"),
               "--cache_workers", str(args.workers), "--bootstrap", "0",

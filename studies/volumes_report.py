@@ -151,7 +151,7 @@ def study_result(args, out: Path, table: pd.DataFrame, task: str, labels: list[s
     below = [f"{init} at {key}" for key, entry in per_fraction.items() for init in ("mae", "scratch")
              if init in entry and entry[init]["below_floor"]]
     return {
-        "labels": str(Path(args.labels).resolve()), "label": args.label, "group": args.group, "task": task,
+        "labels": str(Path(args.labels).resolve()), "label": ",".join(args.label), "group": args.group, "task": task,
         "seeds": seeds, "folds": args.folds, "label_fractions": fractions, "corpus": study["corpus_counts"],
         "split": {**first["split_counts"], "patients": first["split_patients"],
                   "test_majority_share": float(test[labels[0]].astype(float).value_counts(normalize=True).max())

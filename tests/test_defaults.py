@@ -18,8 +18,8 @@ from volmae.finetuning.search import candidates, clears_validation, rank_key
 from volmae.models.mae3d import AUTO_DECODER
 from volmae.models.vit import AUTO_ARCHITECTURE
 from volmae.pretraining.engine import build_optimizer
-from volmae.util.baselines import image_floor
 from volmae.util.dist import DistInfo
+from volmae.util.floors import image_floor
 from volmae.util.lr_sched import auto_epochs, auto_warmup_epochs, optimizer_steps_per_epoch, warmup_warning
 from volmae.util.metrics import accuracy_at, one_feature_auc, paired_auc_difference, youden_threshold
 from volmae.util.threads import choose_threads

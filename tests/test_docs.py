@@ -122,3 +122,23 @@ def test_named_repository_files_exist(page):
 def test_readme_fits_on_a_screen_or_two():
     lines = (REPO / "README.md").read_text().count("\n")
     assert lines <= 200, f"README.md has {lines} lines; move detail into docs/"
+
+
+@pytest.mark.fast
+def test_the_own_data_commands_are_the_same_everywhere_they_are_given(capsys, tmp_path):
+    """The README's own-data commands, docs/finetuning.md's and the demo's closing advice are one list
+    (studies.own_data): a newcomer following any of them gets the recipe's defaults."""
+    from volmae.studies.demo import print_summary
+    from volmae.studies.own_data import own_data_lines
+
+    expected = own_data_lines()
+    for page in (REPO / "README.md", REPO / "docs" / "finetuning.md"):
+        lines = page.read_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("volmae-cache --input /data/scans"))
+        assert lines[start:start + len(expected)] == expected, page.name
+    print_summary(tmp_path, {"wall_seconds": 60, "test_auc": 1.0, "test_acc": 1.0, "test_n": 8,
+                             "test_majority_share": 0.5, "test_at_prior": False, "held_back_n": 4,
+                             "held_back_auc": 1.0, "held_back_acc": 1.0})
+    printed = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(printed) if "volmae-cache --input /data/scans" in line)
+    assert [line.strip() for line in printed[start:start + len(expected)]] == [line.strip() for line in expected]

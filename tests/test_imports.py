@@ -2,6 +2,7 @@
 (issue 27): relative imports, never the installed name `volmae.`, which no folder of the tree carries. The mains
 and benchmarks too: run as files, they name the package their relative imports start from (PEP 366)."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,17 @@ def test_the_resolver_tells_a_real_file_from_a_missing_one(source, ok):
     (_, level, module, names), = imports(source)
     assert resolves(path, level, module, names) is ok
 
+
+
+def test_parsers_are_built_only_at_the_top_of_the_house():
+    """Flags are the commands' business: the mains, the phases' and volumes' flags modules, the studies'
+    commands and util/cli.py (the value parsers) build parsers; volumes, datasets, models and inference take
+    typed values and never import argparse."""
+    builders = {str(path.relative_to(REPO)) for path in package_files()
+                if "ArgumentParser(" in path.read_text() or "add_argument(" in path.read_text()}
+    allowed = {name for name in builders if name.startswith(("main_", "studies/", "benchmarks/"))
+               or name.endswith("/flags.py") or name == "util/cli.py"}
+    assert builders == allowed, f"parsers built below the commands: {sorted(builders - allowed)}"
+    below = [path for folder in ("volumes", "datasets", "models", "inference") for path in (REPO / folder).glob("*.py")]
+    importing = [str(p.relative_to(REPO)) for p in below if re.search(r"^(import argparse|from argparse)", p.read_text(), re.M)]
+    assert not importing, f"argparse imported below the commands: {importing}"

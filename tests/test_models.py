@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from volmae import models
-from volmae.main_predict import embed
+from volmae.inference.predict import embed
 from volmae.util.explain import explain
 
 pytestmark = pytest.mark.fast  # in-process: `make test-fast`

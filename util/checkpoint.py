@@ -7,7 +7,6 @@ import os
 import pickle
 import random
 import re
-from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +95,9 @@ def resume_candidates(folder: str | os.PathLike) -> list[Path]:
     return ([last] if last.is_file() else []) + [path for _, path in sorted(kept, reverse=True)]
 
 
-def plain_args(args: Namespace | dict) -> dict:
+def plain_args(args: dict | object) -> dict:
     """Arguments as builtins only (tuples become lists), so `weights_only` loading accepts them."""
-    items = vars(args) if isinstance(args, Namespace) else args
+    items = args if isinstance(args, dict) else vars(args)
 
     def plain(value):
         if isinstance(value, (list, tuple)):

@@ -44,6 +44,19 @@ def grid(values: tuple[int, ...], dims: int = 3) -> tuple[int, ...]:
     return values
 
 
+def grid_or_auto(values: tuple[int, ...] | str, dims: int = 3) -> tuple[int, ...] | None:
+    """`--input_size` resolved: None for auto (chosen later from the data), else the grid (`grid`)."""
+    return None if values == "auto" else grid(values, dims)
+
+
+def label_columns(text: str) -> list[str]:
+    """'malignant' -> ['malignant'], 'a, b' -> ['a', 'b']: the label column(s) a labels CSV is read with."""
+    columns = [c.strip() for c in text.split(",") if c.strip()]
+    if not columns:
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated column names, got {text!r}")
+    return columns
+
+
 def int_tuple_or_auto(text: str) -> tuple[int, ...] | str:
     """'auto', or what `int_tuple` takes."""
     return "auto" if text == "auto" else int_tuple(text)

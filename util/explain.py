@@ -78,8 +78,14 @@ def grad_cam(model, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 
 def explain(model, x: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
-    """(N, *input grid) maps in [0, 1] for each sample's class."""
+    """(N, *input grid) maps in [0, 1] for each sample's class; for an ensemble of fold models (one that lists its
+    `members`), the mean of its members' maps, put back in [0, 1]."""
     model.eval()
+    if isinstance(getattr(model, "members", None), torch.nn.ModuleList):
+        mean = np.mean([explain(member, x, classes) for member in model.members], axis=0)
+        flat = mean.reshape(mean.shape[0], -1)
+        low, high = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
+        return ((flat - low) / np.maximum(high - low, 1e-12)).reshape(mean.shape)
     if method_for(model) == METHOD_NAMES["rollout"]:
         maps = attention_rollout(model, x)
     else:

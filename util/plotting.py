@@ -8,7 +8,6 @@ import numpy as np  # noqa: E402
 # Volumes are (D, H, W) in the canonical LPS orientation (see volumes/orientation.py): D runs
 # inferior->superior, H anterior->posterior, W right->left. Axial slices are shown as stored
 # (radiological view); coronal and sagittal ones are flipped so that superior is up.
-VIEWS = ("axial", "coronal", "sagittal")
 
 
 def middle_slices(volume: np.ndarray) -> dict[str, np.ndarray]:
