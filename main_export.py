@@ -46,6 +46,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     output.add_argument("--output_dir", required=True,
                         help="the export folder: new, empty, or holding an earlier export (then only with "
                              "--overwrite); never the checkpoint's own folder or a folder holding other files")
+    output.add_argument("--onnx_fp16", action="store_true",
+                        help="with --format onnx, also model_fp16.onnx (half precision), checked against the fp32 graph "
+                             "with onnxruntime")
+    output.add_argument("--license", default="other",
+                        help="the model's license, as the Hub names them (apache-2.0, cc-by-4.0, ...): the card's "
+                             "front matter and a bundle's LICENSE; the training data keep their own")
     output.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export in OUTPUT_DIR, once the new one is complete and checked")
     return parser

@@ -61,7 +61,9 @@ def auto_architecture(finetune: str | None, input_size: tuple[int, ...], encoder
     if encoder is None or not all(k in encoder for k in keys[:-1]):
         raise UsageError(f"--model auto takes the architecture from a VolMAE checkpoint's model_config; "
                          f"{finetune} has none: name the model (e.g. --model vit3d_base_patch16)")
-    return name, {k: encoder.get(k, 0) if k == "stem_channels" else encoder[k] for k in keys}
+    shape = {k: encoder.get(k, 0) if k == "stem_channels" else encoder[k] for k in keys}
+    kept = {k: encoder[k] for k in ("isolated_class_token", "layer_norm_eps") if k in encoder}  # the blocks' own math
+    return name, {**shape, **kept}
 
 
 def input_normalization(model_name: str, finetune: str | None, normalize: str, profile: DataProfile,

@@ -10,6 +10,7 @@ of config.json's model definition (inference.exported), so an edited or swapped 
 folder holding anything an export did not write (a run folder, a user's files) is never written
 (inference.exported.refuse_folder, util.folder_swap).
 """
+import copy
 import json
 import tempfile
 from dataclasses import dataclass
@@ -40,8 +41,10 @@ from .exported import (
     write_config,
     write_weights,
 )
+from .hub_card import write_hub_readme
 from .load_model import LoadedModel, NotAVolMAECheckpoint, load_for_inference
 from .model_card import LAYOUT, card_facts, render_card
+from .monai_bundle import network_args, write_bundle
 from .monai_vit import (
     VOLMAE_LAYER_NORM_EPS,
     UnmappableEncoder,
@@ -51,7 +54,8 @@ from .monai_vit import (
 )
 from .onnx_runtime import ONNX_INPUT, OnnxModel, PooledEmbedding
 
-FORMATS = ("safetensors", "onnx", "monai")
+FORMATS = ("safetensors", "onnx", "monai", "monai-bundle", "hf")
+HUB_CARD_FILE = "README.md"
 ONNX_TOLERANCE = 1e-4
 MONAI_TOLERANCE = 1e-5
 CHECK_CASES = 4
@@ -65,6 +69,8 @@ class ExportRequest:
     overwrite: bool
     allow_unfinished: bool
     check_csv: str | None
+    onnx_fp16: bool = False
+    license: str = "other"
 
 
 def read_results(checkpoint_path: Path) -> dict | None:
@@ -107,18 +113,32 @@ def tag_onnx(path: Path, config_hash: str) -> None:
     atomic_write(path, lambda tmp: onnx.save(graph, str(tmp)))
 
 
+ONNX_OPSET = 18  # pinned: the graph is the same whichever opset torch would pick by default
+FP16_TOLERANCE = 1e-2  # fp16 against fp32 outputs, relative to their largest magnitude (at least 1)
+ONNX_FP16_FILE = "model_fp16.onnx"
+
+
+def trace_onnx(module: torch.nn.Module, example: torch.Tensor, output: str, path: Path, config_hash: str) -> int:
+    """`module` traced by torch.export into an ONNX graph at `path` (dynamic batch axis, opset ONNX_OPSET), tagged
+    with the config hash; the opset written."""
+    program = torch.onnx.export(module, (example,), dynamo=True, input_names=[ONNX_INPUT], output_names=[output],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=ONNX_OPSET,
+                                verbose=False)
+    program.save(str(path))
+    tag_onnx(path, config_hash)
+    return int(program.model_proto.opset_import[0].version)
+
+
 def export_onnx(request: ExportRequest, loaded: LoadedModel, source: Path, out: Path, config_hash: str) -> dict:
-    """model.onnx, traced by torch.export, tagged with the config hash and checked with onnxruntime; its record."""
+    """model.onnx (and, with --onnx_fp16, model_fp16.onnx), traced, tagged with the config hash and checked with
+    onnxruntime: fp32 against PyTorch within ONNX_TOLERANCE, fp16 against fp32 within FP16_TOLERANCE; the record."""
     module = loaded.model if loaded.is_classifier else PooledEmbedding(loaded.model)
     module.eval()
     volumes, where = check_inputs(request, loaded, source)
     example = volumes[:2] if len(volumes) > 1 else volumes.repeat(2, *[1] * (volumes.dim() - 1))
     output = "logits" if loaded.is_classifier else "embedding"
-    program = torch.onnx.export(module, (example,), dynamo=True, input_names=[ONNX_INPUT], output_names=[output],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     path = out / ONNX_FILE
-    program.save(str(path))
-    tag_onnx(path, config_hash)
+    opset = trace_onnx(module, example, output, path, config_hash)
     with torch.no_grad():
         expected = module(volumes).float().numpy()
     actual = OnnxModel(path, output)(volumes).numpy()
@@ -127,9 +147,33 @@ def export_onnx(request: ExportRequest, loaded: LoadedModel, source: Path, out: 
         raise DataError(f"the ONNX graph differs from PyTorch by {difference:.2e} (more than "
                         f"{ONNX_TOLERANCE:g}) on {len(volumes)} volumes from {where}; nothing was exported")
     print(f"onnx: {output} of {len(volumes)} volumes from {where} agree with PyTorch to {difference:.2e}")
-    return {"file": path.name, "input": ONNX_INPUT, "output": output, "batch_axis": "dynamic",
-            "checked_on": where, "checked_volumes": len(volumes), "max_abs_difference": difference,
-            "opset": int(program.model_proto.opset_import[0].version)}
+    record = {"file": path.name, "input": ONNX_INPUT, "output": output, "batch_axis": "dynamic", "opset": opset,
+              "checked_on": where, "checked_volumes": len(volumes), "max_abs_difference": difference}
+    if request.onnx_fp16:
+        record["fp16"] = export_fp16(module, example, volumes, actual, output, out, config_hash)
+    return record
+
+
+def export_fp16(module: torch.nn.Module, example: torch.Tensor, volumes: torch.Tensor, fp32: np.ndarray, output: str,
+                out: Path, config_hash: str) -> dict:
+    """model_fp16.onnx: the module in half precision, traced the same way, its outputs on the check volumes
+    against the fp32 graph's; refused in one line where onnxruntime cannot run it or it strays too far."""
+    path = out / ONNX_FP16_FILE
+    trace_onnx(copy.deepcopy(module).half(), example.half(), output, path, config_hash)
+    try:
+        half = OnnxModel(path, output)(volumes).numpy()
+    except Exception as err:  # noqa: BLE001 - onnxruntime's errors for kernels it lacks have many types
+        raise DataError(f"onnxruntime cannot run the fp16 graph here ({type(err).__name__}); export without "
+                        f"--onnx_fp16") from None
+    scale = max(1.0, float(np.abs(fp32).max()))
+    difference = float(np.abs(half - fp32).max())
+    if not difference <= FP16_TOLERANCE * scale:
+        raise DataError(f"the fp16 graph differs from fp32 by {difference:.2e} (more than {FP16_TOLERANCE:g} x "
+                        f"{scale:.3g}); export without --onnx_fp16")
+    print(f"onnx fp16: {output} agrees with the fp32 graph to {difference:.2e} (tolerance {FP16_TOLERANCE:g} x "
+          f"{scale:.3g})")
+    return {"file": path.name, "input_dtype": "float16", "max_abs_difference_to_fp32": difference,
+            "tolerance": FP16_TOLERANCE * scale}
 
 
 def export_monai(request: ExportRequest, checkpoint: dict, loaded: LoadedModel, source: Path, out: Path) -> dict:
@@ -197,16 +241,30 @@ def write_export(request: ExportRequest, checkpoint: dict, loaded: LoadedModel, 
     if request.format == "safetensors":
         write_weights(out, checkpoint["model"], config_hash)
         files = [WEIGHTS_FILE]
+    elif request.format == "monai-bundle":
+        volumes, where = check_inputs(request, loaded, source)
+        card_text = render_card(card, ["models/model.pt", "configs/", "scripts/", CONFIG_FILE])
+        files, config["monai_bundle"] = write_bundle(out, checkpoint, loaded, card, card_text, request.license,
+                                                     volumes, where)
+        write_config(out, config, files)
+        return [*files, CONFIG_FILE]
+    elif request.format == "hf":
+        write_weights(out, checkpoint["model"], config_hash)
+        files = [WEIGHTS_FILE]
     elif request.format == "onnx":
         config["onnx"] = export_onnx(request, loaded, source, out, config_hash)
-        files = [ONNX_FILE]
+        files = [ONNX_FILE, *([ONNX_FP16_FILE] if request.onnx_fp16 else [])]
     else:
         config.update(export_monai(request, checkpoint, loaded, source, out))
         files = ["monai_vit.pt", "monai_vit.json"]
-    card_text = render_card(card, [*files, CONFIG_FILE])
-    atomic_write(out / CARD_FILE, lambda tmp: tmp.write_text(card_text))
-    write_config(out, config, [*files, CARD_FILE])
-    return [*files, CONFIG_FILE, CARD_FILE]
+    card_file = HUB_CARD_FILE if request.format == "hf" else CARD_FILE
+    card_text = render_card(card, [*files, CONFIG_FILE, card_file])
+    if request.format == "hf":
+        write_hub_readme(out, card, card_text, request.license)
+    else:
+        atomic_write(out / CARD_FILE, lambda tmp: tmp.write_text(card_text))
+    write_config(out, config, [*files, card_file])
+    return [*files, CONFIG_FILE, card_file]
 
 
 def run_export(request: ExportRequest) -> None:
@@ -224,6 +282,10 @@ def run_export(request: ExportRequest) -> None:
         checkpoint = None if loaded.is_classifier else load_checkpoint(source)
     except (FileNotFoundError, CheckpointError, NotAVolMAECheckpoint) as err:
         raise DataError(f"cannot export {request.checkpoint}: {err}") from None
+    if request.format == "monai-bundle":
+        network_args(loaded.meta, loaded.is_classifier)  # refused here, naming an architecture that does not map
+    if request.onnx_fp16 and request.format != "onnx":
+        raise UsageError("--onnx_fp16 goes with --format onnx")
     if request.format == "monai" and loaded.is_classifier:
         raise UsageError("--format monai takes a pretrained encoder (encoder.pth or model.pth of volmae-pretrain); "
                          "export a classifier as safetensors or onnx")

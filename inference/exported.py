@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..util.atomic import atomic_write
+from ..util.checkpoint import load_torch_file
 from ..util.errors import DataError
 from ..util.strict_json import finite
 
@@ -35,6 +36,7 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "MODEL_CARD.md"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
+BUNDLE_WEIGHTS = "models/model.pt"  # a MONAI bundle's (inference.monai_bundle)
 CONFIG_HASH_KEY = "volmae_config_sha256"  # in the weights file's own metadata
 DEFINITION_KEYS = ("checkpoint", "card")  # the part of config.json the hash covers: what the weights mean
 
@@ -110,9 +112,25 @@ def check_file(folder: Path, config: dict, name: str, embedded_hash: str | None)
     return path
 
 
+def verify_files(folder: Path, config: dict) -> None:
+    """Every file config.json lists is there and has the hash it records: an edited metadata, script or card is
+    refused as a swapped weights file is."""
+    for name, recorded in config["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise ExportError(f"{path}: missing (config.json lists it)")
+        if file_sha256(path) != recorded:
+            raise ExportError(f"{path}: its hash differs from the one config.json records: the file was edited, "
+                              f"replaced or damaged after the export")
+
+
 def read_exported(folder: Path) -> dict:
-    """The checkpoint dict of an exported folder: its JSON entries and the safetensors weights as `model`."""
+    """The checkpoint dict of an exported folder: its JSON entries and the weights as `model` (model.safetensors, or
+    a MONAI bundle's models/model.pt), every file checked against config.json first."""
     config = read_config(folder)
+    verify_files(folder, config)
+    if BUNDLE_WEIGHTS in config["files"]:
+        return {**config["checkpoint"], "model": load_torch_file(folder / BUNDLE_WEIGHTS)}
     if WEIGHTS_FILE not in config["files"]:
         kind = "an ONNX export (volmae-predict runs its model.onnx)" if ONNX_FILE in config["files"] else \
             f"an export of format {config.get('export_format', 'other than safetensors')}"
@@ -135,7 +153,7 @@ def owned_entries(folder: Path) -> set[str] | None:
         config = read_config(folder)
     except ExportError:
         return None
-    return {CONFIG_FILE, *config["files"]}
+    return {CONFIG_FILE, *(Path(name).parts[0] for name in config["files"])}
 
 
 def refuse_folder(folder: Path, overwrite: bool) -> None:
@@ -182,6 +200,6 @@ def write_weights(folder: Path, weights: dict[str, torch.Tensor], config_hash: s
     are written as separate copies."""
     tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
     path = folder / WEIGHTS_FILE
-    metadata = {"format": EXPORT_FORMAT, CONFIG_HASH_KEY: config_hash}
+    metadata = {"format": "pt", "exported_by": EXPORT_FORMAT, CONFIG_HASH_KEY: config_hash}  # "pt": the Hub's tools
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path

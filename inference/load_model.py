@@ -51,22 +51,22 @@ def _read(path: Path) -> dict:
     return checkpoint
 
 
-def load_onnx(folder: Path, allow_encoder: bool) -> LoadedModel:
+def load_onnx(folder: Path, allow_encoder: bool, name: str = ONNX_FILE) -> LoadedModel:
     """An ONNX export run by onnxruntime, with the preprocessing and classes of its config.json, each file checked
     against the other's hash."""
     try:
         config = read_config(folder)
-        if ONNX_FILE not in config["files"]:
-            raise ExportError(f"{folder}: an export of format {config.get('export_format', '?')}, not ONNX")
+        if name not in config["files"]:
+            raise ExportError(f"{folder}: an export of format {config.get('export_format', '?')} without {name}")
         output = config.get("onnx", {}).get("output")
         if output not in ("logits", "embedding"):
             raise ExportError(f"{folder / 'config.json'}: key 'onnx.output' is {output!r}, not logits or embedding")
-        model = OnnxModel(folder / ONNX_FILE, output)
-        check_file(folder, config, ONNX_FILE, model.metadata.get(CONFIG_HASH_KEY))
+        model = OnnxModel(folder / name, output)
+        check_file(folder, config, name, model.metadata.get(CONFIG_HASH_KEY))
     except ExportError as err:
         raise NotAVolMAECheckpoint(str(err)) from None
     if output == "embedding" and not allow_encoder:
-        raise NotAVolMAECheckpoint(f"{folder / ONNX_FILE}: an ONNX export of an encoder's embedding; predictions need "
+        raise NotAVolMAECheckpoint(f"{folder / name}: an ONNX export of an encoder's embedding; predictions need "
                                    f"an exported classifier (it gives --embeddings)")
     return LoadedModel(model, dict(config["checkpoint"]), output == "logits")
 
@@ -154,7 +154,7 @@ def load_for_inference(path: str | Path, allow_encoder: bool = False) -> LoadedM
     folder = export_folder(path)
     if folder is not None and (path.suffix == ".onnx" or (path.is_dir() and (folder / ONNX_FILE).is_file()
                                                            and not (folder / "model.safetensors").exists())):
-        return load_onnx(folder, allow_encoder)
+        return load_onnx(folder, allow_encoder, path.name if path.suffix == ".onnx" else ONNX_FILE)
     if path.suffix == ".onnx":
         raise NotAVolMAECheckpoint(f"{path}: an ONNX file without a VolMAE config.json beside it")
     checkpoint = _read(path)

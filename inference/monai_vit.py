@@ -75,3 +75,42 @@ def set_layer_norm_eps(model: nn.Module, eps: float = VOLMAE_LAYER_NORM_EPS) -> 
         if isinstance(module, nn.LayerNorm):
             module.eps = eps
     return model
+
+
+UNETR_PATCH = 16  # UNETR fixes its ViT's patch at 16 per axis
+UNETR_DEPTH = 12  # its decoder reads the hidden states of blocks 3, 6 and 9 of 12
+MONAI_LAYER_NORM_EPS = 1e-5
+
+
+def unetr_kwargs(config: dict) -> dict:
+    """`UNETR(**kwargs, out_channels=...)` whose `vit` takes this encoder; refused, naming the reason, for an
+    encoder UNETR cannot take as it is (models.mae3d.UNETR_ENCODER is one it can)."""
+    vit = monai_vit_kwargs(config)
+    reasons = []
+    if any(p != UNETR_PATCH for p in vit["patch_size"]):
+        reasons.append(f"patch {vit['patch_size']} (UNETR's is {UNETR_PATCH} per axis)")
+    if vit["num_layers"] != UNETR_DEPTH:
+        reasons.append(f"{vit['num_layers']} blocks (UNETR's decoder reads blocks 3, 6 and 9 of {UNETR_DEPTH})")
+    if not config.get("isolated_class_token"):
+        reasons.append("a class token the patch tokens attend to (UNETR's ViT has none)")
+    if float(config.get("layer_norm_eps", VOLMAE_LAYER_NORM_EPS)) != MONAI_LAYER_NORM_EPS:
+        reasons.append(f"LayerNorm eps {config.get('layer_norm_eps', VOLMAE_LAYER_NORM_EPS)} (MONAI's is "
+                       f"{MONAI_LAYER_NORM_EPS})")
+    if reasons:
+        raise UnmappableEncoder(f"UNETR cannot take it as it is: {'; '.join(reasons)}; pretrain with --model "
+                                f"mae_vit_base_patch16_unetr for an encoder it can")
+    return {"in_channels": vit["in_channels"], "img_size": vit["img_size"], "hidden_size": vit["hidden_size"],
+            "mlp_dim": vit["mlp_dim"], "num_heads": vit["num_heads"], "proj_type": "conv", "qkv_bias": True,
+            "spatial_dims": vit["spatial_dims"]}
+
+
+def unetr_vit_weights(weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The encoder as UNETR's `vit.*` state dict: MONAI's ViT keys without the class token (the patch tokens never
+    attended to it: models.vit_encoder, isolated_class_token)."""
+    unetr_kwargs(config)
+    mapped = {f"vit.{key}": value for key, value in monai_vit_weights(weights, config).items() if key != "cls_token"}
+    width = int(config["embed_dim"])
+    for i in range(int(config["depth"])):  # MONAI builds these LayerNorms unused (no cross-attention): their init
+        mapped[f"vit.blocks.{i}.norm_cross_attn.weight"] = torch.ones(width)
+        mapped[f"vit.blocks.{i}.norm_cross_attn.bias"] = torch.zeros(width)
+    return mapped

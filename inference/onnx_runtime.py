@@ -42,6 +42,7 @@ class OnnxModel(nn.Module):
                               f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
         self.output = output  # "logits" or "embedding"
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.half = self.session.get_inputs()[0].type == "tensor(float16)"  # an fp16 graph takes fp16 volumes
 
     def forward_features(self, volume: torch.Tensor) -> torch.Tensor:
         return volume
@@ -50,8 +51,9 @@ class OnnxModel(nn.Module):
         if pre_logits != (self.output == "embedding"):
             raise ValueError(f"this ONNX export gives {self.output}; export the encoder for embeddings, the "
                              f"classifier for predictions")
-        result = self.session.run(None, {ONNX_INPUT: volume.detach().cpu().float().numpy()})[0]
-        return torch.from_numpy(np.asarray(result))
+        array = volume.detach().cpu().float().numpy()
+        result = self.session.run(None, {ONNX_INPUT: array.astype(np.float16) if self.half else array})[0]
+        return torch.from_numpy(np.asarray(result, dtype=np.float32))
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         return self.forward_head(volume, pre_logits=self.output == "embedding")

@@ -40,9 +40,10 @@ class MaskedAutoencoderViT(ViTEncoder):
                  decoder_depth: int = 4, decoder_num_heads: int = 6, mlp_ratio: float = 4.0,
                  norm_pix_loss: bool = False, input_mean: float = 0.0, input_std: float = 1.0,
                  stem_channels: int = 0, contrast_weight: float = 0.0, contrast_temperature: float = 0.2,
-                 contrast_dim: int = 128):
+                 contrast_dim: int = 128, isolated_class_token: bool = False, layer_norm_eps: float = 1e-6):
         super().__init__(img_size, patch_size, in_chans, spatial_dims, embed_dim, depth, num_heads, mlp_ratio,
-                         input_mean, input_std, stem_channels, learnable_pos=False)
+                         input_mean, input_std, stem_channels, learnable_pos=False,
+                         isolated_class_token=isolated_class_token, layer_norm_eps=layer_norm_eps)
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
         if contrast_weight < 0 or contrast_temperature <= 0:
@@ -255,3 +256,9 @@ for _size, _shape in {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768,
                       "huge": (1280, 32, 16)}.items():
     register_model(f"mae_vit_{_size}_patch16", img_size=256, patch_size=16, in_chans=1, **DEFAULT_DECODER,
                    embed_dim=_shape[0], depth=_shape[1], num_heads=_shape[2])(MaskedAutoencoderViT)
+# The encoder MONAI's UNETR takes as its `vit` (docs/export.md): ViT-B, patch 16, at UNETR's usual 96^3 (a 6^3 patch
+# grid: the feature size its decoder expects), LayerNorm eps 1e-5 as MONAI's blocks, and a class token the patch
+# tokens never attend to, since UNETR's ViT has none. Its patch tokens are then UNETR's, to 1e-5.
+UNETR_ENCODER = {"img_size": 96, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12,
+                 "isolated_class_token": True, "layer_norm_eps": 1e-5}
+register_model("mae_vit_base_patch16_unetr", in_chans=1, **DEFAULT_DECODER, **UNETR_ENCODER)(MaskedAutoencoderViT)

@@ -28,11 +28,13 @@ class VisionTransformer(ViTEncoder):
                  in_chans: int = 1, spatial_dims: int | None = None, num_classes: int = 2,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, drop_rate: float = 0.0, global_pool: str = "avg",
-                 input_mean: float = 0.0, input_std: float = 1.0, stem_channels: int = 0, head_norm: bool = False):
+                 input_mean: float = 0.0, input_std: float = 1.0, stem_channels: int = 0, head_norm: bool = False,
+                 isolated_class_token: bool = False, layer_norm_eps: float = 1e-6):
         if global_pool not in POOLINGS:
             raise ValueError(f"global_pool must be one of {POOLINGS}, got {global_pool!r}")
         super().__init__(img_size, patch_size, in_chans, spatial_dims, embed_dim, depth, num_heads, mlp_ratio,
-                         input_mean, input_std, stem_channels, drop_path_rate, final_norm=global_pool == "token")
+                         input_mean, input_std, stem_channels, drop_path_rate, final_norm=global_pool == "token",
+                         isolated_class_token=isolated_class_token, layer_norm_eps=layer_norm_eps)
         self.global_pool = global_pool
         self.num_classes = num_classes
         self.feature_dim = 2 * embed_dim if global_pool == "concat" else embed_dim

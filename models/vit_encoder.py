@@ -19,19 +19,25 @@ from .pos_embed import sincos_pos_embed
 class ViTEncoder(nn.Module):
     """Patch embedding (optionally after a convolutional stem), class token, sin-cos positions, blocks and,
     with `final_norm`, a LayerNorm after them. The MAE keeps its positions fixed (`learnable_pos=False`);
-    classifiers start from the same table and learn it."""
+    classifiers start from the same table and learn it.
+
+    `isolated_class_token`: the patch tokens never attend to the class token (it still reads them all), so the
+    patch tokens are what a ViT without a class token computes: MONAI's UNETR, whose ViT has none, then takes
+    the encoder as it is. `layer_norm_eps`: 1e-6 as MAE; MONAI's blocks use 1e-5 and set no other."""
 
     def __init__(self, img_size: int | Sequence[int], patch_size: int | Sequence[int], in_chans: int,
                  spatial_dims: int | None, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float,
                  input_mean: float, input_std: float, stem_channels: int, drop_path_rate: float = 0.0,
-                 final_norm: bool = True, learnable_pos: bool = True):
+                 final_norm: bool = True, learnable_pos: bool = True, isolated_class_token: bool = False,
+                 layer_norm_eps: float = 1e-6):
         super().__init__()
         if spatial_dims is None:
             spatial_dims = 3 if isinstance(img_size, int) else len(img_size)
         self.spatial_dims = spatial_dims
         self.embed_dim = embed_dim
         self.input_norm = InputNorm(input_mean, input_std)
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.isolated_class_token = isolated_class_token
+        norm_layer = partial(nn.LayerNorm, eps=layer_norm_eps)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, spatial_dims, stem_channels)
         self.img_size = self.patch_embed.img_size
         self.patch_size = self.patch_embed.patch_size
@@ -68,9 +74,19 @@ class ViTEncoder(nn.Module):
         """Positioned patch tokens [N, K, E] -> [N, 1 + K, E]: class token prepended, blocks, final norm."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
         x = torch.cat([cls, patches], dim=1)
+        mask = self.attention_mask(x.shape[1], x.device)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, attn_mask=mask)
         return self.norm(x)
+
+    def attention_mask(self, tokens: int, device: torch.device) -> torch.Tensor | None:
+        """None (every token sees every other), or with `isolated_class_token` [T, T], True where a token may
+        attend: the patch tokens' rows leave out the class token's column."""
+        if not self.isolated_class_token:
+            return None
+        mask = torch.ones(tokens, tokens, dtype=torch.bool, device=device)
+        mask[1:, 0] = False
+        return mask
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] input, every patch: tokens [N, 1 + L, E], class token first."""
