@@ -82,8 +82,9 @@ def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
                        "models.vit.AUTO_ARCHITECTURE with a patch size chosen from the grid), vit3d_*, vit_*, resnet18_3d, resnet50_3d, medvit3d_*, "
                        "slivit, vitmednet3d, timm_vit_base_patch16_224")
     model.add_argument("--patch_size", type=positive_int, default=None, help="override the model's patch size")
-    model.add_argument("--global_pool", choices=("avg", "token", "concat"), default="avg",
-                       help="ViT feature: mean of patch tokens (default), the class token, or both (TANGERINE)")
+    model.add_argument("--global_pool", choices=("avg", "token", "concat", "attention"), default="avg",
+                       help="ViT feature: mean of patch tokens (default), the class token, both (TANGERINE's), or a "
+                            "learned query attending to the patch tokens")
     model.add_argument("--drop_path", type=non_negative_float, default=None, help="stochastic depth rate (recipe default)")
     model.add_argument("--head_norm", choices=("batch", "none"), default="batch",
                        help="ViTs: batch norm (no affine) before the head, MAE's linear-probe trick; without it a "

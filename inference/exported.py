@@ -112,10 +112,12 @@ def check_file(folder: Path, config: dict, name: str, embedded_hash: str | None)
     return path
 
 
-def verify_files(folder: Path, config: dict) -> None:
-    """Every file config.json lists is there and has the hash it records: an edited metadata, script or card is
-    refused as a swapped weights file is."""
+def verify_files(folder: Path, config: dict, skip: tuple[str, ...] = ()) -> None:
+    """Every file config.json lists (but `skip`, checked where it is read) is there and has the hash it records:
+    an edited metadata, script or card is refused as a swapped weights file is."""
     for name, recorded in config["files"].items():
+        if name in skip:
+            continue
         path = folder / name
         if not path.is_file():
             raise ExportError(f"{path}: missing (config.json lists it)")
@@ -128,7 +130,7 @@ def read_exported(folder: Path) -> dict:
     """The checkpoint dict of an exported folder: its JSON entries and the weights as `model` (model.safetensors, or
     a MONAI bundle's models/model.pt), every file checked against config.json first."""
     config = read_config(folder)
-    verify_files(folder, config)
+    verify_files(folder, config, skip=(WEIGHTS_FILE,))
     if BUNDLE_WEIGHTS in config["files"]:
         return {**config["checkpoint"], "model": load_torch_file(folder / BUNDLE_WEIGHTS)}
     if WEIGHTS_FILE not in config["files"]:

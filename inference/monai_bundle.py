@@ -46,6 +46,9 @@ def network_args(meta: dict, classifier: bool) -> dict:
                          f"(vit3d*, mae_vit*, the hybrid stem included); export {name} as safetensors or onnx")
     per_axis = lambda value: [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * 3  # noqa: E731
     pool = config.get("global_pool", "avg") if classifier else None
+    if pool == "attention":
+        raise UsageError(f"{name} with attention pooling does not map to a MONAI bundle yet (the bundle's network "
+                         f"pools by the mean, the class token or both); export it as safetensors or onnx")
     return {"img_size": per_axis(config["img_size"]), "patch_size": per_axis(config["patch_size"]),
             "in_chans": int(config.get("in_chans", 1)), "embed_dim": int(config["embed_dim"]),
             "depth": int(config["depth"]), "num_heads": int(config["num_heads"]),

@@ -1,9 +1,11 @@
 """ViT classifiers (2D and 3D) on the MAE's encoder (models.vit_encoder), so pretrained encoders load as is.
 
 Pooling (`global_pool`):
-  avg    mean of the patch tokens -> `fc_norm` (the MAE fine-tuning default)
-  token  the class token after the encoder's final `norm`
-  concat [class token, mean of patch tokens] -> `fc_norm` of width 2E (TANGERINE's classifier)
+  avg        mean of the patch tokens -> `fc_norm` (the MAE fine-tuning default)
+  token      the class token after the encoder's final `norm`
+  concat     [class token, mean of patch tokens] -> `fc_norm` of width 2E (TANGERINE's classifier)
+  attention  a learned query attending to the patch tokens (timm's AttentionPoolLatent, as SigLIP's `map` head):
+             a pooling that keeps where a feature is, unlike the mean -> `fc_norm`
 then `head_norm` (a batch norm without affine, MAE's linear-probe trick) and `head`. `stem_channels` puts a
 convolutional stem before the patch projection (models.patch_embed.ConvStem).
 """
@@ -12,12 +14,13 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.layers import AttentionPoolLatent
 
 from .contract import ROLLOUT
 from .registry import register_model
 from .vit_encoder import ViTEncoder
 
-POOLINGS = ("avg", "token", "concat")
+POOLINGS = ("avg", "token", "concat", "attention")
 
 
 class VisionTransformer(ViTEncoder):
@@ -39,6 +42,9 @@ class VisionTransformer(ViTEncoder):
         self.num_classes = num_classes
         self.feature_dim = 2 * embed_dim if global_pool == "concat" else embed_dim
         self.fc_norm = partial(nn.LayerNorm, eps=1e-6)(self.feature_dim) if global_pool != "token" else nn.Identity()
+        self.attn_pool = AttentionPoolLatent(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                             norm_layer=partial(nn.LayerNorm, eps=1e-6)) \
+            if global_pool == "attention" else None
         self.head_drop = nn.Dropout(drop_rate)
         # batch norm without affine before the head removes what every sample shares (positions, empty
         # patches), so the head sees the part that varies from the first step
@@ -51,6 +57,8 @@ class VisionTransformer(ViTEncoder):
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
             feature = tokens[:, 0]
+        elif self.global_pool == "attention":
+            feature = self.fc_norm(self.attn_pool(tokens[:, 1:]))
         else:
             mean = tokens[:, 1:].mean(dim=1)
             feature = self.fc_norm(torch.cat([tokens[:, 0], mean], dim=-1) if self.global_pool == "concat" else mean)

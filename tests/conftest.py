@@ -59,6 +59,39 @@ def lidc_patients(malignant: int, benign: int) -> tuple[pd.DataFrame, list[str]]
     return rows, chosen
 
 
+def one_line_refusal(result, *words: str) -> str:
+    """A command refused in one line naming `words`: exit status 1, no traceback, the last line `error: ...`."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and all(word in line for word in words), line
+    return line
+
+
+TINY_PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--decoder_embed_dim",
+                 "64", "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--vis_every", "0",
+                 "--warmup_epochs", "1", "--epochs", "1", "--batch_size", "4", "--precision", "fp32"]
+
+
+def tiny_encoder(folder: Path, corpus: Path) -> Path:
+    """encoder.pth of a one-epoch tiny MAE pretrained on `corpus` into `folder`."""
+    run_cli(["main_pretrain.py", "--data_path", str(corpus), *TINY_PRETRAIN, "--output_dir", str(folder)])
+    return folder / "encoder.pth"
+
+
+def lidc_classifier(folder: Path) -> Path:
+    """`folder`/ft: a classifier fine-tuned for one epoch on 24 real LIDC crops (its whole run folder: best.pth,
+    results, scores, the volume cache, logs), and `folder`/cases.csv naming its test crops; `folder`."""
+    rows, _ = lidc_patients(8, 8)
+    rows.to_csv(folder / "labels.csv", index=False)
+    run_cli(["main_finetune.py", "--setup", "volumes", "--meta", str(folder / "labels.csv"), "--label", "malignant",
+             "--group", "patient_id", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16,24,24", "--model", "auto",
+             "--epochs", "1", "--batch_size", "8", "--bootstrap", "0", "--search", "none",
+             "--output_dir", str(folder / "ft")])
+    scores = pd.read_csv(folder / "ft" / "test_scores.csv")
+    scores[["path"]].assign(id=[f"case{i}" for i in range(len(scores))]).to_csv(folder / "cases.csv", index=False)
+    return folder
+
+
 def run_cli(args: list[str], timeout: float = 600, check: bool = True, env: dict | None = None,
             cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run `python ARGS` (or `python -m torch.distributed.run ...`) from the repo root."""

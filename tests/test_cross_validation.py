@@ -69,16 +69,18 @@ def test_folds_hold_whole_patients_and_the_final_model_is_the_fold_ensemble(cros
 
 def test_the_ensemble_predicts_its_fold_mean_through_volmae_predict_and_every_export(cross_validated, tmp_path,
                                                                                        capsys):
-    """volmae-predict and volmae-export take final_model as one model; safetensors (one file, every member) and
-    ONNX (one graph) give what the run's test scores are."""
+    """volmae-predict and volmae-export take final_model as one model; safetensors and the Hub folder (one file,
+    every member), ONNX (one graph) and the MONAI bundle (its VolMAEEnsemble network, read back by VolMAE) give
+    what the run's test scores are."""
     test = pd.read_csv(cross_validated / "test_scores.csv")
     test[["path"]].to_csv(tmp_path / "cases.csv", index=False)
     expected = test["score_malignant=1"].to_numpy()
     final = cross_validated / "final_model"
-    for fmt in ("safetensors", "onnx"):
+    formats = ("safetensors", "onnx", "hf", "monai-bundle")
+    for fmt in formats:
         result = run_entry(capsys, "main_export", ["--checkpoint", final, "--format", fmt, "--output_dir", tmp_path / fmt])
         assert result.returncode == 0, result.stderr
-    for name, checkpoint in (("folder", final), ("safetensors", tmp_path / "safetensors"), ("onnx", tmp_path / "onnx")):
+    for name, checkpoint in (("folder", final), *((fmt, tmp_path / fmt) for fmt in formats)):
         result = run_entry(capsys, "main_predict", ["--checkpoint", checkpoint, "--input_csv", tmp_path / "cases.csv",
                                                     "--output_csv", tmp_path / f"{name}.csv"])
         assert result.returncode == 0, result.stderr

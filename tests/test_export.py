@@ -8,37 +8,21 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.conftest import lidc_patients, run_cli
+from tests.conftest import lidc_classifier, run_cli, tiny_encoder
 from volmae.datasets.cases import InputSpec, load_case
 from volmae.inference.load_model import load_for_inference
 from volmae.models.registry import create_model
-
-TINY_PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--decoder_embed_dim",
-                 "64", "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--vis_every", "0",
-                 "--warmup_epochs", "1", "--epochs", "1", "--batch_size", "4", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     """A classifier fine-tuned for one epoch on 24 real LIDC crops, with its results and test scores."""
-    rows, _ = lidc_patients(8, 8)
-    folder = tmp_path_factory.mktemp("export_classifier")
-    rows.to_csv(folder / "labels.csv", index=False)
-    run_cli(["main_finetune.py", "--setup", "volumes", "--meta", str(folder / "labels.csv"), "--label", "malignant",
-             "--group", "patient_id", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16,24,24", "--model", "auto",
-             "--epochs", "1", "--batch_size", "8", "--bootstrap", "0", "--search", "none",
-             "--output_dir", str(folder / "ft")])
-    scores = pd.read_csv(folder / "ft" / "test_scores.csv")
-    cases = scores[["path"]].assign(id=[f"case{i}" for i in range(len(scores))])
-    cases.to_csv(folder / "cases.csv", index=False)
-    return folder
+    return lidc_classifier(tmp_path_factory.mktemp("export_classifier"))
 
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory, phantom_dir):
-    out = tmp_path_factory.mktemp("export_encoder")
-    run_cli(["main_pretrain.py", "--data_path", str(phantom_dir), *TINY_PRETRAIN, "--output_dir", str(out)])
-    return out / "encoder.pth"
+    return tiny_encoder(tmp_path_factory.mktemp("export_encoder"), phantom_dir)
 
 
 def export(checkpoint, output_dir, fmt: str, *extra: str, check: bool = True):

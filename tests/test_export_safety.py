@@ -12,39 +12,24 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, lidc_patients, run_cli, run_entry
+from tests.conftest import REPO, lidc_classifier, one_line_refusal, run_entry, tiny_encoder
 from volmae.inference.checkpoints import load_checkpoint
 from volmae.inference.load_model import NotAVolMAECheckpoint, load_for_inference
 from volmae.util.checkpoint import CheckpointError
 from volmae.util.folder_swap import recover
 from volmae.util.run_lock import output_folder_lock
 
-TINY_PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--decoder_embed_dim",
-                 "64", "--decoder_depth", "1", "--decoder_num_heads", "2", "--num_workers", "0", "--vis_every", "0",
-                 "--warmup_epochs", "1", "--epochs", "1", "--batch_size", "4", "--precision", "fp32"]
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished fine-tuning run on 24 real LIDC crops (its whole folder: best.pth, results, scores, cache, logs)
     and a cases CSV of its test crops."""
-    rows, _ = lidc_patients(8, 8)
-    folder = tmp_path_factory.mktemp("export_safety")
-    rows.to_csv(folder / "labels.csv", index=False)
-    run_cli(["main_finetune.py", "--setup", "volumes", "--meta", str(folder / "labels.csv"), "--label", "malignant",
-             "--group", "patient_id", "--split_ratio", "0.5,0.25,0.25", "--input_size", "16,24,24", "--model", "auto",
-             "--epochs", "1", "--batch_size", "8", "--bootstrap", "0", "--search", "none",
-             "--output_dir", str(folder / "ft")])
-    scores = pd.read_csv(folder / "ft" / "test_scores.csv")
-    scores[["path"]].assign(id=[f"case{i}" for i in range(len(scores))]).to_csv(folder / "cases.csv", index=False)
-    return folder
+    return lidc_classifier(tmp_path_factory.mktemp("export_safety"))
 
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory, phantom_dir):
-    out = tmp_path_factory.mktemp("export_safety_encoder")
-    run_cli(["main_pretrain.py", "--data_path", str(phantom_dir), *TINY_PRETRAIN, "--output_dir", str(out)])
-    return out / "encoder.pth"
+    return tiny_encoder(tmp_path_factory.mktemp("export_safety_encoder"), phantom_dir)
 
 
 def export(capsys, checkpoint, output_dir, *extra: str, check: bool = True, cwd=None):
@@ -65,13 +50,6 @@ def tree_hashes(folder) -> dict[str, str]:
     """Every file under `folder` (hidden ones too) and its sha256: what must survive a refused export."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def one_line_refusal(result, *words: str) -> str:
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error:") and all(word in line for word in words), line
-    return line
 
 
 def test_overwrite_onto_its_run_folder_or_a_parent_is_refused_and_every_byte_stays(run, capsys):

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import lidc_patients, run_cli, shared_path
+from tests.conftest import one_line_refusal as refused
 
 COMMON = ["--setup", "volumes", "--label", "malignant", "--group", "patient_id", "--input_size", "16,24,24",
           "--model", "auto", "--epochs", "1", "--batch_size", "8", "--bootstrap", "0", "--search", "none"]
@@ -30,13 +31,6 @@ def finetune(table: pd.DataFrame, folder, name: str, out, *extra: str, check: bo
     table.to_csv(csv, index=False)
     return run_cli(["main_finetune.py", *COMMON, "--meta", str(csv), "--volume_cache",
                     str(folder / f"cache_{cache or name}"), "--output_dir", str(out), *extra], check=check)
-
-
-def refused(result, *words: str) -> str:
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error:") and all(word in line for word in words), line
-    return line
 
 
 def test_the_same_file_under_two_patients_is_refused_naming_both(lidc_table, tmp_path):

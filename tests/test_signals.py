@@ -11,8 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, lidc_patients, run_cli
-from tests.test_export_safety import TINY_PRETRAIN
+from tests.conftest import REPO, TINY_PRETRAIN, lidc_patients, run_cli
 
 FINETUNE = ["--setup", "volumes", "--label", "malignant", "--group", "patient_id", "--split_ratio", "0.5,0.25,0.25",
             "--input_size", "16,24,24", "--model", "auto", "--batch_size", "8", "--bootstrap", "0", "--search", "none"]
