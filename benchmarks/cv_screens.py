@@ -30,7 +30,10 @@ from ..util.cli import run_main
 from ..util.errors import UsageError
 from .compare_runs import read_run, summarise, task_of, test_difference
 
-# name -> (edits of the study's fine-tuning command, edits of its pretraining command: none keeps the study's encoder)
+# name -> (edits of the study's fine-tuning command, edits of its pretraining command: none keeps the study's encoder).
+# Every screen trains the candidate the study chose for its MAE arm (its lr and augmentation, no search), so that one
+# thing changes; a model of another family (the CNN) searches its own candidates as the study's arms did.
+OWN_SEARCH = {"resnet18_3d_scratch"}
 SCREENS = {
     "class_token_head": ([("set", "--global_pool", "token")], []),
     "attention_pool_head": ([("set", "--global_pool", "attention")], []),
@@ -40,6 +43,7 @@ SCREENS = {
     "layer_decay_0.9": ([("set", "--layer_decay", "0.9")], []),
     "norm_pix_loss": ([], [("switch", "--norm_pix_loss")]),
     "pretraining_twice_as_long": ([], [("scale", "--epochs", 2)]),
+    "contrastive_term_0.05": ([], [("set", "--contrast_weight", "0.05")]),
 }
 
 
@@ -85,8 +89,14 @@ def main() -> int:
         raise UsageError(f"--screens: unknown {', '.join(unknown)}; known: {', '.join(SCREENS)}")
     out.mkdir(parents=True, exist_ok=True)
 
+    chosen = json.loads((study / "finetune" / "mae" / f"frac_{args.fraction}" / f"seed_{args.seed}" /
+                         "results.json").read_text())
+    as_chosen = [("set", "--lr", f"{chosen['lr']:.6g}"), ("set", "--augment", chosen["augment"]["preset"]),
+                 ("set", "--search", "none")]
+
     def screen(name: str) -> dict:
         finetune_edits, pretrain_edits = SCREENS[name]
+        finetune_edits = finetune_edits if name in OWN_SEARCH else [*as_chosen, *finetune_edits]
         command, cpu = finetune, 0.0
         if pretrain_edits:
             folder = out / "pretrain" / name
