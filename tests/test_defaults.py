@@ -129,7 +129,7 @@ def test_the_automatic_grid_fits_the_voxel_budget_at_the_finest_spacing_that_doe
 
 
 @pytest.mark.parametrize("classes,task", [(2, "binary-class"), (5, "multi-class")])
-def test_the_one_feature_floor_is_scored_as_the_medmnist_evaluator_scores_the_image_models(classes, task):
+def test_the_one_feature_floor_is_scored_as_the_medmnist_evaluator_scores_the_image_models(classes, task, tmp_path):
     """--floor_col on a binary or a multi-class label (the 5-level LIDC malignancy score): the same AUC the
     image models are reported with, from the medmnist Evaluator's own function."""
     from medmnist.evaluator import getAUC
@@ -142,11 +142,14 @@ def test_the_one_feature_floor_is_scored_as_the_medmnist_evaluator_scores_the_im
     model = LogisticRegression().fit(feature[:250, None], labels[:250])
     assert floor == pytest.approx(getAUC(labels[250:], model.predict_proba(feature[250:, None]), task))
     assert 0.7 < floor < 1.0
-    from volmae.studies.volumes_report import floor as study_floor
-    table = pd.DataFrame({"score": labels, "size": feature, "patient": np.arange(400) // 2,
+    from volmae.studies.volumes_report import one_column_floor
+    paths = [f"case{i}.nii.gz" for i in range(400)]
+    table = pd.DataFrame({"path": paths, "score": labels, "size": feature,
                           "split": np.where(np.arange(400) < 250, "train", "test")})
-    reported = study_floor(table, "size", "score", "patient", 1.0, [0, 1])
-    assert reported["column"] == "size" and reported["per_seed"] == pytest.approx([floor, floor])
+    pd.DataFrame({"path": paths[:250], "fold": np.arange(250) % 5}).to_csv(tmp_path / "folds.csv", index=False)
+    reported = one_column_floor(tmp_path, table, "size", "score")
+    assert reported["column"] == "size" and reported["test_auc"] == pytest.approx(floor)
+    assert 0.7 < reported["val_auc"] < 1.0 and reported["val_is"] == "pooled out-of-fold"
 
 
 def test_the_paired_difference_finds_a_known_difference_and_resamples_patients():

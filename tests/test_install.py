@@ -47,7 +47,7 @@ def test_commands_from_another_folder_beside_a_foreign_datasets_package(tmp_path
     both = run([sys.executable, "-c", "import datasets, models, util, volmae.volumes.cache, volmae.models, volmae.util.cli; "
                 "assert datasets.FOREIGN and models.FOREIGN and util.FOREIGN; print(volmae.volumes.cache.__file__)"],
                elsewhere, env)
-    assert Path(both.stdout.strip()) == REPO / "datasets" / "cache.py"
+    assert Path(both.stdout.strip()) == REPO / "volumes" / "cache.py"
 
     help_text = run([BIN / "volmae-predict", "--help"], elsewhere, env).stdout
     assert "--input_csv" in help_text and "(default: " in help_text
@@ -77,4 +77,4 @@ def test_the_wheel_ships_every_main_and_the_deepspeed_configurations_the_help_na
         assert f"volmae/launch/deepspeed/{config.name}" in names
     for main in REPO.glob("main_*.py"):
         assert f"volmae/{main.name}" in names
-    assert {"volmae/__init__.py", "volmae/util/errors.py", "volmae/datasets/reading.py"} <= names
+    assert {"volmae/__init__.py", "volmae/util/errors.py", "volmae/volumes/reading.py"} <= names

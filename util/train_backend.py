@@ -234,7 +234,7 @@ class DeepSpeedBackend:
         saved = validate_deepspeed_checkpoint(path)
         if check is not None:
             check(saved, path)
-        _, client_state = self.engine.load_torch_file(str(path))
+        _, client_state = self.engine.load_checkpoint(str(path))
         set_rng_state(client_state["rng"])
         return client_state
 
