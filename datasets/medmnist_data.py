@@ -6,15 +6,24 @@ normalisation recorded in checkpoints so that prediction applies the same to raw
 from dataclasses import dataclass
 from pathlib import Path
 
-import medmnist
 import numpy as np
-from medmnist.info import DEFAULT_ROOT, INFO
 
 from ..util.errors import VolMAEError
 
+# medmnist's own default root (medmnist.info.DEFAULT_ROOT; a test keeps the two equal). Spelled out here because
+# importing anything from medmnist runs its __init__, which imports sklearn and PIL: a second or more on every
+# command's start, --help included. medmnist itself is imported where its data or metadata are read.
+DEFAULT_ROOT = str(Path.home() / ".medmnist")
 SIZES_3D = (28, 64)
 SIZES_2D = (28, 64, 128, 224)
 RAW_SCALE = 1.0 / 255.0
+
+
+def medmnist_info() -> dict:
+    """medmnist's metadata of every flag (task, labels, channels, file URLs)."""
+    from medmnist.info import INFO
+
+    return INFO
 
 
 class MedMNISTNotFound(VolMAEError, FileNotFoundError):
@@ -28,15 +37,16 @@ class MedMNISTSpec:
     root: str = DEFAULT_ROOT
 
     def __post_init__(self):
-        if self.flag not in INFO:
-            raise ValueError(f"unknown MedMNIST flag {self.flag!r}; known: {', '.join(sorted(INFO))}")
+        known = medmnist_info()
+        if self.flag not in known:
+            raise ValueError(f"unknown MedMNIST flag {self.flag!r}; known: {', '.join(sorted(known))}")
         sizes = SIZES_3D if self.is_3d else SIZES_2D
         if self.size not in sizes:
             raise ValueError(f"{self.flag} comes in sizes {sizes}, not {self.size}")
 
     @property
     def info(self) -> dict:
-        return INFO[self.flag]
+        return medmnist_info()[self.flag]
 
     @property
     def is_3d(self) -> bool:
@@ -76,6 +86,8 @@ def load_split(spec: MedMNISTSpec, split: str, download: bool = False) -> tuple[
         raise MedMNISTNotFound(f"{path} not found. Get it with --download (needs internet), or download "
                                f"{spec.info['url' + suffix]} (md5 {spec.info['MD5' + suffix]}) into {spec.root}")
     Path(spec.root).mkdir(parents=True, exist_ok=True)
+    import medmnist
+
     dataset_class = getattr(medmnist, spec.info["python_class"])
     dataset = dataset_class(split=split, root=spec.root, size=spec.size, download=download)
     return to_channels_first(dataset.imgs, spec.is_3d), np.asarray(dataset.labels).astype(np.int64)

@@ -2,9 +2,8 @@
 import argparse
 import math
 
-from medmnist.info import DEFAULT_ROOT
-
 from ..datasets.finetune_augment import PRESETS
+from ..datasets.medmnist_data import DEFAULT_ROOT
 from ..util.cli import (
     HelpFormatter,
     int_tuple_or_auto,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
 
 from ..datasets.data_profile import DataProfile
 from ..datasets.task_data import TaskData
@@ -36,6 +35,8 @@ def stack_screen(pool: Pool, chosen: CandidateFolds, floor: dict | None, test_la
     folds' out-of-fold rows, scored on this fold's), so it is judged as the image model is."""
     if floor is None or chosen.oof.shape[1] != 2:
         return None
+    from sklearn.linear_model import LogisticRegression  # imported where used: util/metrics.py says why
+
     features = np.stack([logit(chosen.oof[:, 1]), logit(floor["scores"]["val"][:, 1])], axis=1)
     target = pool.labels.reshape(-1)
     stacked = np.zeros(len(target))

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from medmnist import Evaluator
 
 from ..datasets.data_profile import DataProfile
 from ..datasets.task_data import TaskData
@@ -48,6 +47,8 @@ def write_split_outputs(output_dir: Path, split: str, data: TaskData, labels: np
     atomic_write(output_dir / f"{split}_scores.csv", lambda tmp: table.to_csv(tmp, index_label="index"))
     if data.medmnist is not None:
         spec = data.medmnist
+        from medmnist import Evaluator  # imported where used: util/metrics.py says why
+
         evaluator = Evaluator(spec.flag, split, size=spec.size, root=spec.root)
         official = evaluator.evaluate(scores, save_folder=str(output_dir), run=f"seed{seed}")
         metrics["evaluator"] = {"auc": float(official.AUC), "acc": float(official.ACC)}

@@ -3,9 +3,8 @@
 import argparse
 from pathlib import Path
 
-from medmnist.info import DEFAULT_ROOT
-
 from .. import models
+from ..datasets.medmnist_data import DEFAULT_ROOT
 from ..models.mae3d import MASK_TYPES, MAX_MASK_RATIO
 from ..util.cli import (
     HelpFormatter,

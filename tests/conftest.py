@@ -144,7 +144,8 @@ def finetuned(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """A classifier from main_finetune.py on AdrenalMNIST3D (one quick epoch) and its test scores."""
     out = tmp_path_factory.mktemp("ft")
     run_cli(["main_finetune.py", "--data_flag", "adrenalmnist3d", "--data_root", str(shared_path("medmnist")),
-             "--model", "vit3d_tiny_patch14", "--epochs", "1", "--bootstrap", "0", "--output_dir", str(out)])
+             "--model", "vit3d_tiny_patch14", "--epochs", "1", "--bootstrap", "0", "--train_samples", "128",
+             "--output_dir", str(out)])
     scores = pd.read_csv(next(out.glob("*_test_*.csv")), header=None, index_col=0).sort_index().values
     return out / "best.pth", scores
 

@@ -31,7 +31,8 @@ def evaluator_csv(out, split):
                                              ("adrenalmnist3d", 64, "vit3d_tiny_patch16"),
                                              ("breastmnist", 28, "vit_tiny_patch7")])
 def test_a_tiny_run_writes_every_output_and_matches_the_evaluator(tmp_path, flag, size, model):
-    out, _ = finetune(tmp_path, f"{flag}{size}", "--data_flag", flag, "--size", str(size), "--model", model)
+    out, _ = finetune(tmp_path, f"{flag}{size}", "--data_flag", flag, "--size", str(size), "--model", model,
+                      "--train_samples", "64")
     for name in ("best.pth", "results.json", "confusion_matrix.png", "roc_curve.png", "log.txt"):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())
@@ -48,7 +49,7 @@ def test_a_tiny_run_writes_every_output_and_matches_the_evaluator(tmp_path, flag
 
 def test_best_checkpoint_is_the_best_validation_epoch_and_test_uses_it(tmp_path):
     out, _ = finetune(tmp_path, "sel", "--data_flag", "adrenalmnist3d", "--model", "vit3d_tiny_patch14",
-                      "--epochs", "3", "--lr", "1e-3")
+                      "--epochs", "3", "--lr", "1e-3", "--train_samples", "128")
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     best_epoch = max(log, key=lambda r: (r["val_auc"], -r["val_loss"]))["epoch"]  # the lower val loss breaks ties
     results = json.loads((out / "results.json").read_text())
@@ -61,7 +62,8 @@ def test_patience_stops_once_the_validation_loss_stops_improving(tmp_path):
     assert [rule.exhausted(loss) for loss in (0.7, 0.6, 0.65, 0.5, 0.55, 0.5)] == [False] * 5 + [True]  # ties: stale
     assert not any(Patience(None).exhausted(loss) for loss in (0.5, 0.6, 0.7, 0.8))
     out, result = finetune(tmp_path, "stop", "--data_flag", "adrenalmnist3d", "--model", "vit3d_tiny_patch14",
-                           "--epochs", "12", "--lr", "0", "--warmup_epochs", "0", "--patience", "2")
+                           "--epochs", "12", "--lr", "0", "--warmup_epochs", "0", "--patience", "2",
+                           "--train_samples", "32")
     losses = [json.loads(line)["val_loss"] for line in (out / "log.txt").read_text().splitlines()]
     replay = Patience(2)
     expected = next((epoch + 1 for epoch, loss in enumerate(losses) if replay.exhausted(loss)), 12)
@@ -71,7 +73,7 @@ def test_patience_stops_once_the_validation_loss_stops_improving(tmp_path):
 
 def test_medmnist_recipe_uses_adam_and_the_official_schedule(tmp_path):
     out, result = finetune(tmp_path, "recipe", "--data_flag", "adrenalmnist3d", "--model", "vit3d_tiny_patch14",
-                           "--recipe", "medmnist", "--epochs", "4")
+                           "--recipe", "medmnist", "--epochs", "4", "--train_samples", "64")
     assert "recipe medmnist" in result.stdout and "lr 1.00e-03" in result.stdout
     lrs = [json.loads(line)["lr"] for line in (out / "log.txt").read_text().splitlines()]
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])  # x0.1 at 50% and 75% of the epochs
@@ -112,7 +114,7 @@ def test_pretrained_mae_loads_across_grids_and_fine_tunes(tmp_path):
         assert torch.equal(model.blocks[3].attn.qkv.weight, encoder["blocks.3.attn.qkv.weight"])
         assert torch.allclose(model.pos_embed[0], sincos_pos_embed(192, (4, 4, 4), cls_token=True))
     out, result = finetune(tmp_path, "ft", "--data_flag", "adrenalmnist3d", "--model", "vit3d_tiny_patch7",
-                           "--finetune", str(pre / "encoder.pth"), "--epochs", "1")
+                           "--finetune", str(pre / "encoder.pth"), "--epochs", "1", "--train_samples", "64")
     assert "loaded" in result.stdout and "head.weight" in result.stdout
     assert (out / "best.pth").exists()
 

@@ -85,3 +85,4 @@ def test_parsers_are_built_only_at_the_top_of_the_house():
     below = [path for folder in ("volumes", "datasets", "models", "inference") for path in (REPO / folder).glob("*.py")]
     importing = [str(p.relative_to(REPO)) for p in below if re.search(r"^(import argparse|from argparse)", p.read_text(), re.M)]
     assert not importing, f"argparse imported below the commands: {importing}"
+

@@ -78,3 +78,19 @@ def test_the_wheel_ships_every_main_and_the_deepspeed_configurations_the_help_na
     for main in REPO.glob("main_*.py"):
         assert f"volmae/{main.name}" in names
     assert {"volmae/__init__.py", "volmae/util/errors.py", "volmae/volumes/reading.py"} <= names
+
+
+def test_parsing_a_command_s_flags_imports_neither_medmnist_nor_sklearn():
+    """Each imports in a second or more (medmnist's __init__ brings sklearn and PIL), which every command would pay
+    at its start, --help and one-line refusals included; they are imported where a metric or MedMNIST file is
+    read. The default MedMNIST root, spelled out to spare that import, stays medmnist's own."""
+    probe = ("import sys; from volmae import main_export, main_predict; "
+             "from volmae.finetuning import flags as f; from volmae.pretraining import flags as p; "
+             "[m.get_args_parser() for m in (f, p, main_predict, main_export)]; "
+             "print(sorted({n.split('.')[0] for n in sys.modules} & {'medmnist', 'sklearn'}))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    from medmnist.info import DEFAULT_ROOT as medmnist_root
+
+    from volmae.datasets.medmnist_data import DEFAULT_ROOT
+    assert DEFAULT_ROOT == medmnist_root

@@ -83,7 +83,7 @@ def test_a_run_that_never_leaves_the_prior_says_it_is_collapsed(tmp_path):
     out = tmp_path / "collapsed"
     result = run_cli(["main_finetune.py", "--data_flag", "adrenalmnist3d", "--data_root", str(shared_path("medmnist")),
                       "--model", "vit3d_tiny_patch14", "--epochs", "2", "--lr", "0", "--min_lr", "0",
-                      "--batch_size", "64", "--bootstrap", "0", "--output_dir", str(out)])
+                      "--batch_size", "64", "--bootstrap", "0", "--train_samples", "64", "--output_dir", str(out)])
     assert "WARNING: the model never left the class prior" in result.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["collapsed"] is True and results["epochs_at_prior"] == 2 and results["test"]["at_prior"]

@@ -144,8 +144,8 @@ def test_deepspeed_zero_runs_resumes_and_exports_a_plain_encoder(corpus, tmp_pat
     out = tmp_path / "ft"
     run_cli(["main_finetune.py", "--data_flag", "adrenalmnist3d", "--data_root", str(shared_path("medmnist")),
              "--model", "vit3d_tiny_patch14", "--finetune", str(stopped / "encoder.pth"), "--epochs", "1",
-             "--bootstrap", "0", "--output_dir", str(out), *(["--deepspeed", "launch/deepspeed/zero2_cpu.json"]
-                                                           if stage == 2 else [])])
+             "--bootstrap", "0", "--train_samples", "64", "--output_dir", str(out),
+             *(["--deepspeed", "launch/deepspeed/zero2_cpu.json"] if stage == 2 else [])])
     assert json.loads((out / "results.json").read_text())["test"]["n"] == 298
 
 

@@ -223,6 +223,11 @@ def test_the_volumes_recipe_runs_end_to_end_on_a_tiny_budget(lidc_rows, tmp_path
     assert mae["test_minus_scratch"]["difference"] == pytest.approx(summary["fractions"]["1"]["paired"]["difference"])
     assert mae["test_auc"] == pytest.approx(summary["fractions"]["1"]["mae"]["test_auc_mean"])
     assert "oof_minus_scratch" in mae and compared["chosen_out_of_fold"] in ("mae", "scratch")
+    # The docs' tables come from results.json, with no figure copied by hand.
+    tables = run_cli(["benchmarks/study_tables.py", str(out / "results.json")]).stdout
+    difference = summary["fractions"]["1"]["paired"]["difference"]
+    assert f"{difference:+.3f}" in tables and "CPU-hours in all" in tables
+    assert tables.count("| 1 | ") == 2 and "stack with the PCA floor" in tables
 
 
 def test_build_cache_chooses_the_preprocessing_from_the_headers(sphere_crops, tmp_path):

@@ -11,11 +11,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.decomposition import PCA
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from .metrics import auc_and_acc, stays_at_prior
 
@@ -63,6 +58,12 @@ def image_floor_scores(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarr
     x_val, y_val = block_features(val[0]), np.asarray(val[1]).reshape(-1)
     if len(np.unique(y_train)) < 2 or len(np.unique(y_val)) < 2:
         return None
+    from sklearn.decomposition import PCA  # sklearn imported where used: util/metrics.py says why
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     candidates, best = [], None
     for components in sorted({min(c, len(x_train) - 1, x_train.shape[1]) for c in COMPONENTS}):
         for c in INVERSE_REGULARISATION:

@@ -3,15 +3,15 @@
 ACC and AUC come from medmnist's own getACC/getAUC (the functions its Evaluator calls), so our
 numbers are the benchmark's. Scores follow the Evaluator's convention: softmax probabilities
 (binary tasks: the last column is the positive class) or sigmoids for multi-label tasks.
+
+medmnist and sklearn are imported where a metric is computed: importing either costs a second or more, which
+every command would pay at its start, --help and one-line refusals included.
 """
 import math
 import warnings
 
 import numpy as np
 import torch
-from medmnist.evaluator import getACC, getAUC
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 MULTI_LABEL = "multi-label, binary-class"
 
@@ -31,6 +31,8 @@ def auc_and_acc(y_true: np.ndarray, scores: np.ndarray, task: str) -> tuple[floa
     if len(y_true) < 2:
         truth = y_true if task == MULTI_LABEL else y_true.reshape(-1)
         return math.nan, float(np.mean(predicted_labels(scores, task) == truth))
+    from medmnist.evaluator import getACC, getAUC
+
     try:
         auc = float(getAUC(y_true, scores, task))
     except ValueError:
@@ -71,6 +73,9 @@ def stays_at_prior(scores: np.ndarray, task: str) -> bool:
 def bootstrap_auc_ci(y_true: np.ndarray, scores: np.ndarray, task: str, rounds: int = 1000,
                      seed: int = 0) -> list[float] | None:
     """95% percentile interval of AUC over bootstrap resamples of the samples (None if too few)."""
+    from medmnist.evaluator import getAUC
+    from sklearn.exceptions import UndefinedMetricWarning
+
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(rounds):
@@ -93,6 +98,8 @@ def bootstrap_auc_ci(y_true: np.ndarray, scores: np.ndarray, task: str, rounds: 
 def classification_metrics(y_true: np.ndarray, scores: np.ndarray, task: str, class_names: list[str],
                            bootstrap_rounds: int = 1000) -> dict:
     """AUC and ACC (medmnist), per-class precision/recall/F1/support, bootstrap 95% CI of AUC."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     y_true = np.asarray(y_true)
     auc, acc = auc_and_acc(y_true, scores, task)
     predicted = predicted_labels(scores, task)
@@ -108,6 +115,8 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, task: str, cl
 def confusion(y_true: np.ndarray, scores: np.ndarray, task: str, num_classes: int) -> np.ndarray | None:
     if task == MULTI_LABEL:
         return None
+    from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(np.asarray(y_true).reshape(-1), predicted_labels(scores, task), labels=list(range(num_classes)))
 
 
@@ -186,6 +195,7 @@ def accuracy_at(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> flo
 
 
 def _auc(y_true: np.ndarray, scores: np.ndarray, task: str) -> float:
+    from medmnist.evaluator import getAUC
     from sklearn.metrics import roc_auc_score
 
     if task == "binary-class":
@@ -206,6 +216,7 @@ def paired_auc_difference(y_true: np.ndarray, arm_a: list[np.ndarray], arm_b: li
     diff = float(np.mean([_auc(y_true, a, task) - _auc(y_true, b, task) for a, b in zip(arm_a, arm_b)]))
     patients, members = np.unique(groups, return_inverse=True)
     rows_of = [np.flatnonzero(members == i) for i in range(len(patients))]
+
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(rounds):
@@ -253,6 +264,7 @@ def two_level_auc_difference(y_true: np.ndarray, arm_a: list[np.ndarray], arm_b:
     else:
         difference = float(np.mean(per_unit))
     rows_of = _patient_rows(groups)
+
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(rounds):

@@ -6,10 +6,6 @@ logistic regression on standardised features. Scores are AUCs as the medmnist Ev
 them, so they compare with fine-tuning figures. Nothing here trains or touches the encoder.
 """
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from .metrics import MULTI_LABEL, REGRESSION, auc_and_acc
 
@@ -25,6 +21,11 @@ def _full_width(probabilities: np.ndarray, classes: np.ndarray, num_classes: int
 
 def _single_label_scores(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
                          num_classes: int, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.linear_model import LogisticRegression  # sklearn imported where used: util/metrics.py says why
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     knn = KNeighborsClassifier(n_neighbors=min(neighbours, len(train_x)), metric="cosine").fit(train_x, train_y)
     linear = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(train_x, train_y)
     return (_full_width(knn.predict_proba(val_x), knn.classes_, num_classes),
