@@ -11,7 +11,6 @@ The PCA + logistic regression floor goes through the same folds, so its pooled A
 patients. Nothing reads the test split before the choice is made; then the chosen candidate's K models, as one
 ensemble of their mean probability (OUTPUT_DIR/final_model, models.ensemble), are scored on it once.
 """
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..inference.ensemble_folder import write_ensemble
 from ..util.dist import DistInfo
 from ..util.errors import UsageError
 from ..util.floors import image_floor_scores, majority_share
+from ..util.folder_swap import building
 from ..util.metrics import REGRESSION, auc_and_acc, selection_score, stays_at_prior
 from .candidate_runs import train_candidate
 from .finetune_config import FinetuneRun
@@ -179,8 +179,8 @@ def write_final_model(output_dir: Path, chosen: CandidateFolds, dist_info: DistI
     """OUTPUT_DIR/final_model: the chosen candidate's fold models as one ensemble (models.ensemble)."""
     folder = output_dir / FINAL_MODEL
     if dist_info.is_main:
-        shutil.rmtree(folder, ignore_errors=True)
-        write_ensemble(folder, [f / "best.pth" for f in chosen.folders], {"chosen": chosen.record["name"]})
+        with building(folder) as staging:  # built beside, swapped in whole: util/folder_swap.py
+            write_ensemble(staging, [f / "best.pth" for f in chosen.folders], {"chosen": chosen.record["name"]})
     return folder
 
 
