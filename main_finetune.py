@@ -23,7 +23,7 @@ import sys
 
 from .datasets.data_profile import profile_images
 from .finetuning.finetune_config import resolve_run
-from .finetuning.flags import parse_args
+from .finetuning.flags import check_flags, parse_args
 from .finetuning.folds_run import run_folds
 from .finetuning.output_folder import claim_output_folder, release_replaced, undo_claim
 from .finetuning.reporting import aggregate, describe_run, describe_seeds, write_results
@@ -33,13 +33,13 @@ from .util.atomic import make_output_folder
 from .util.checkpoint import plain_args
 from .util.cli import run_main
 from .util.dist import init_distributed, shutdown
-from .util.errors import UsageError
 from .util.metrics import REGRESSION
 from .util.run_lock import lock_output_folder
 from .util.train_backend import describe_precision
 
 
 def main(args) -> None:
+    check_flags(args)
     dist_info = init_distributed(args.device)
     output_dir = make_output_folder(args.output_dir)
     if dist_info.is_main:
@@ -56,16 +56,6 @@ def main(args) -> None:
     shutdown()
 
 
-def check_folds(args) -> None:
-    """Cross-validation replaces seeds (k folds cost what k seeds cost) and needs patients to deal out."""
-    if args.folds < 2:
-        raise UsageError(f"--folds {args.folds}: cross-validation needs at least 2 folds (0: none)")
-    if args.setup != "volumes":
-        raise UsageError("--folds is for --setup volumes: the reference setups keep their published splits")
-    if len(args.seeds) > 1:
-        raise UsageError("--folds replaces --seeds: give one seed (the folds' deal and the initialisation)")
-
-
 def train_and_report(args, dist_info, output_dir) -> None:
     data = load_task_data(args, output_dir)
     profile = profile_images(*data.splits["train"])
@@ -76,7 +66,6 @@ def train_and_report(args, dist_info, output_dir) -> None:
         precision = None if args.deepspeed else describe_precision(args.precision, dist_info.device)
         print("\n".join(describe_run(run, data, profile, augment_report, precision, dist_info.cpu_threads)))
     if args.folds:
-        check_folds(args)
         run_folds(run, data, dist_info, output_dir, profile, report, plain_args(args), args.folds)
         return
     seeds = list(run.seeds)

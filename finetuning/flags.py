@@ -16,6 +16,7 @@ from ..util.cli import (
     seed_list,
     share,
 )
+from ..util.errors import UsageError
 from ..volumes.flags import add_preprocess_args
 from ..volumes.preprocess import AUTO
 from .recipes import PRETRAINED_LAYER_DECAY, RECIPES
@@ -183,6 +184,19 @@ def parse_args(argv: list[str], description: str = __doc__) -> argparse.Namespac
         patience = auto_patience(filled["epochs"])
     given = sorted(key for key in RECIPES[recipe] if parsed.get(key) is not None)
     return argparse.Namespace(**{**parsed, **filled, "recipe": recipe, "given": given, "patience": patience})
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flag combinations argparse cannot refuse alone, refused before any folder is made or data is read.
+    Cross-validation replaces seeds (k folds cost what k seeds cost) and needs patients to deal out."""
+    if not args.folds:
+        return
+    if args.folds < 2:
+        raise UsageError(f"--folds {args.folds}: cross-validation needs at least 2 folds (0: none)")
+    if args.setup != "volumes":
+        raise UsageError("--folds is for --setup volumes: the reference setups keep their published splits")
+    if len(args.seeds) > 1:
+        raise UsageError("--folds replaces --seeds: give one seed (the folds' deal and the initialisation)")
 
 
 def auto_patience(epochs: int) -> int:

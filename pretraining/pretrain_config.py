@@ -72,14 +72,17 @@ def check_flags(args: Namespace) -> None:
 
 def resolve_input_size(requested: tuple[int, ...] | str, data_path: str | None) -> tuple[int, ...]:
     """--input_size auto: the grid a cache was built at (so that no volume is cropped or padded again), else 256."""
-    if requested != "auto":
-        return grid(requested)
-    if data_path is not None and is_cache(data_path):
-        try:
-            return grid(tuple(read_meta(Path(data_path))["preprocess"]["size"]))
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(f"--input_size auto: cannot read the grid of the cache {data_path} ({err})") from None
-    return grid((256,))
+    if requested == "auto":
+        requested = cache_grid(data_path) if data_path is not None and is_cache(data_path) else (256,)
+    return grid(requested)
+
+
+def cache_grid(data_path: str) -> tuple[int, ...]:
+    """The grid a cache's manifest records; a manifest without one is refused with the cache's path."""
+    try:
+        return grid(tuple(read_meta(Path(data_path))["preprocess"]["size"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"--input_size auto: cannot read the grid of the cache {data_path} ({err})") from None
 
 
 def resolve_patch_size(args: Namespace, input_size: tuple[int, ...], stem: bool) -> tuple[int, ...]:

@@ -9,6 +9,9 @@ import pytest
 
 from tests.conftest import lidc_patients, run_cli, run_entry
 from volmae.finetuning.cross_validation import below_floor
+from volmae.finetuning.flags import parse_args
+from volmae.main_finetune import main
+from volmae.util.cli import run_main
 from volmae.util.metrics import two_level_auc_difference
 
 COMMON = ["main_finetune.py", "--setup", "volumes", "--label", "malignant", "--group", "patient_id", "--input_size",
@@ -117,3 +120,17 @@ def test_below_floor_is_set_when_no_candidate_reaches_the_floor():
     assert below_floor([{"val_score": 0.80}, {"val_score": 0.85}], 0.86)
     assert not below_floor([{"val_score": 0.80}, {"val_score": 0.86}], 0.86)
     assert below_floor([{"val_score": float("nan")}], 0.5) and not below_floor([{"val_score": 0.1}], None)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (["--folds", "1"], "at least 2 folds"),
+    (["--folds", "3", "--setup", "medmnist", "--data_flag", "adrenalmnist3d"], "is for --setup volumes"),
+    (["--folds", "3", "--seeds", "0,1"], "replaces --seeds"),
+])
+def test_fold_flags_that_cannot_work_are_refused_before_any_folder_is_made(tmp_path, capsys, extra, reason):
+    output_dir = tmp_path / "run"
+    args = parse_args(["--setup", "volumes", "--meta", str(tmp_path / "labels.csv"), "--label", "y",
+                       "--output_dir", str(output_dir), *extra])
+    assert run_main(main, args) == 1
+    assert reason in capsys.readouterr().err
+    assert not output_dir.exists()

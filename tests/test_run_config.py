@@ -189,3 +189,23 @@ def test_pretraining_resolves_every_auto_into_a_new_namespace_and_refuses_in_typ
         check_flags(get_args_parser().parse_args(["--max_bad_samples", "2"]))
     with pytest.raises(UsageError):
         build_model(get_args_parser().parse_args(["--model", "auto", "--mask_ratio", "1.0"]), (16, 16, 16), 1, {})
+
+
+def test_pretraining_input_size_auto_is_the_cache_grid_and_a_broken_manifest_names_the_cache(tmp_path):
+    import json
+
+    from volmae.pretraining.pretrain_config import resolve_input_size
+    from volmae.util.errors import DataError
+    from volmae.volumes.cache import CACHE_FORMAT, CACHE_VERSION, META_FILE
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "preprocess": {"size": [24, 40, 40]}}
+    (cache / META_FILE).write_text(json.dumps(meta))
+    assert resolve_input_size("auto", str(cache)) == (24, 40, 40)
+    assert resolve_input_size("auto", str(tmp_path / "volumes")) == (256, 256, 256)
+    assert resolve_input_size("auto", None) == (256, 256, 256)
+    assert resolve_input_size((32,), str(cache)) == (32, 32, 32)
+    (cache / META_FILE).write_text(json.dumps({**meta, "preprocess": {"size": [24, 40]}}))
+    with pytest.raises(DataError, match=f"cannot read the grid of the cache {cache}"):
+        resolve_input_size("auto", str(cache))
