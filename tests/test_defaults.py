@@ -1,6 +1,10 @@
 """Defaults that choose from the data and the machine (issue 25): precision, threads, grid, schedule, the floors
 beside every score, the paired comparison, and choices that never read the test labels."""
 import json
+import os
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -22,7 +26,7 @@ from volmae.util.dist import DistInfo
 from volmae.util.floors import image_floor
 from volmae.util.lr_sched import auto_epochs, auto_warmup_epochs, optimizer_steps_per_epoch, warmup_warning
 from volmae.util.metrics import accuracy_at, one_feature_auc, paired_auc_difference, youden_threshold
-from volmae.util.threads import choose_threads
+from volmae.util.threads import PROC_STAT, busy_cores, choose_threads, cpu_ticks, current_load
 from volmae.util.train_backend import TorchBackend, resolve_precision
 from volmae.volumes.build_cache import build_cache
 from volmae.volumes.preprocess import PreprocessConfig
@@ -76,6 +80,34 @@ def test_threads_leave_room_for_other_ranks_and_busy_cores():
     assert choose_threads(cores=2, local_ranks=1, load=1.9) == 1  # another job holds a core
     assert choose_threads(cores=16, local_ranks=4, load=0.0) == 4
     assert choose_threads(cores=2, local_ranks=1, load=7.0) == 1
+
+
+def test_busy_cores_count_only_this_process_s_cores_and_treat_io_wait_as_idle():
+    before = cpu_ticks("cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 100 0 0 100 0 0 0 0 0 0\ncpu1 0 0 0 200 0 0 0 0 0 0\n"
+                       "cpu2 0 0 0 0 0 0 0 0 0 0\nintr 5 1 2\n")
+    after = cpu_ticks("cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 120 0 0 100 0 0 0 0 0 0\ncpu1 0 0 5 205 10 0 0 0 0 0\n"
+                      "cpu2 0 0 0 0 0 0 0 0 0 0\nintr 9 1 2\n")
+    assert before[0] == (100, 200) and set(before) == {0, 1, 2}
+    assert busy_cores(before, after, {0, 1, 2}) == pytest.approx(1.0 + 0.25)  # cpu0 all busy; cpu1 5 of 20
+    assert busy_cores(before, after, {1}) == pytest.approx(0.25)  # a core outside the affinity is not counted
+    assert busy_cores(before, after, {7}) == 0.0
+
+
+@pytest.mark.skipif(not PROC_STAT.is_file() or not hasattr(os, "sched_setaffinity"), reason="needs Linux /proc/stat")
+def test_a_core_another_process_keeps_busy_right_now_is_seen_as_busy():
+    """The 1-minute load average still counted a step that had just ended, so a recipe's next step took one
+    thread on an idle machine; the reading now is of the present."""
+    core = min(os.sched_getaffinity(0))
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    try:
+        deadline = time.monotonic() + 120
+        load = 0.0
+        while time.monotonic() < deadline and load < 0.7:  # the spinner needs a moment to start and pin itself
+            load, measured = current_load()
+        assert load >= 0.7 and measured.startswith("busy over")
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_the_pretraining_schedule_follows_the_corpus_and_warns_of_a_warmup_that_takes_the_run():
