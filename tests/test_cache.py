@@ -294,12 +294,13 @@ def test_cache_workers_are_born_ignoring_ctrl_c_so_one_still_importing_prints_no
 
     from volmae.volumes.build_cache import _submit_deaf_to_ctrl_c
 
+    before = signal.getsignal(signal.SIGINT)  # Python's handler; SIG_IGN where a shell started pytest in the background
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         futures = _submit_deaf_to_ctrl_c(pool, [(abs, -1), (abs, -2)])
         pids = list(pool._processes)  # read before they finish importing: the disposition is set at birth
         assert pids and all(_ignores_sigint(pid) for pid in pids)
         assert [f.result(timeout=300) for f in futures] == [1, 2]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # this process's own Ctrl-C handling is put back
 
 
 def test_pretraining_on_an_unfinished_cache_says_so_in_one_line(tmp_path, phantom_dir):
