@@ -22,7 +22,7 @@ $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev,export]"
 	touch $(DEV_STAMP)
 
-# The whole pipeline on built-in synthetic CT phantoms, about 6 minutes on 2 CPU cores: labelled NIfTI
+# The whole pipeline on built-in synthetic CT phantoms, about 4 minutes on 2 CPU cores: labelled NIfTI
 # phantoms, an HDF5 cache, MAE pretraining, fine-tuning from its encoder, predictions with explanations.
 demo: $(STAMP)
 	VOLMAE_PYTHON=$(PY) launch/recipes/demo.sh --output_dir demo_output

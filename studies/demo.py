@@ -2,7 +2,7 @@
 a lung mass) written as NIfTI, cached in sharded HDF5, a 3D MAE pretrained on the cache, a classifier
 fine-tuned from its encoder on the labels CSV, held-back phantoms predicted with explanations, and a summary.
 
-    launch/recipes/demo.sh                      # what `make demo` runs: about 6 minutes on 2 CPU cores
+    launch/recipes/demo.sh                      # what `make demo` runs: about 4 minutes on 2 CPU cores
     launch/recipes/demo.sh --output_dir /tmp/demo --pretrain_epochs 2 --finetune_epochs 30   # the suite's budget
 
 Every step's output goes to OUTPUT_DIR/logs/; OUTPUT_DIR/summary.json holds the figures the summary prints.
