@@ -72,9 +72,11 @@ def check_flags(args: Namespace) -> None:
 
 def resolve_input_size(requested: tuple[int, ...] | str, data_path: str | None) -> tuple[int, ...]:
     """--input_size auto: the grid a cache was built at (so that no volume is cropped or padded again), else 256."""
-    if requested == "auto":
-        requested = cache_grid(data_path) if data_path is not None and is_cache(data_path) else (256,)
-    return grid(requested)
+    if requested != "auto":
+        return grid(requested)
+    if data_path is not None and is_cache(data_path):
+        return cache_grid(data_path)
+    return grid((256,))
 
 
 def cache_grid(data_path: str) -> tuple[int, ...]:

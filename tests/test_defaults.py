@@ -93,7 +93,8 @@ def test_busy_cores_count_only_this_process_s_cores_and_treat_io_wait_as_idle():
     assert busy_cores(before, after, {7}) == 0.0
 
 
-@pytest.mark.skipif(not PROC_STAT.is_file() or not hasattr(os, "sched_setaffinity"), reason="needs Linux /proc/stat")
+@pytest.mark.skipif(not PROC_STAT.is_file() or not hasattr(os, "sched_setaffinity"),
+                    reason="reads /proc/stat and pins a process to a core (sched_setaffinity): Linux only")
 def test_a_core_another_process_keeps_busy_right_now_is_seen_as_busy():
     """The 1-minute load average still counted a step that had just ended, so a recipe's next step took one
     thread on an idle machine; the reading now is of the present."""

@@ -19,6 +19,8 @@ from .plotting import plt
 
 METHOD_NAMES = {"rollout": "attention rollout", "grad_cam": "Grad-CAM"}
 MONTAGE_SLICES = 36  # evenly spaced axial slices in a montage; every slice of a 28^3 volume
+HEAT_OPACITY = 0.45  # the map over the image, drawn where it exceeds HEAT_SHOWN_ABOVE
+HEAT_SHOWN_ABOVE = 0.05
 
 
 def method_for(model: torch.nn.Module) -> str:
@@ -106,7 +108,7 @@ def mass_share(heat: np.ndarray, region: np.ndarray) -> float:
 
 def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str) -> None:
     ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.imshow(heat, cmap="jet", alpha=0.45 * (heat > 0.05), vmin=0, vmax=1, interpolation="bilinear")
+    ax.imshow(heat, cmap="jet", alpha=HEAT_OPACITY * (heat > HEAT_SHOWN_ABOVE), vmin=0, vmax=1, interpolation="bilinear")
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -164,10 +166,10 @@ def _save_montage(path: Path, image: np.ndarray, heat: np.ndarray, title: str) -
 
 
 def _blend(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """(H, W, 3): the slice in grey with the map in jet at 45% where it exceeds 0.05."""
+    """(H, W, 3): the slice in grey with the map in jet, as `_overlay` draws them."""
     grey = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1)
     colour = plt.get_cmap("jet")(np.clip(heat, 0, 1))[..., :3]
-    alpha = (0.45 * (heat > 0.05))[..., None]
+    alpha = (HEAT_OPACITY * (heat > HEAT_SHOWN_ABOVE))[..., None]
     return (1 - alpha) * grey + alpha * colour
 
 

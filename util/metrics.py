@@ -216,7 +216,6 @@ def paired_auc_difference(y_true: np.ndarray, arm_a: list[np.ndarray], arm_b: li
     diff = float(np.mean([_auc(y_true, a, task) - _auc(y_true, b, task) for a, b in zip(arm_a, arm_b)]))
     patients, members = np.unique(groups, return_inverse=True)
     rows_of = [np.flatnonzero(members == i) for i in range(len(patients))]
-
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(rounds):
@@ -264,7 +263,6 @@ def two_level_auc_difference(y_true: np.ndarray, arm_a: list[np.ndarray], arm_b:
     else:
         difference = float(np.mean(per_unit))
     rows_of = _patient_rows(groups)
-
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(rounds):
